@@ -1,0 +1,16 @@
+"""Backends: one file each; `build_backend` picks by name."""
+from distft.backends.base import Backend
+from distft.backends.single import SingleBackend
+from distft.errors import ConfigError
+
+BACKENDS = {"single": SingleBackend}
+
+
+def build_backend(cfg) -> Backend:
+    cls = BACKENDS.get(cfg.name)
+    if cls is None:
+        raise ConfigError(f"backend={cfg.name!r} is unknown; available: {sorted(BACKENDS)}")
+    return cls(cfg)
+
+
+__all__ = ["BACKENDS", "Backend", "build_backend"]

@@ -1,0 +1,155 @@
+"""Resumable checkpoints, written atomically.
+
+checkpoints/step-N/
+  weights.safetensors   the trainable parameters (the frozen ones are rebuilt from the
+                        model config and seed, so an adapter run stays small)
+  optimizer.pt          optimizer + scheduler state (tensors and numbers only; loaded
+                        with weights_only=True, so nothing arbitrary is unpickled)
+  rng.safetensors       torch CPU (and CUDA) generator states
+  state.json            step, data position, best metric, early-stopping counter, and
+                        the Python/NumPy RNG states
+
+A checkpoint is written under a temporary name and renamed when complete, so a run
+killed mid-write leaves no folder that `resume=auto` could mistake for a checkpoint.
+"""
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+import shutil
+from pathlib import Path
+from typing import Dict, Optional
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+
+from distft.errors import ConfigError
+
+_STEP_DIR = re.compile(r"^step-(\d+)$")
+
+
+def trainable_state(model: torch.nn.Module) -> Dict[str, torch.Tensor]:
+    return {n: p.detach().cpu().contiguous() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def load_trainable_state(model: torch.nn.Module, path: Path) -> None:
+    state = load_file(str(path))
+    params = dict(model.named_parameters())
+    expected = {n for n, p in params.items() if p.requires_grad}
+    if set(state) != expected:
+        missing, extra = sorted(expected - set(state))[:3], sorted(set(state) - expected)[:3]
+        raise ConfigError(
+            f"{path}: the checkpoint does not match this run's trainable parameters "
+            f"(missing {missing}, unexpected {extra}); was it written with another model or strategy?"
+        )
+    with torch.no_grad():
+        for name, tensor in state.items():
+            params[name].copy_(tensor)
+
+
+def _rng_state() -> Dict[str, torch.Tensor]:
+    out = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        for i, s in enumerate(torch.cuda.get_rng_state_all()):
+            out[f"cuda{i}"] = s
+    return out
+
+
+def _py_np_rng() -> Dict:
+    py = random.getstate()
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    return {
+        "python": [py[0], list(py[1]), py[2]],
+        "numpy": [name, keys.tolist(), int(pos), int(has_gauss), float(cached)],
+    }
+
+
+def _restore_rng(rng: Dict[str, torch.Tensor], py_np: Dict) -> None:
+    torch.set_rng_state(rng["torch"])
+    if torch.cuda.is_available():
+        states = [rng[k] for k in sorted(rng) if k.startswith("cuda")]
+        if states:
+            torch.cuda.set_rng_state_all(states)
+    v, keys, gauss = py_np["python"]
+    random.setstate((v, tuple(keys), gauss))
+    name, keys, pos, has_gauss, cached = py_np["numpy"]
+    np.random.set_state((name, np.array(keys, dtype=np.uint32), pos, has_gauss, cached))
+
+
+def atomic_dir(final: Path):
+    """A temporary sibling folder to write into; `commit_dir` renames it into place."""
+    tmp = final.parent / f".tmp-{final.name}-{os.getpid()}"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    return tmp
+
+
+def commit_dir(tmp: Path, final: Path) -> None:
+    for f in tmp.iterdir():
+        if f.is_file():
+            with open(f, "rb") as fh:
+                os.fsync(fh.fileno())
+    if final.exists():
+        old = final.parent / f".old-{final.name}-{os.getpid()}"
+        final.rename(old)
+        tmp.rename(final)
+        shutil.rmtree(old)
+    else:
+        tmp.rename(final)
+
+
+def save_checkpoint(ckpt_root: Path, step: int, model, optimizer, scheduler, state: Dict, keep: int) -> Path:
+    final = ckpt_root / f"step-{step}"
+    tmp = atomic_dir(final)
+    save_file(trainable_state(model), str(tmp / "weights.safetensors"))
+    torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}, tmp / "optimizer.pt")
+    save_file(_rng_state(), str(tmp / "rng.safetensors"))
+    (tmp / "state.json").write_text(json.dumps({**state, "step": step, "rng": _py_np_rng()}))
+    commit_dir(tmp, final)
+    _rotate(ckpt_root, keep)
+    return final
+
+
+def _rotate(ckpt_root: Path, keep: int) -> None:
+    if keep <= 0:
+        return
+    steps = sorted(list_checkpoints(ckpt_root))
+    for step in steps[:-keep]:
+        shutil.rmtree(ckpt_root / f"step-{step}", ignore_errors=True)
+
+
+def list_checkpoints(ckpt_root: Path) -> Dict[int, Path]:
+    if not ckpt_root.is_dir():
+        return {}
+    out = {}
+    for d in ckpt_root.iterdir():
+        m = _STEP_DIR.match(d.name)
+        if m and (d / "state.json").is_file():
+            out[int(m.group(1))] = d
+    return out
+
+
+def find_resume_checkpoint(resume: str, ckpt_root: Path) -> Optional[Path]:
+    if resume == "never":
+        return None
+    if resume == "auto":
+        found = list_checkpoints(ckpt_root)
+        return found[max(found)] if found else None
+    path = Path(resume)
+    if not (path / "state.json").is_file():
+        raise ConfigError(f"resume={resume}: not a complete distft checkpoint (no state.json)")
+    return path
+
+
+def load_checkpoint(path: Path, model, optimizer, scheduler) -> Dict:
+    load_trainable_state(model, path / "weights.safetensors")
+    opt = torch.load(path / "optimizer.pt", map_location="cpu", weights_only=True)
+    optimizer.load_state_dict(opt["optimizer"])
+    scheduler.load_state_dict(opt["scheduler"])
+    state = json.loads((path / "state.json").read_text())
+    _restore_rng(load_file(str(path / "rng.safetensors")), state.pop("rng"))
+    return state

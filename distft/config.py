@@ -1,0 +1,189 @@
+"""Structured configs: the schema every Hydra composition is checked against.
+
+Each config group has a dataclass registered in Hydra's ConfigStore; the YAML files in
+conf/ extend them, so a misspelled key or a value of the wrong type fails when the config
+is composed, before any data is read or any model is built.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING
+
+
+@dataclass
+class ModelConfig:
+    name: str = MISSING
+    # A local folder or hub id (hf); filled in from the installed package for minilm/smollm2.
+    path: Optional[str] = None
+    gguf_file: Optional[str] = None
+    # LlamaConfig keyword arguments for a model built from scratch (tiny_llama).
+    from_config: Optional[Dict[str, Any]] = None
+    tokenizer: Optional[str] = None  # "bytes" for the built-in byte tokenizer, else a path/id
+    dtype: str = "float32"  # weights dtype: float32 | bfloat16 | float16
+    attn_implementation: str = "auto"  # auto | sdpa | eager | flash_attention_2
+    dropout: Optional[float] = None  # overrides every *dropout* probability of the config
+    trust_remote_code: bool = False
+
+
+@dataclass
+class DataConfig:
+    name: str = MISSING
+    train: Optional[str] = None
+    validation: Optional[str] = None
+    text_field: str = "text"
+    label_field: str = "label"
+    instruction_field: str = "instruction"
+    input_field: str = "input"
+    output_field: str = "output"
+    max_length: int = 128
+    # Held-out share of train used for validation when no validation file is given.
+    validation_split: float = 0.1
+    max_train_examples: Optional[int] = None
+    max_validation_examples: Optional[int] = None
+    # synthetic data only
+    num_train: int = 2000
+    num_validation: int = 200
+
+
+@dataclass
+class TaskConfig:
+    name: str = MISSING
+    num_labels: Optional[int] = None  # classification: inferred from the training labels if unset
+    mask_prompt: bool = True  # instruction: loss only on the response tokens
+    template: str = "alpaca"
+    metric: str = "loss"  # the eval metric that early stopping and best-checkpoint use
+    greater_is_better: bool = False
+
+
+@dataclass
+class StrategyConfig:
+    name: str = MISSING
+
+
+@dataclass
+class FullStrategyConfig(StrategyConfig):
+    name: str = "full"
+
+
+@dataclass
+class BitFitStrategyConfig(StrategyConfig):
+    name: str = "bitfit"
+
+
+@dataclass
+class LoraStrategyConfig(StrategyConfig):
+    name: str = "lora"
+    r: int = 8
+    alpha: int = 16
+    dropout: float = 0.05
+    # null: peft's default modules for the architecture; ["all-linear"] for every linear.
+    target_modules: Optional[List[str]] = None
+    merge_on_export: bool = False  # also write final/merged, a plain HF model
+
+
+@dataclass
+class PartialStrategyConfig(StrategyConfig):
+    name: str = "partial"
+    unfreeze_top_layers: int = 0  # 0 = the whole pretrained network stays frozen
+    # auto: mlp for classification, block otherwise
+    # mlp: pooled features -> MLP -> labels (classification only)
+    # block: one new transformer block on top of the network, plus the task's own head
+    head: str = "auto"
+    head_hidden: List[int] = field(default_factory=lambda: [256])
+    head_dropout: float = 0.1
+    pooling: str = "mean"  # mean | first | last (mlp head)
+
+
+@dataclass
+class BackendConfig:
+    name: str = "single"
+
+
+@dataclass
+class WandbConfig:
+    enabled: bool = True
+    mode: str = "offline"  # offline | online | disabled
+    project: str = "distft"
+    entity: Optional[str] = None
+    name: Optional[str] = None
+    tags: List[str] = field(default_factory=list)
+
+
+@dataclass
+class LoggerConfig:
+    name: str = "wandb"
+    log_every: int = 1
+    csv: bool = False
+    progress_bar: bool = True
+    plots: bool = True
+    wandb: WandbConfig = field(default_factory=WandbConfig)
+
+
+@dataclass
+class EarlyStoppingConfig:
+    patience: int = 0  # evals without improvement before stopping; 0 = off
+    min_delta: float = 0.0
+
+
+@dataclass
+class TrainerConfig:
+    max_steps: int = -1  # optimizer steps; -1 = derive from epochs
+    epochs: float = 1.0
+    lr: float = 5e-4
+    batch_size: int = 16  # examples per micro-batch
+    grad_accum: int = 1
+    eval_batch_size: int = 64
+    weight_decay: float = 0.01
+    adam_betas: List[float] = field(default_factory=lambda: [0.9, 0.999])
+    adam_eps: float = 1e-8
+    scheduler: str = "cosine"  # cosine | linear | constant
+    warmup_ratio: float = 0.0
+    warmup_steps: int = 0  # used when > 0, else warmup_ratio * total steps
+    max_grad_norm: float = 1.0  # <= 0 disables clipping
+    eval_every: int = 0  # 0 = only at the end
+    save_every: int = 0  # 0 = only at the end
+    keep_checkpoints: int = 2
+    precision: str = "fp32"  # fp32 | bf16 (autocast)
+    early_stopping: EarlyStoppingConfig = field(default_factory=EarlyStoppingConfig)
+    export_best: bool = True  # export the weights of the best eval, when there was an eval
+    threads: Optional[int] = None  # torch intra-op threads on CPU
+
+
+@dataclass
+class TrainConfig:
+    model: ModelConfig = MISSING
+    data: DataConfig = MISSING
+    task: TaskConfig = MISSING
+    strategy: Any = MISSING
+    backend: BackendConfig = MISSING
+    logger: LoggerConfig = MISSING
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    run_dir: str = MISSING
+    seed: int = 42
+    resume: str = "auto"  # auto | never | a checkpoint folder
+
+
+STRATEGY_SCHEMAS = {
+    "full": FullStrategyConfig,
+    "partial": PartialStrategyConfig,
+    "lora": LoraStrategyConfig,
+    "bitfit": BitFitStrategyConfig,
+}
+
+
+def register_configs() -> None:
+    cs = ConfigStore.instance()
+    cs.store(name="train_schema", node=TrainConfig)
+    cs.store(group="model", name="model_schema", node=ModelConfig)
+    cs.store(group="data", name="data_schema", node=DataConfig)
+    cs.store(group="task", name="task_schema", node=TaskConfig)
+    cs.store(group="backend", name="backend_schema", node=BackendConfig)
+    cs.store(group="logger", name="logger_schema", node=LoggerConfig)
+    for name, node in STRATEGY_SCHEMAS.items():
+        cs.store(group="strategy", name=f"{name}_schema", node=node)
+
+
+register_configs()

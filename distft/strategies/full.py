@@ -1,0 +1,11 @@
+from distft.strategies.base import Strategy, register_strategy
+
+
+@register_strategy("full")
+class FullStrategy(Strategy):
+    """Every parameter trains."""
+
+    def apply(self, model, task):
+        for p in model.parameters():
+            p.requires_grad_(True)
+        return model

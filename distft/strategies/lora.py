@@ -1,0 +1,39 @@
+import copy
+import os
+
+from peft import LoraConfig, TaskType, get_peft_model
+
+from distft.strategies.base import Strategy, register_strategy
+
+
+@register_strategy("lora")
+class LoraStrategy(Strategy):
+    """peft LoRA adapters on the target modules; a classification head stays trainable
+    (peft's SEQ_CLS task keeps `classifier`/`score` in modules_to_save, so the adapter
+    file carries it)."""
+
+    def apply(self, model, task):
+        targets = self.cfg.target_modules
+        if targets is not None:
+            targets = list(targets)
+            if targets == ["all-linear"]:
+                targets = "all-linear"
+        config = LoraConfig(
+            r=self.cfg.r,
+            lora_alpha=self.cfg.alpha,
+            lora_dropout=self.cfg.dropout,
+            target_modules=targets,
+            task_type=TaskType.SEQ_CLS if task.name == "classification" else TaskType.CAUSAL_LM,
+        )
+        return get_peft_model(model, config)
+
+    def export(self, model, out_dir, base_dir):
+        if base_dir is not None:
+            # Point the adapter at the base weights this run used (a saved copy when the
+            # base was built from a config or converted from GGUF).
+            for cfg in model.peft_config.values():
+                cfg.base_model_name_or_path = os.path.abspath(base_dir)
+        model.save_pretrained(out_dir, safe_serialization=True)
+        if self.cfg.merge_on_export:
+            merged = copy.deepcopy(model).merge_and_unload()
+            merged.save_pretrained(os.path.join(out_dir, "merged"), safe_serialization=True)

@@ -1,0 +1,55 @@
+from typing import Dict
+
+import torch
+import torch.nn.functional as F
+
+from distft.data.sources import require_label, require_text, where
+from distft.errors import DataError
+from distft.tasks.base import Task, pad
+
+
+class ClassificationTask(Task):
+    """Sequence classification: text -> one of num_labels classes, through a new head."""
+
+    name = "classification"
+
+    def labels_of(self, records):
+        return [require_label(r, self.data_cfg.label_field) for r in records]
+
+    def check_labels(self, records, num_labels: int) -> None:
+        for r in records:
+            y = require_label(r, self.data_cfg.label_field)
+            if y >= num_labels:
+                raise DataError(
+                    f"{where(r)}: label {y} is outside the head's range 0..{num_labels - 1} "
+                    f"(task.num_labels={num_labels})"
+                )
+
+    def encode(self, records):
+        texts = [require_text(r, self.data_cfg.text_field) for r in records]
+        labels = self.labels_of(records)
+        ids = self.tokenizer(texts, truncation=True, max_length=self.data_cfg.max_length)["input_ids"]
+        return [{"input_ids": x, "label": y} for x, y in zip(ids, labels)]
+
+    def collate(self, examples):
+        input_ids = pad([e["input_ids"] for e in examples], self.tokenizer.pad_token_id)
+        mask = torch.zeros_like(input_ids)
+        for i, e in enumerate(examples):
+            mask[i, : len(e["input_ids"])] = 1
+        labels = torch.tensor([e["label"] for e in examples], dtype=torch.long)
+        return {"input_ids": input_ids, "attention_mask": mask, "labels": labels}
+
+    def count_targets(self, batch):
+        return int(batch["labels"].numel())
+
+    def loss_sum(self, logits, batch):
+        return F.cross_entropy(logits.float(), batch["labels"], reduction="sum")
+
+    def eval_stats(self, logits, batch) -> Dict[str, float]:
+        loss = F.cross_entropy(logits.float(), batch["labels"], reduction="sum")
+        correct = (logits.argmax(-1) == batch["labels"]).sum()
+        return {"loss_sum": float(loss), "correct": float(correct), "count": float(batch["labels"].numel())}
+
+    def finish_eval(self, sums):
+        n = max(sums["count"], 1.0)
+        return {"loss": sums["loss_sum"] / n, "accuracy": sums["correct"] / n}

@@ -1,0 +1,53 @@
+"""`distft-train`: fine-tune a model from a Hydra-composed config.
+
+    distft-train                                   # the embedded default (tiny model, CPU)
+    distft-train strategy=lora model=minilm task=classification data=jsonl \
+        data.train=train.jsonl data.validation=validation.jsonl
+"""
+from __future__ import annotations
+
+import logging
+import os
+import sys
+
+import hydra
+from omegaconf import DictConfig
+
+from distft import config as _config  # noqa: F401  (registers the structured configs)
+from distft.errors import DistftError
+from distft.paths import CONF_DIR
+
+log = logging.getLogger("distft")
+
+
+def run(cfg: DictConfig) -> dict:
+    """Train with a composed config and return the run summary."""
+    from distft.trainer import Trainer
+
+    return Trainer(cfg).setup().train()
+
+
+@hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="train")
+def _main(cfg: DictConfig) -> None:
+    try:
+        summary = run(cfg)
+    except DistftError as e:
+        print(f"distft: error: {e}", file=sys.stderr)
+        sys.exit(2)
+    metric = summary.get("metric")
+    value = summary.get(f"eval/{metric}")
+    print(
+        f"done: {summary['steps']} steps, eval/{metric}="
+        + (f"{value:.4f}" if value is not None else "n/a")
+        + f" (best at step {summary['best_step']}); model in {summary['final_dir']}; "
+        f"metrics in {os.path.join(cfg.run_dir, 'metrics.jsonl')}"
+    )
+
+
+def main() -> None:
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    _main()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,362 @@
+"""The training recipe: setup -> train -> export, readable top to bottom.
+
+Everything a run does is in this file's order; the parts it calls (task, strategy,
+backend, checkpoint, metrics) are small modules with one interface each.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import random
+import time
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Dict, Iterator, List, Optional
+
+import numpy as np
+import torch
+from omegaconf import OmegaConf
+from tqdm.auto import tqdm
+
+from distft import checkpoint as ckpt
+from distft.backends import build_backend
+from distft.data import load_records
+from distft.errors import ConfigError, DistftError
+from distft.metrics import MetricsLogger
+from distft.models import load_model, load_tokenizer
+from distft.models.loading import resolve_model_path
+from distft.strategies import TaskInfo, build_strategy, count_parameters
+from distft.tasks import build_task
+
+log = logging.getLogger("distft")
+
+SCHEDULERS = ("cosine", "linear", "constant")
+PRECISIONS = ("fp32", "bf16", "fp16")
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+class EpochBatches:
+    """Micro-batches of example indices, reshuffled each epoch from (seed, epoch), so the
+    order is a pure function of the position (epoch, batch) and a resumed run can jump
+    straight to where it stopped."""
+
+    def __init__(self, n: int, batch_size: int, seed: int):
+        self.n, self.batch_size, self.seed = n, batch_size, seed
+        self.per_epoch = math.ceil(n / batch_size)
+
+    def from_position(self, epoch: int, batch: int) -> Iterator[tuple[int, int, List[int]]]:
+        while True:
+            order = torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed + epoch)).tolist()
+            for b in range(batch, self.per_epoch):
+                yield epoch, b, order[b * self.batch_size : (b + 1) * self.batch_size]
+            epoch, batch = epoch + 1, 0
+
+
+def check_config(cfg) -> None:
+    """Refuse impossible combinations before any data is read or model is built."""
+    t = cfg.trainer
+    if t.batch_size < 1 or t.grad_accum < 1 or t.eval_batch_size < 1:
+        raise ConfigError("trainer.batch_size, trainer.grad_accum and trainer.eval_batch_size must be >= 1")
+    if t.max_steps == 0 or (t.max_steps < 0 and t.epochs <= 0):
+        raise ConfigError("trainer.max_steps must be > 0, or -1 with trainer.epochs > 0")
+    if t.scheduler not in SCHEDULERS:
+        raise ConfigError(f"trainer.scheduler={t.scheduler!r}: choose one of {list(SCHEDULERS)}")
+    if t.precision not in PRECISIONS:
+        raise ConfigError(f"trainer.precision={t.precision!r}: choose one of {list(PRECISIONS)}")
+    if t.precision == "fp16" and not torch.cuda.is_available():
+        raise ConfigError("trainer.precision=fp16 needs a GPU; use bf16 or fp32 on CPU")
+    if cfg.logger.wandb.mode not in ("offline", "online", "disabled"):
+        raise ConfigError(f"logger.wandb.mode={cfg.logger.wandb.mode!r}: choose offline, online or disabled")
+    if cfg.resume not in ("auto", "never") and not Path(cfg.resume).is_dir():
+        raise ConfigError(f"resume={cfg.resume}: expected auto, never or a checkpoint folder")
+    strategy = build_strategy(cfg.strategy)
+    strategy.check(TaskInfo(cfg.task.name, cfg.task.num_labels))
+
+
+class Trainer:
+    def __init__(self, cfg):
+        self.cfg = cfg
+        self.run_dir = Path(cfg.run_dir)
+        self.ckpt_root = self.run_dir / "checkpoints"
+        self.history: List[Dict] = []
+
+    # ------------------------------------------------------------------ setup
+    def setup(self) -> "Trainer":
+        cfg, t = self.cfg, self.cfg.trainer
+        check_config(cfg)
+        if t.threads:
+            torch.set_num_threads(t.threads)
+        self.backend = build_backend(cfg.backend)
+        self.backend.setup()
+        self.device = self.backend.device
+        self.main = self.backend.is_main
+
+        resume_from = ckpt.find_resume_checkpoint(cfg.resume, self.ckpt_root)
+        if resume_from is None and (self.run_dir / "summary.json").exists():
+            raise ConfigError(
+                f"run_dir={self.run_dir} already holds a finished run; choose another run_dir "
+                "(or resume=<its checkpoint> to continue it)"
+            )
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        seed_everything(cfg.seed)
+
+        # Data first: a bad file stops the run before minutes of model loading.
+        self.tokenizer = load_tokenizer(cfg.model, resolve_model_path(cfg.model))
+        self.task = build_task(cfg.task, cfg.data, self.tokenizer)
+        train_records, val_records = load_records(cfg.data, cfg.task.name, cfg.seed)
+        num_labels = None
+        if cfg.task.name == "classification":
+            num_labels = cfg.task.num_labels or 1 + max(self.task.labels_of(train_records))
+            if num_labels < 2:
+                raise ConfigError(f"{cfg.data.train}: classification needs at least two labels")
+            self.task.check_labels(train_records, num_labels)
+            self.task.check_labels(val_records, num_labels)
+        self.train_examples = self.task.encode(train_records)
+        self.val_examples = self.task.encode(val_records)
+        self.num_labels = num_labels
+        log.info("data: %d train / %d validation examples", len(self.train_examples), len(self.val_examples))
+
+        # Model, then the strategy decides what trains.
+        task_info = TaskInfo(cfg.task.name, num_labels)
+        self.strategy = build_strategy(cfg.strategy)
+        model = load_model(cfg.model, cfg.task.name, self.tokenizer, num_labels, seed=cfg.seed)
+        self.base_dir = self._save_base_if_needed(model)
+        model = self.strategy.apply(model, task_info)
+        self.trainable, self.total = count_parameters(model)
+        log.info(
+            "strategy %s: %s of %s parameters trainable (%.2f%%)",
+            self.strategy.name, f"{self.trainable:,}", f"{self.total:,}", 100 * self.trainable / self.total,
+        )
+        model.to(self.device)
+
+        # Optimizer and schedule.
+        self.batches = EpochBatches(len(self.train_examples), t.batch_size, cfg.seed)
+        steps_per_epoch = math.ceil(self.batches.per_epoch / t.grad_accum)
+        self.max_steps = t.max_steps if t.max_steps > 0 else max(1, math.ceil(t.epochs * steps_per_epoch))
+        optimizer = torch.optim.AdamW(
+            _param_groups(model, t.weight_decay), lr=t.lr, betas=tuple(t.adam_betas), eps=t.adam_eps
+        )
+        self.scheduler = _scheduler(optimizer, t, self.max_steps)
+        self.model, self.optimizer = self.backend.wrap(model, optimizer)
+
+        # Where we are: a fresh start or a checkpoint.
+        self.state = {"epoch": 0, "batch": 0, "best_metric": None, "best_step": None, "bad_evals": 0,
+                      "tokens": 0, "train_seconds": 0.0}
+        self.step = 0
+        if resume_from is not None:
+            self.state.update(ckpt.load_checkpoint(resume_from, self.model, self.optimizer, self.scheduler))
+            self.step = self.state.pop("step")
+            log.info("resumed from %s (step %d)", resume_from, self.step)
+        self.metrics = MetricsLogger(
+            cfg.logger, self.run_dir, self.main, OmegaConf.to_container(cfg, resolve=True)
+        )
+        if self.main:
+            (self.run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+        self.metrics.start(self.step if resume_from is not None else None)
+        return self
+
+    def _save_base_if_needed(self, model) -> Optional[str]:
+        """Adapters need their base weights on disk to load without distft. A model built
+        from a config or converted from GGUF has none, so keep a copy in the run dir."""
+        cfg = self.cfg
+        if cfg.strategy.name != "lora":
+            return None
+        if cfg.model.from_config is None and not cfg.model.gguf_file:
+            return resolve_model_path(cfg.model)
+        base = self.run_dir / "base_model"
+        if self.main and not (base / "config.json").exists():
+            tmp = ckpt.atomic_dir(base)
+            model.save_pretrained(tmp, safe_serialization=True)
+            self.tokenizer.save_pretrained(tmp)
+            ckpt.commit_dir(tmp, base)
+        return str(base)
+
+    # ------------------------------------------------------------------ train
+    def _to_device(self, batch):
+        return {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
+
+    def _autocast(self):
+        p = self.cfg.trainer.precision
+        if p == "fp32":
+            return nullcontext()
+        dtype = torch.bfloat16 if p == "bf16" else torch.float16
+        return torch.autocast(device_type=self.device.type, dtype=dtype)
+
+    def _forward(self, batch):
+        inputs = {k: batch[k] for k in self.task.model_inputs}
+        with self._autocast():
+            return self.model(**inputs).logits
+
+    def train(self) -> Dict:
+        cfg, t = self.cfg, self.cfg.trainer
+        stream = self.batches.from_position(self.state["epoch"], self.state["batch"])
+        bar = tqdm(total=self.max_steps, initial=self.step, disable=not (self.main and cfg.logger.progress_bar),
+                   desc="train", dynamic_ncols=True)
+        stopped_early = False
+        self.model.train()
+        while self.step < self.max_steps and not stopped_early:
+            started = time.perf_counter()
+            micro = []
+            for _ in range(t.grad_accum):
+                epoch, b, idx = next(stream)
+                micro.append(self.task.collate([self.train_examples[i] for i in idx]))
+                self.state["epoch"], self.state["batch"] = epoch, b + 1
+            # Normalise by the targets of the whole optimizer step, not per micro-batch,
+            # so accumulation gives the same gradient as one large batch.
+            n_targets = max(sum(self.task.count_targets(mb) for mb in micro), 1)
+            loss_sum = 0.0
+            for mb in micro:
+                mb = self._to_device(mb)
+                loss = self.task.loss_sum(self._forward(mb), mb)
+                self.backend.backward(loss / n_targets)
+                loss_sum += loss.detach()
+            grad_norm = self.backend.step(self.model, self.optimizer, t.max_grad_norm)
+            lr = self.scheduler.get_last_lr()[0]
+            self.scheduler.step()
+            self.step += 1
+            self.state["tokens"] += sum(int(mb["attention_mask"].sum()) for mb in micro)
+            self.state["train_seconds"] += time.perf_counter() - started
+
+            loss_value = float(loss_sum) / n_targets
+            event = {"step": self.step, "loss": loss_value, "lr": lr, "grad_norm": grad_norm,
+                     "epoch": self.state["epoch"] + self.state["batch"] / self.batches.per_epoch}
+            if self.step % cfg.logger.log_every == 0 or self.step == self.max_steps:
+                self.metrics.log(event)
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{lr:.2e}")
+
+            last = self.step == self.max_steps
+            if (t.eval_every and self.step % t.eval_every == 0) or last:
+                stopped_early = self._eval_and_track(bar)
+            if (t.save_every and self.step % t.save_every == 0) or last or stopped_early:
+                self.save_checkpoint()
+        bar.close()
+        return self.finish(stopped_early)
+
+    def _eval_and_track(self, bar) -> bool:
+        """Evaluate, keep the best weights, and say whether early stopping fires."""
+        t = self.cfg.trainer
+        metrics = self.evaluate()
+        self.metrics.log({"step": self.step, **{f"eval/{k}": v for k, v in metrics.items()}})
+        name = self.cfg.task.metric
+        if name not in metrics:
+            raise ConfigError(f"task.metric={name!r} is not computed by task={self.cfg.task.name}; "
+                              f"choose one of {sorted(metrics)}")
+        value = metrics[name]
+        bar.write(f"step {self.step}: " + "  ".join(f"eval/{k}={v:.4f}" for k, v in metrics.items()))
+        best = self.state["best_metric"]
+        sign = 1.0 if self.cfg.task.greater_is_better else -1.0
+        if best is None or sign * (value - best) > t.early_stopping.min_delta:
+            self.state.update(best_metric=value, best_step=self.step, bad_evals=0)
+            if self.main:
+                self._save_best()
+            return False
+        self.state["bad_evals"] += 1
+        patience = t.early_stopping.patience
+        if patience and self.state["bad_evals"] >= patience:
+            bar.write(f"early stopping at step {self.step}: eval/{name} has not improved for {patience} evals "
+                      f"(best {best:.4f} at step {self.state['best_step']})")
+            return True
+        return False
+
+    @torch.no_grad()
+    def evaluate(self) -> Dict[str, float]:
+        self.model.eval()
+        sums: Dict[str, float] = {}
+        bs = self.cfg.trainer.eval_batch_size
+        for i in range(0, len(self.val_examples), bs):
+            batch = self._to_device(self.task.collate(self.val_examples[i : i + bs]))
+            for k, v in self.task.eval_stats(self._forward(batch), batch).items():
+                sums[k] = sums.get(k, 0.0) + v
+        self.model.train()
+        return self.task.finish_eval(sums)
+
+    def _save_best(self) -> None:
+        best = self.run_dir / "best"
+        tmp = ckpt.atomic_dir(best)
+        from safetensors.torch import save_file
+
+        save_file(ckpt.trainable_state(self.backend.unwrap(self.model)), str(tmp / "weights.safetensors"))
+        (tmp / "state.json").write_text(json.dumps({"step": self.step, "metric": self.state["best_metric"]}))
+        ckpt.commit_dir(tmp, best)
+
+    def save_checkpoint(self) -> None:
+        if self.main:
+            ckpt.save_checkpoint(self.ckpt_root, self.step, self.backend.unwrap(self.model), self.optimizer,
+                                 self.scheduler, self.state, self.cfg.trainer.keep_checkpoints)
+
+    # ------------------------------------------------------------------ finish
+    def finish(self, stopped_early: bool) -> Dict:
+        cfg = self.cfg
+        model = self.backend.unwrap(self.model)
+        final_metrics = self.evaluate() if self.val_examples else {}
+        exported_step = self.step
+        if cfg.trainer.export_best and (self.run_dir / "best").is_dir() and self.state["best_step"] != self.step:
+            ckpt.load_trainable_state(model, self.run_dir / "best" / "weights.safetensors")
+            exported_step = self.state["best_step"]
+            final_metrics = self.evaluate()
+        out = self.run_dir / "final"
+        if self.main:
+            tmp = ckpt.atomic_dir(out)
+            model.eval()
+            self.strategy.export(model, str(tmp), self.base_dir)
+            self.tokenizer.save_pretrained(str(tmp))
+            ckpt.commit_dir(tmp, out)
+        secs = self.state["train_seconds"]
+        summary = {
+            "steps": self.step,
+            "exported_step": exported_step,
+            "stopped_early": stopped_early,
+            "best_step": self.state["best_step"],
+            "best_metric": self.state["best_metric"],
+            "metric": cfg.task.metric,
+            **{f"eval/{k}": v for k, v in final_metrics.items()},
+            "trainable_params": self.trainable,
+            "total_params": self.total,
+            "tokens_per_second": self.state["tokens"] / secs if secs else None,
+            "train_seconds": secs,
+            "final_dir": str(out),
+        }
+        if self.main:
+            tmp = self.run_dir / "summary.json.tmp"
+            tmp.write_text(json.dumps(summary, indent=2))
+            os.replace(tmp, self.run_dir / "summary.json")
+        self.metrics.finish(summary)
+        self.backend.teardown()
+        return summary
+
+
+def _param_groups(model, weight_decay: float):
+    # Weight decay on matrices only: biases and norm scales are left undecayed.
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        (no_decay if p.ndim < 2 else decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def _scheduler(optimizer, t, total: int):
+    warmup = t.warmup_steps if t.warmup_steps > 0 else int(t.warmup_ratio * total)
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / (warmup + 1)
+        progress = (step - warmup) / max(1, total - warmup)
+        if t.scheduler == "cosine":
+            return 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
+        if t.scheduler == "linear":
+            return max(0.0, 1.0 - progress)
+        return 1.0
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+__all__ = ["DistftError", "EpochBatches", "Trainer", "check_config"]
