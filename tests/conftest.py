@@ -1,0 +1,75 @@
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
+
+import distft.config  # noqa: F401  (registers the schemas)
+from distft.paths import CONF_DIR
+
+ROOT = Path(__file__).resolve().parent.parent
+SHARED_DATA = ROOT.parent / "shared" / "data"
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("WANDB_SILENT", "true")
+
+# Small enough to train a few steps in well under a second.
+TINY = [
+    "model.from_config.hidden_size=32",
+    "model.from_config.intermediate_size=64",
+    "model.from_config.num_hidden_layers=2",
+    "model.from_config.num_attention_heads=2",
+    "model.from_config.num_key_value_heads=1",
+    "data.num_train=96",
+    "data.num_validation=32",
+    "logger=csv",
+    "logger.progress_bar=false",
+    "logger.plots=false",
+    "trainer.batch_size=8",
+    "trainer.warmup_steps=0",
+]
+
+
+def compose_cfg(run_dir, overrides=()):
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        return compose(config_name="train", overrides=[f"run_dir={run_dir}", *overrides])
+
+
+@pytest.fixture
+def cfg_for(tmp_path):
+    def make(*overrides, tiny=True):
+        return compose_cfg(tmp_path / "run", [*(TINY if tiny else []), *overrides])
+
+    return make
+
+
+def shared_data(name: str) -> Path:
+    path = SHARED_DATA / name
+    if not path.is_dir():
+        pytest.skip(f"../shared/data/{name} is not present beside the checkout")
+    return path
+
+
+def run_cli(*args, check=True, timeout=600, env=None):
+    """Run `python -m distft.train` as a user would, in a fresh process."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "distft.train", *args],
+        cwd=ROOT, capture_output=True, text=True, timeout=timeout,
+        env={**os.environ, **(env or {})},
+    )
+    if check and proc.returncode != 0:
+        raise AssertionError(f"distft-train failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+    return proc
+
+
+def read_metrics(run_dir: Path):
+    return [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
+
+
+def losses(run_dir: Path):
+    return {e["step"]: e["loss"] for e in read_metrics(run_dir) if "loss" in e}

@@ -1,0 +1,54 @@
+"""Every strategy x task on a tiny model: the loss falls and only the intended
+parameters change (frozen ones stay bit-identical)."""
+import pytest
+import torch
+
+from distft.strategies import registered_strategies
+from distft.trainer import Trainer
+
+LR = {"full": 3e-3, "lora": 1e-2, "bitfit": 1e-2, "partial": 1e-2}
+TASKS = ["causal_lm", "instruction", "classification"]
+
+
+def intended(strategy: str, task: str, name: str) -> bool:
+    """Should parameter `name` train under this strategy and task?"""
+    head = name.split(".")[0] in ("score", "classifier") or ".score." in name or "modules_to_save" in name
+    if strategy == "full":
+        return True
+    if strategy == "bitfit":
+        return name.endswith(".bias") or (task == "classification" and head)
+    if strategy == "lora":
+        # peft trains a copy of the head (modules_to_save) and keeps the original frozen
+        return "lora_" in name or "modules_to_save" in name
+    if strategy == "partial":
+        if task == "classification":
+            return name.startswith("head.")  # the new MLP head on pooled features
+        return ".layers.2." in name  # the new block on top of the 2-layer tiny model
+
+
+def test_all_strategies_registered():
+    assert {"full", "partial", "lora", "bitfit"} <= set(registered_strategies())
+
+
+@pytest.mark.parametrize("task", TASKS)
+@pytest.mark.parametrize("strategy", ["full", "partial", "lora", "bitfit"])
+def test_strategy_trains_only_intended_parameters(cfg_for, strategy, task):
+    cfg = cfg_for(f"strategy={strategy}", f"task={task}", "trainer.max_steps=12", f"trainer.lr={LR[strategy]}",
+                  "trainer.eval_every=0", "trainer.save_every=0", "trainer.weight_decay=0.0")
+    trainer = Trainer(cfg).setup()
+    before = {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
+    trainable = {n for n, p in trainer.model.named_parameters() if p.requires_grad}
+    trainer.train()
+
+    assert trainable, "nothing trains"
+    assert trainable == {n for n in before if intended(strategy, task, n)}
+    for name, p in trainer.model.named_parameters():
+        if name in trainable:
+            assert not torch.equal(before[name], p.detach()), f"{name} should have changed"
+        else:
+            assert torch.equal(before[name], p.detach()), f"frozen {name} changed"
+
+    losses = [e["loss"] for e in trainer.metrics.history if "loss" in e]
+    assert len(losses) == 12
+    assert sum(losses[-3:]) / 3 < sum(losses[:3]) / 3, losses
+    assert 0 < trainer.trainable <= trainer.total
