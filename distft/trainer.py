@@ -306,8 +306,8 @@ class Trainer:
         if self.main:
             tmp = ckpt.atomic_dir(out)
             model.eval()
-            self.strategy.export(model, str(tmp), self.base_dir)
-            self.tokenizer.save_pretrained(str(tmp))
+            for folder in self.strategy.export(model, str(tmp), self.base_dir):
+                self.tokenizer.save_pretrained(folder)
             ckpt.commit_dir(tmp, out)
         secs = self.state["train_seconds"]
         summary = {

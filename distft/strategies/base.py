@@ -58,9 +58,11 @@ class Strategy:
     def apply(self, model: nn.Module, task: TaskInfo) -> nn.Module:
         raise NotImplementedError
 
-    def export(self, model: nn.Module, out_dir: str, base_dir: Optional[str]) -> None:
-        """Write the trained result to `out_dir` in a format plain transformers/peft loads."""
+    def export(self, model: nn.Module, out_dir: str, base_dir: Optional[str]) -> list[str]:
+        """Write the trained result to `out_dir` in a format plain transformers/peft loads;
+        return every folder written (each gets the tokenizer)."""
         model.save_pretrained(out_dir, safe_serialization=True)
+        return [out_dir]
 
 
 def head_parameter_names(model: nn.Module) -> list[str]:

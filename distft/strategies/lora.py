@@ -34,6 +34,9 @@ class LoraStrategy(Strategy):
             for cfg in model.peft_config.values():
                 cfg.base_model_name_or_path = os.path.abspath(base_dir)
         model.save_pretrained(out_dir, safe_serialization=True)
+        written = [out_dir]
         if self.cfg.merge_on_export:
             merged = copy.deepcopy(model).merge_and_unload()
-            merged.save_pretrained(os.path.join(out_dir, "merged"), safe_serialization=True)
+            written.append(os.path.join(out_dir, "merged"))
+            merged.save_pretrained(written[-1], safe_serialization=True)
+        return written

@@ -1,0 +1,80 @@
+"""Exported models load with plain transformers/peft, in a process that never imports
+distft, and give the logits distft's trained model gave."""
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from distft.trainer import Trainer
+
+LOADER = r"""
+import json, sys, torch
+from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
+spec = json.loads(sys.argv[1])
+path, kind = spec["path"], spec["kind"]
+auto = AutoModelForSequenceClassification if spec["task"] == "classification" else AutoModelForCausalLM
+tok = AutoTokenizer.from_pretrained(path, trust_remote_code=spec.get("remote", False))
+if kind == "adapter":
+    from peft import PeftModel, PeftConfig
+    base = auto.from_pretrained(PeftConfig.from_pretrained(path).base_model_name_or_path)
+    model = PeftModel.from_pretrained(base, path)
+else:
+    model = auto.from_pretrained(path, trust_remote_code=spec.get("remote", False))
+model.eval()
+enc = tok(spec["texts"], padding=True, return_tensors="pt")
+with torch.no_grad():
+    logits = model(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"]).logits
+assert not any(m == "distft" or m.startswith("distft.") for m in sys.modules), "distft was imported"
+print(json.dumps(logits.tolist()))
+"""
+
+TEXTS = ["the film was quite great", "12 plus 7 is 19."]
+
+
+def reload_logits(path, task, kind, remote=False):
+    spec = json.dumps({"path": str(path), "task": task, "kind": kind, "remote": remote, "texts": TEXTS})
+    out = subprocess.run([sys.executable, "-c", LOADER, spec], capture_output=True, text=True, timeout=300,
+                         cwd="/")
+    assert out.returncode == 0, out.stderr[-3000:]
+    return torch.tensor(json.loads(out.stdout.strip().splitlines()[-1]))
+
+
+def distft_logits(trainer):
+    model = trainer.backend.unwrap(trainer.model).eval()
+    enc = trainer.tokenizer(TEXTS, padding=True, return_tensors="pt")
+    with torch.no_grad():
+        return model(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"]).logits
+
+
+@pytest.mark.parametrize(
+    "strategy,task,extra",
+    [
+        ("full", "causal_lm", []),
+        ("bitfit", "classification", []),
+        ("partial", "classification", []),  # MLP head: exported with its own modeling file
+        ("partial", "causal_lm", ["strategy.unfreeze_top_layers=1"]),  # a new block: plain LlamaForCausalLM
+        ("lora", "causal_lm", ["strategy.merge_on_export=true"]),
+        ("lora", "classification", ["strategy.merge_on_export=true"]),
+    ],
+)
+def test_export_reloads_without_distft(cfg_for, strategy, task, extra):
+    cfg = cfg_for(f"strategy={strategy}", f"task={task}", "trainer.max_steps=6", "trainer.lr=1e-2",
+                  "trainer.eval_every=3", *extra)
+    trainer = Trainer(cfg).setup()
+    summary = trainer.train()
+    final = trainer.run_dir / "final"
+    expected = distft_logits(trainer)
+    if strategy == "lora":
+        assert (final / "adapter_model.safetensors").is_file()
+        got = reload_logits(final, task, "adapter")
+        torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)
+        merged = reload_logits(final / "merged", task, "full")
+        torch.testing.assert_close(merged, expected, rtol=1e-3, atol=1e-4)
+    else:
+        assert (final / "model.safetensors").is_file()
+        got = reload_logits(final, task, "full", remote=(strategy == "partial" and task == "classification"))
+        torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)
+    assert summary["final_dir"] == str(final)
+    assert json.loads((trainer.run_dir / "summary.json").read_text())["trainable_params"] == trainer.trainable
