@@ -187,3 +187,24 @@ def register_configs() -> None:
 
 
 register_configs()
+
+
+def validate_schema(cfg) -> None:
+    """Re-check a composed config against the schema. Hydra lets `+key=value` add keys
+    that the schema does not know; a misspelled key must not be silently ignored."""
+    from omegaconf import OmegaConf
+    from omegaconf.errors import OmegaConfBaseException
+
+    from distft.errors import ConfigError
+
+    data = OmegaConf.to_container(cfg, resolve=False)
+    data.pop("hydra", None)
+    strategy = data.pop("strategy", {}) or {}
+    try:
+        OmegaConf.merge(OmegaConf.structured(TrainConfig), data)
+        schema = STRATEGY_SCHEMAS.get(strategy.get("name"))
+        if schema is not None:
+            OmegaConf.merge(OmegaConf.structured(schema), strategy)
+    except OmegaConfBaseException as e:
+        key = getattr(e, "full_key", None) or ""
+        raise ConfigError(f"config key {key or '?'}: {str(e).splitlines()[0]}") from None

@@ -22,6 +22,7 @@ from tqdm.auto import tqdm
 
 from distft import checkpoint as ckpt
 from distft.backends import build_backend
+from distft.config import validate_schema
 from distft.data import load_records
 from distft.errors import ConfigError, DistftError
 from distft.metrics import MetricsLogger
@@ -61,6 +62,7 @@ class EpochBatches:
 
 def check_config(cfg) -> None:
     """Refuse impossible combinations before any data is read or model is built."""
+    validate_schema(cfg)
     t = cfg.trainer
     if t.batch_size < 1 or t.grad_accum < 1 or t.eval_batch_size < 1:
         raise ConfigError("trainer.batch_size, trainer.grad_accum and trainer.eval_batch_size must be >= 1")
