@@ -7,6 +7,7 @@ import sys
 import pytest
 import torch
 
+from conftest import TINY
 from distft.trainer import Trainer
 
 LOADER = r"""
@@ -78,3 +79,22 @@ def test_export_reloads_without_distft(cfg_for, strategy, task, extra):
         torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)
     assert summary["final_dir"] == str(final)
     assert json.loads((trainer.run_dir / "summary.json").read_text())["trainable_params"] == trainer.trainable
+
+
+def test_hf_model_from_a_local_folder(cfg_for, tmp_path):
+    """model=hf takes any local folder: here the export of a previous run, fine-tuned further
+    with LoRA (its tokenizer comes from the same folder)."""
+    first = Trainer(cfg_for("trainer.max_steps=3")).setup()
+    first.train()
+    not_model = [o for o in TINY if not o.startswith("model.")]
+    cfg = cfg_for(*not_model, "model=hf", f"model.path={first.run_dir / 'final'}", "strategy=lora",
+                  "trainer.max_steps=3", tiny=False)
+    cfg.run_dir = str(tmp_path / "second")
+    second = Trainer(cfg).setup()
+    assert type(second.model.get_base_model()).__name__ == "LlamaForCausalLM"
+    assert len(second.tokenizer) == len(first.tokenizer)
+    summary = second.train()
+    assert summary["steps"] == 3
+    from peft import PeftConfig
+
+    assert PeftConfig.from_pretrained(second.run_dir / "final").base_model_name_or_path == str(first.run_dir / "final")
