@@ -175,7 +175,7 @@ class Trainer:
         """Adapters need their base weights on disk to load without distft. A model built
         from a config or converted from GGUF has none, so keep a copy in the run dir."""
         cfg = self.cfg
-        if cfg.strategy.name != "lora":
+        if not self.strategy.exports_adapter:
             return None
         if cfg.model.from_config is None and not cfg.model.gguf_file:
             return resolve_model_path(cfg.model)

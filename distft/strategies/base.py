@@ -48,6 +48,8 @@ class Strategy:
     """
 
     name = "base"
+    # True when `export` writes only an adapter, which needs its base weights on disk.
+    exports_adapter = False
 
     def __init__(self, cfg):
         self.cfg = cfg

@@ -12,6 +12,8 @@ class LoraStrategy(Strategy):
     (peft's SEQ_CLS task keeps `classifier`/`score` in modules_to_save, so the adapter
     file carries it)."""
 
+    exports_adapter = True
+
     def apply(self, model, task):
         targets = self.cfg.target_modules
         if targets is not None:
