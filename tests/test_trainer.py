@@ -88,3 +88,23 @@ def test_attention_choice(monkeypatch):
     monkeypatch.setattr(importlib.util, "find_spec", lambda n, *a: object() if n == "flash_attn" else real(n, *a))
     assert choose_attn_implementation("auto", torch.bfloat16) == "flash_attention_2"
     assert choose_attn_implementation("auto", torch.float32) == "sdpa"
+
+
+@pytest.mark.parametrize("kind", ["cosine", "linear", "constant"])
+def test_schedule_warms_up_then_decays(kind):
+    from types import SimpleNamespace
+
+    from distft.trainer import _scheduler
+
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    sched = _scheduler(opt, SimpleNamespace(scheduler=kind, warmup_steps=4, warmup_ratio=0.0), total=20)
+    lrs = []
+    for _ in range(20):
+        lrs.append(sched.get_last_lr()[0])
+        opt.step()
+        sched.step()
+    assert lrs[:5] == pytest.approx([0.2, 0.4, 0.6, 0.8, 1.0])  # linear warmup to the peak
+    if kind == "constant":
+        assert lrs[4:] == pytest.approx([1.0] * 16)
+    else:
+        assert all(a >= b for a, b in zip(lrs[4:], lrs[5:])) and lrs[-1] < 0.1
