@@ -40,6 +40,11 @@ RUNS = {
 }
 
 
+def _relative(arg: str) -> str:
+    # Record commands as a user runs them from the repo root, without this machine's paths.
+    return arg.replace(str(ROOT.parent / "shared"), "../shared").replace(str(ROOT) + "/", "")
+
+
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--only", nargs="*", choices=sorted(RUNS))
@@ -69,7 +74,7 @@ def main() -> int:
             "strategy": name, "accuracy": acc, "target": target, "met": acc >= target,
             "steps": summary["steps"], "trainable_params": summary["trainable_params"],
             "total_params": summary["total_params"], "wall_seconds": round(time.time() - t0, 1),
-            "command": "distft-train " + " ".join(shlex.quote(c) for c in cmd[3:]),
+            "command": "distft-train " + " ".join(shlex.quote(_relative(c)) for c in cmd[3:]),
         })
         print(f"{name}: accuracy {acc:.4f} (target {target})", flush=True)
     out.mkdir(parents=True, exist_ok=True)
