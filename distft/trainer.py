@@ -18,6 +18,7 @@ from typing import Dict, Iterator, List, Optional
 import numpy as np
 import torch
 from omegaconf import OmegaConf
+from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
 from distft import checkpoint as ckpt
@@ -29,7 +30,7 @@ from distft.metrics import MetricsLogger
 from distft.models import load_model, load_tokenizer
 from distft.models.loading import resolve_model_path
 from distft.strategies import TaskInfo, build_strategy, count_parameters
-from distft.tasks import build_task
+from distft.tasks import TASKS, build_task
 
 log = logging.getLogger("distft")
 
@@ -78,6 +79,12 @@ def check_config(cfg) -> None:
         raise ConfigError(f"logger.wandb.mode={cfg.logger.wandb.mode!r}: choose offline, online or disabled")
     if cfg.resume not in ("auto", "never") and not Path(cfg.resume).is_dir():
         raise ConfigError(f"resume={cfg.resume}: expected auto, never or a checkpoint folder")
+    task_cls = TASKS.get(cfg.task.name)
+    if task_cls is None:
+        raise ConfigError(f"task={cfg.task.name!r} is unknown; choose one of {sorted(TASKS)}")
+    if cfg.task.metric not in task_cls.metrics:
+        raise ConfigError(f"task.metric={cfg.task.metric!r} is not computed by task={cfg.task.name}; "
+                          f"choose one of {list(task_cls.metrics)}")
     strategy = build_strategy(cfg.strategy)
     strategy.check(TaskInfo(cfg.task.name, cfg.task.num_labels))
 
@@ -87,7 +94,7 @@ class Trainer:
         self.cfg = cfg
         self.run_dir = Path(cfg.run_dir)
         self.ckpt_root = self.run_dir / "checkpoints"
-        self.history: List[Dict] = []
+        self.last_eval: Optional[tuple[int, Dict[str, float]]] = None
 
     # ------------------------------------------------------------------ setup
     def setup(self) -> "Trainer":
@@ -254,10 +261,8 @@ class Trainer:
         t = self.cfg.trainer
         metrics = self.evaluate()
         self.metrics.log({"step": self.step, **{f"eval/{k}": v for k, v in metrics.items()}})
+        self.last_eval = (self.step, metrics)
         name = self.cfg.task.metric
-        if name not in metrics:
-            raise ConfigError(f"task.metric={name!r} is not computed by task={self.cfg.task.name}; "
-                              f"choose one of {sorted(metrics)}")
         value = metrics[name]
         bar.write(f"step {self.step}: " + "  ".join(f"eval/{k}={v:.4f}" for k, v in metrics.items()))
         best = self.state["best_metric"]
@@ -290,8 +295,6 @@ class Trainer:
     def _save_best(self) -> None:
         best = self.run_dir / "best"
         tmp = ckpt.atomic_dir(best)
-        from safetensors.torch import save_file
-
         save_file(ckpt.trainable_state(self.backend.unwrap(self.model)), str(tmp / "weights.safetensors"))
         (tmp / "state.json").write_text(json.dumps({"step": self.step, "metric": self.state["best_metric"]}))
         ckpt.commit_dir(tmp, best)
@@ -305,7 +308,10 @@ class Trainer:
     def finish(self, stopped_early: bool) -> Dict:
         cfg = self.cfg
         model = self.backend.unwrap(self.model)
-        final_metrics = self.evaluate() if self.val_examples else {}
+        if self.last_eval and self.last_eval[0] == self.step:
+            final_metrics = self.last_eval[1]  # the last step was just evaluated
+        else:
+            final_metrics = self.evaluate() if self.val_examples else {}
         exported_step = self.step
         if cfg.trainer.export_best and (self.run_dir / "best").is_dir() and self.state["best_step"] != self.step:
             ckpt.load_trainable_state(model, self.run_dir / "best" / "weights.safetensors")

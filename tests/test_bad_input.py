@@ -97,6 +97,11 @@ def test_impossible_combination_is_refused_before_any_work(cfg_for, tmp_path):
     assert not (tmp_path / "run").exists(), "a refused run must not create its run_dir"
 
 
+def test_unknown_eval_metric_is_refused_before_any_work(cfg_for):
+    with pytest.raises(ConfigError, match="task.metric='f1' is not computed by task=classification"):
+        setup_with(cfg_for, "task=classification", "task.metric=f1")
+
+
 def test_bitfit_on_a_model_without_biases(cfg_for):
     with pytest.raises(ConfigError, match="no bias parameters"):
         setup_with(cfg_for, "strategy=bitfit", "model.from_config.attention_bias=false",

@@ -20,6 +20,8 @@ class Task:
     name = "base"
     # Inputs the model's forward takes from a collated batch.
     model_inputs = ("input_ids", "attention_mask")
+    # What `finish_eval` reports; task.metric must be one of them.
+    metrics: tuple = ()
 
     def __init__(self, cfg, data_cfg, tokenizer):
         self.cfg = cfg

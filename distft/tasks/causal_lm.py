@@ -14,6 +14,7 @@ class CausalLMTask(Task):
     text followed by EOS, truncated to data.max_length."""
 
     name = "causal_lm"
+    metrics = ("loss", "perplexity", "token_accuracy")
 
     def encode(self, records):
         field = self.data_cfg.text_field

@@ -12,6 +12,7 @@ class ClassificationTask(Task):
     """Sequence classification: text -> one of num_labels classes, through a new head."""
 
     name = "classification"
+    metrics = ("loss", "accuracy")
 
     def labels_of(self, records):
         return [require_label(r, self.data_cfg.label_field) for r in records]
