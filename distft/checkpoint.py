@@ -20,7 +20,7 @@ import random
 import re
 import shutil
 from pathlib import Path
-from typing import Dict, Optional
+from typing import Dict, List, Optional
 
 import numpy as np
 import torch
@@ -50,7 +50,8 @@ def load_trainable_state(model: torch.nn.Module, path: Path) -> None:
             params[name].copy_(tensor)
 
 
-def _rng_state() -> Dict[str, torch.Tensor]:
+def rng_state() -> Dict[str, torch.Tensor]:
+    """This process's torch generator states (each rank has its own, for dropout)."""
     out = {"torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         for i, s in enumerate(torch.cuda.get_rng_state_all()):
@@ -102,12 +103,14 @@ def commit_dir(tmp: Path, final: Path) -> None:
         tmp.rename(final)
 
 
-def save_checkpoint(ckpt_root: Path, step: int, model, optimizer, scheduler, state: Dict, keep: int) -> Path:
+def save_checkpoint(ckpt_root: Path, step: int, model, optimizer, scheduler, state: Dict,
+                    rng_per_rank: List[Dict[str, torch.Tensor]], keep: int) -> Path:
     final = ckpt_root / f"step-{step}"
     tmp = atomic_dir(final)
     save_file(trainable_state(model), str(tmp / "weights.safetensors"))
     torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}, tmp / "optimizer.pt")
-    save_file(_rng_state(), str(tmp / "rng.safetensors"))
+    rng = {f"rank{r}.{k}": v for r, states in enumerate(rng_per_rank) for k, v in states.items()}
+    save_file(rng, str(tmp / "rng.safetensors"))
     (tmp / "state.json").write_text(json.dumps({**state, "step": step, "rng": _py_np_rng()}))
     commit_dir(tmp, final)
     _rotate(ckpt_root, keep)
@@ -145,11 +148,21 @@ def find_resume_checkpoint(resume: str, ckpt_root: Path) -> Optional[Path]:
     return path
 
 
-def load_checkpoint(path: Path, model, optimizer, scheduler) -> Dict:
+def load_checkpoint(path: Path, model, optimizer, scheduler, rank: int = 0, world_size: int = 1) -> Dict:
+    state = json.loads((path / "state.json").read_text())
+    written_by = state.pop("world_size", 1)
+    if written_by != world_size:
+        # The data position counts global batches of batch_size x processes and each
+        # process has its own dropout RNG: another process count is another trajectory.
+        raise ConfigError(
+            f"{path} was written by {written_by} process(es); resume it with {written_by} "
+            f"(this run has {world_size}), or set trainer.batch_size so the global batch matches and start fresh"
+        )
     load_trainable_state(model, path / "weights.safetensors")
     opt = torch.load(path / "optimizer.pt", map_location="cpu", weights_only=True)
     optimizer.load_state_dict(opt["optimizer"])
     scheduler.load_state_dict(opt["scheduler"])
-    state = json.loads((path / "state.json").read_text())
-    _restore_rng(load_file(str(path / "rng.safetensors")), state.pop("rng"))
+    prefix = f"rank{rank}."
+    rng = {k[len(prefix):]: v for k, v in load_file(str(path / "rng.safetensors")).items() if k.startswith(prefix)}
+    _restore_rng(rng, state.pop("rng"))
     return state

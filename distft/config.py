@@ -100,6 +100,7 @@ class PartialStrategyConfig(StrategyConfig):
 @dataclass
 class BackendConfig:
     name: str = "single"
+    timeout_minutes: int = 30  # collective timeout (process group)
 
 
 @dataclass

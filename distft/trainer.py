@@ -47,17 +47,27 @@ def seed_everything(seed: int) -> None:
 class EpochBatches:
     """Micro-batches of example indices, reshuffled each epoch from (seed, epoch), so the
     order is a pure function of the position (epoch, batch) and a resumed run can jump
-    straight to where it stopped."""
+    straight to where it stopped.
 
-    def __init__(self, n: int, batch_size: int, seed: int):
-        self.n, self.batch_size, self.seed = n, batch_size, seed
-        self.per_epoch = math.ceil(n / batch_size)
+    With several processes each global micro-batch (batch_size x world_size examples) is
+    split across ranks, so N processes see exactly the examples one process would with
+    the same global batch. A last global batch too small to give every rank an example
+    is dropped."""
+
+    def __init__(self, n: int, batch_size: int, seed: int, rank: int = 0, world_size: int = 1):
+        self.n, self.seed, self.rank, self.world = n, seed, rank, world_size
+        self.global_size = batch_size * world_size
+        full, rest = divmod(n, self.global_size)
+        self.per_epoch = full + (1 if rest >= world_size else 0)
+        if self.per_epoch == 0:
+            raise ConfigError(f"{n} training examples cannot fill one batch on {world_size} processes")
 
     def from_position(self, epoch: int, batch: int) -> Iterator[tuple[int, int, List[int]]]:
         while True:
             order = torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed + epoch)).tolist()
             for b in range(batch, self.per_epoch):
-                yield epoch, b, order[b * self.batch_size : (b + 1) * self.batch_size]
+                chunk = order[b * self.global_size : (b + 1) * self.global_size]
+                yield epoch, b, chunk[self.rank :: self.world]
             epoch, batch = epoch + 1, 0
 
 
@@ -106,6 +116,11 @@ class Trainer:
         self.backend.setup()
         self.device = self.backend.device
         self.main = self.backend.is_main
+        # Each rank composed its own config; a default run_dir holds a timestamp that may
+        # differ between ranks, so all take rank 0's.
+        cfg.run_dir = self.backend.broadcast_object(str(cfg.run_dir))
+        self.run_dir = Path(cfg.run_dir)
+        self.ckpt_root = self.run_dir / "checkpoints"
 
         # Existing outputs are never overwritten by accident: a finished run is only
         # continued from an explicitly named checkpoint, and resume=never refuses a
@@ -153,7 +168,8 @@ class Trainer:
         model.to(self.device)
 
         # Optimizer and schedule.
-        self.batches = EpochBatches(len(self.train_examples), t.batch_size, cfg.seed)
+        self.batches = EpochBatches(len(self.train_examples), t.batch_size, cfg.seed,
+                                    self.backend.rank, self.backend.world_size)
         steps_per_epoch = math.ceil(self.batches.per_epoch / t.grad_accum)
         self.max_steps = t.max_steps if t.max_steps > 0 else max(1, math.ceil(t.epochs * steps_per_epoch))
         optimizer = torch.optim.AdamW(
@@ -167,7 +183,8 @@ class Trainer:
                       "tokens": 0, "train_seconds": 0.0}
         self.step = 0
         if resume_from is not None:
-            self.state.update(ckpt.load_checkpoint(resume_from, self.model, self.optimizer, self.scheduler))
+            self.state.update(ckpt.load_checkpoint(resume_from, self.backend.unwrap(self.model), self.optimizer,
+                                                   self.scheduler, self.backend.rank, self.backend.world_size))
             self.step = self.state.pop("step")
             log.info("resumed from %s (step %d)", resume_from, self.step)
         self.metrics = MetricsLogger(
@@ -224,23 +241,27 @@ class Trainer:
                 epoch, b, idx = next(stream)
                 micro.append(self.task.collate([self.train_examples[i] for i in idx]))
                 self.state["epoch"], self.state["batch"] = epoch, b + 1
-            # Normalise by the targets of the whole optimizer step, not per micro-batch,
-            # so accumulation gives the same gradient as one large batch.
-            n_targets = max(sum(self.task.count_targets(mb) for mb in micro), 1)
-            loss_sum = 0.0
-            for mb in micro:
+            # Normalise by the targets of the whole optimizer step over all processes, not
+            # per micro-batch, so accumulation and N processes give the gradient of one
+            # large batch.
+            local_targets = sum(self.task.count_targets(mb) for mb in micro)
+            local_tokens = sum(int(mb["attention_mask"].sum()) for mb in micro)
+            n_targets, tokens = self.backend.all_reduce_sum([local_targets, local_tokens])
+            n_targets = max(n_targets, 1.0)
+            loss_sum = torch.zeros((), device=self.device)
+            for i, mb in enumerate(micro):
                 mb = self._to_device(mb)
                 loss = self.task.loss_sum(self._forward(mb), mb)
-                self.backend.backward(loss / n_targets)
+                self.backend.backward(loss / n_targets, sync=i == len(micro) - 1)
                 loss_sum += loss.detach()
             grad_norm = self.backend.step(self.model, self.optimizer, t.max_grad_norm)
             lr = self.scheduler.get_last_lr()[0]
             self.scheduler.step()
             self.step += 1
-            self.state["tokens"] += sum(int(mb["attention_mask"].sum()) for mb in micro)
+            self.state["tokens"] += int(tokens)
             self.state["train_seconds"] += time.perf_counter() - started
 
-            loss_value = float(loss_sum) / n_targets
+            loss_value = self.backend.all_reduce_sum([float(loss_sum)])[0] / n_targets
             event = {"step": self.step, "loss": loss_value, "lr": lr, "grad_norm": grad_norm,
                      "epoch": self.state["epoch"] + self.state["batch"] / self.batches.per_epoch}
             if self.step % cfg.logger.log_every == 0 or self.step == self.max_steps:
@@ -264,7 +285,8 @@ class Trainer:
         self.last_eval = (self.step, metrics)
         name = self.cfg.task.metric
         value = metrics[name]
-        bar.write(f"step {self.step}: " + "  ".join(f"eval/{k}={v:.4f}" for k, v in metrics.items()))
+        if self.main:
+            bar.write(f"step {self.step}: " + "  ".join(f"eval/{k}={v:.4f}" for k, v in metrics.items()))
         best = self.state["best_metric"]
         sign = 1.0 if self.cfg.task.greater_is_better else -1.0
         if best is None or sign * (value - best) > t.early_stopping.min_delta:
@@ -275,8 +297,9 @@ class Trainer:
         self.state["bad_evals"] += 1
         patience = t.early_stopping.patience
         if patience and self.state["bad_evals"] >= patience:
-            bar.write(f"early stopping at step {self.step}: eval/{name} has not improved for {patience} evals "
-                      f"(best {best:.4f} at step {self.state['best_step']})")
+            if self.main:
+                bar.write(f"early stopping at step {self.step}: eval/{name} has not improved for {patience} evals "
+                          f"(best {best:.4f} at step {self.state['best_step']})")
             return True
         return False
 
@@ -285,12 +308,15 @@ class Trainer:
         self.model.eval()
         sums: Dict[str, float] = {}
         bs = self.cfg.trainer.eval_batch_size
-        for i in range(0, len(self.val_examples), bs):
-            batch = self._to_device(self.task.collate(self.val_examples[i : i + bs]))
+        mine = self.val_examples[self.backend.rank :: self.backend.world_size]
+        for i in range(0, len(mine), bs):
+            batch = self._to_device(self.task.collate(mine[i : i + bs]))
             for k, v in self.task.eval_stats(self._forward(batch), batch).items():
                 sums[k] = sums.get(k, 0.0) + v
         self.model.train()
-        return self.task.finish_eval(sums)
+        keys = sorted(self.task.eval_stats_keys)
+        totals = self.backend.all_reduce_sum([sums.get(k, 0.0) for k in keys])
+        return self.task.finish_eval(dict(zip(keys, totals)))
 
     def _save_best(self) -> None:
         best = self.run_dir / "best"
@@ -300,9 +326,12 @@ class Trainer:
         ckpt.commit_dir(tmp, best)
 
     def save_checkpoint(self) -> None:
+        rng = self.backend.gather_object(ckpt.rng_state())
         if self.main:
             ckpt.save_checkpoint(self.ckpt_root, self.step, self.backend.unwrap(self.model), self.optimizer,
-                                 self.scheduler, self.state, self.cfg.trainer.keep_checkpoints)
+                                 self.scheduler, {**self.state, "world_size": self.backend.world_size}, rng,
+                                 self.cfg.trainer.keep_checkpoints)
+        self.backend.barrier()
 
     # ------------------------------------------------------------------ finish
     def finish(self, stopped_early: bool) -> Dict:

@@ -1,9 +1,10 @@
 """Backends: one file each; `build_backend` picks by name."""
 from distft.backends.base import Backend
+from distft.backends.ddp import DDPBackend
 from distft.backends.single import SingleBackend
 from distft.errors import ConfigError
 
-BACKENDS = {"single": SingleBackend}
+BACKENDS = {"single": SingleBackend, "ddp": DDPBackend}
 
 
 def build_backend(cfg) -> Backend:

@@ -19,7 +19,8 @@ class Backend:
     def wrap(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer):
         return model, optimizer
 
-    def backward(self, loss: torch.Tensor) -> None:
+    def backward(self, loss: torch.Tensor, sync: bool = True) -> None:
+        """`sync=False` on all but the last micro-batch of a step (no gradient exchange)."""
         loss.backward()
 
     def step(self, model, optimizer, max_grad_norm: float) -> float:
@@ -32,6 +33,19 @@ class Backend:
 
     def unwrap(self, model):
         return model
+
+    # Collectives; with one process they are the identity.
+    def all_reduce_sum(self, values: list[float]) -> list[float]:
+        return list(values)
+
+    def broadcast_object(self, obj):
+        return obj
+
+    def gather_object(self, obj) -> list:
+        return [obj]
+
+    def barrier(self) -> None:
+        pass
 
     def teardown(self) -> None:
         """Release process groups."""

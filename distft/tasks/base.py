@@ -22,6 +22,8 @@ class Task:
     model_inputs = ("input_ids", "attention_mask")
     # What `finish_eval` reports; task.metric must be one of them.
     metrics: tuple = ()
+    # The additive statistics `eval_stats` returns (summed over batches and processes).
+    eval_stats_keys: tuple = ("loss_sum", "correct", "count")
 
     def __init__(self, cfg, data_cfg, tokenizer):
         self.cfg = cfg

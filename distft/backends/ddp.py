@@ -1,0 +1,80 @@
+import os
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel
+
+from distft.backends.base import Backend
+from distft.errors import ConfigError
+
+
+class DDPBackend(Backend):
+    """torch DistributedDataParallel: every rank holds the whole model and a slice of each
+    global batch; gradients are averaged in backward. NCCL on GPU, gloo on CPU.
+    Started by a launcher: torchrun --nproc_per_node N -m distft.train backend=ddp ..."""
+
+    name = "ddp"
+
+    def __init__(self, cfg):
+        self.cfg = cfg
+        if not os.environ.get("WORLD_SIZE") or not os.environ.get("RANK"):
+            raise ConfigError(
+                "backend=ddp needs a launcher that sets RANK/WORLD_SIZE, e.g. "
+                "`torchrun --nproc_per_node 2 -m distft.train backend=ddp ...`"
+            )
+        self.rank = int(os.environ["RANK"])
+        self.world_size = int(os.environ["WORLD_SIZE"])
+        self.local_rank = int(os.environ.get("LOCAL_RANK", 0))
+        if torch.cuda.is_available():
+            self.device = torch.device("cuda", self.local_rank)
+            torch.cuda.set_device(self.device)
+        else:
+            self.device = torch.device("cpu")
+
+    def setup(self):
+        if not dist.is_initialized():
+            dist.init_process_group(
+                backend="nccl" if self.device.type == "cuda" else "gloo",
+                timeout=timedelta(minutes=self.cfg.timeout_minutes),
+            )
+
+    def wrap(self, model, optimizer):
+        ids = [self.local_rank] if self.device.type == "cuda" else None
+        self._model = DistributedDataParallel(model, device_ids=ids)
+        return self._model, optimizer
+
+    def backward(self, loss, sync=True):
+        # The loss is already divided by the target count of the whole global step, so the
+        # ranks' gradients must be summed; DDP averages them, hence the factor world_size.
+        if sync:
+            (loss * self.world_size).backward()
+        else:
+            with self._model.no_sync():
+                (loss * self.world_size).backward()
+
+    def unwrap(self, model):
+        return model.module if isinstance(model, DistributedDataParallel) else model
+
+    def all_reduce_sum(self, values):
+        t = torch.tensor(values, dtype=torch.float64, device=self.device)
+        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+        return t.tolist()
+
+    def broadcast_object(self, obj):
+        box = [obj]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
+
+    def gather_object(self, obj):
+        out = [None] * self.world_size
+        dist.all_gather_object(out, obj)
+        return out
+
+    def barrier(self):
+        dist.barrier()
+
+    def teardown(self):
+        if dist.is_initialized():
+            dist.barrier()
+            dist.destroy_process_group()

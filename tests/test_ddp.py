@@ -1,0 +1,114 @@
+"""DDP through the real torchrun launcher, 2 processes over gloo: the same losses and
+weights as one process with the same global batch, and SIGKILL + resume."""
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import ROOT, TINY, losses, read_metrics, run_cli
+
+pytestmark = pytest.mark.slow
+
+STEPS = 8
+COMMON = [*TINY, f"trainer.max_steps={STEPS}", "trainer.lr=3e-3", "trainer.eval_every=4", "trainer.save_every=2"]
+
+
+def torchrun_cmd(nproc, *args):
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+            "-m", "distft.train", *args]
+
+
+def children(pid):
+    out = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                stat = open(f"/proc/{entry}/stat").read()
+            except OSError:
+                continue
+            if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
+                out.append(int(entry))
+    return out
+
+
+def torchrun(nproc, *args):
+    proc = subprocess.run(torchrun_cmd(nproc, *args), cwd=ROOT, capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    return proc
+
+
+@pytest.mark.parametrize("strategy,weights", [("full", "model.safetensors"), ("lora", "adapter_model.safetensors")])
+def test_ddp_two_processes_match_one_process(tmp_path, strategy, weights):
+    one, two = tmp_path / "one", tmp_path / "two"
+    # No dropout: N processes draw other dropout masks than one process does.
+    extra = [f"strategy={strategy}"] + (["strategy.dropout=0.0"] if strategy == "lora" else [])
+    run_cli(*COMMON, *extra, "trainer.batch_size=8", f"run_dir={one}")
+    proc = torchrun(2, *COMMON, *extra, "backend=ddp", "trainer.batch_size=4", f"run_dir={two}")
+    assert proc.stdout.count("step 8: eval/") == 1, "only rank 0 reports"
+
+    ref, got = losses(one), losses(two)
+    assert sorted(got) == list(range(1, STEPS + 1))
+    for step in ref:
+        assert got[step] == pytest.approx(ref[step], rel=1e-4), f"step {step}"
+    ev_ref = [e["eval/loss"] for e in read_metrics(one) if "eval/loss" in e]
+    ev_got = [e["eval/loss"] for e in read_metrics(two) if "eval/loss" in e]
+    assert ev_got == pytest.approx(ev_ref, rel=1e-4)
+
+    a, b = load_file(str(one / "final" / weights)), load_file(str(two / "final" / weights))
+    assert a.keys() == b.keys() and a
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], rtol=1e-4, atol=1e-5, msg=k)
+
+
+def test_ddp_sigkill_then_resume(tmp_path):
+    overrides = [*COMMON, "trainer.max_steps=16", "model.dropout=0.1", "backend=ddp", "trainer.batch_size=4"]
+    ref_dir, cut_dir = tmp_path / "ref", tmp_path / "cut"
+    torchrun(2, *overrides, f"run_dir={ref_dir}")
+    reference = losses(ref_dir)
+
+    proc = subprocess.Popen(torchrun_cmd(2, *overrides, f"run_dir={cut_dir}"), cwd=ROOT, start_new_session=True,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    deadline = time.time() + 300
+    try:
+        while time.time() < deadline and proc.poll() is None:
+            if (cut_dir / "metrics.jsonl").exists() and any(e.get("step", 0) >= 7 for e in read_metrics(cut_dir)):
+                break
+            time.sleep(0.02)
+    finally:
+        # torchrun starts each worker in its own session: kill them by parent pid, then
+        # the launcher, as a node failure would.
+        for pid in children(proc.pid):
+            os.kill(pid, signal.SIGKILL)
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+    time.sleep(0.5)
+    assert not children(proc.pid)
+    assert not (cut_dir / "summary.json").exists()
+
+    torchrun(2, *overrides, f"run_dir={cut_dir}")
+    resumed = losses(cut_dir)
+    assert sorted(resumed) == list(range(1, 17))
+    for step in range(1, 17):
+        assert resumed[step] == pytest.approx(reference[step], rel=1e-5), f"step {step}"
+
+
+def test_resume_onto_another_process_count_is_refused(tmp_path):
+    run_dir = tmp_path / "run"
+    overrides = [*COMMON, "backend=ddp", "trainer.batch_size=4", "trainer.max_steps=2", f"run_dir={run_dir}"]
+    torchrun(2, *overrides)
+    (run_dir / "summary.json").unlink()  # pretend it was interrupted after its last checkpoint
+    proc = subprocess.run(torchrun_cmd(1, *overrides), cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 0
+    assert "was written by 2 process(es); resume it with 2" in proc.stderr
+
+
+def test_ddp_without_a_launcher_says_how_to_start_it(tmp_path):
+    proc = run_cli(f"run_dir={tmp_path / 'run'}", "backend=ddp", check=False,
+                   env={"WORLD_SIZE": "", "RANK": ""})
+    assert proc.returncode == 2 and "torchrun --nproc_per_node" in proc.stderr
