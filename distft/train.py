@@ -34,6 +34,8 @@ def _main(cfg: DictConfig) -> None:
     except DistftError as e:
         print(f"distft: error: {e}", file=sys.stderr)
         sys.exit(2)
+    if int(os.environ.get("RANK", "0") or 0) != 0:
+        return  # rank 0 reports for everyone
     metric = summary.get("metric")
     value = summary.get(f"eval/{metric}")
     print(

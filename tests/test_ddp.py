@@ -36,9 +36,11 @@ def children(pid):
     return out
 
 
-def torchrun(nproc, *args):
-    proc = subprocess.run(torchrun_cmd(nproc, *args), cwd=ROOT, capture_output=True, text=True, timeout=600,
-                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+def torchrun(nproc, *args, script=False):
+    """Run torchrun directly, or through launch/torchrun.sh as a user would."""
+    cmd = ["bash", "launch/torchrun.sh", *args] if script else torchrun_cmd(nproc, *args)
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "OMP_NUM_THREADS": "1", "NPROC": str(nproc), "PYTHON": sys.executable})
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     return proc
 
@@ -49,8 +51,9 @@ def test_ddp_two_processes_match_one_process(tmp_path, strategy, weights):
     # No dropout: N processes draw other dropout masks than one process does.
     extra = [f"strategy={strategy}"] + (["strategy.dropout=0.0"] if strategy == "lora" else [])
     run_cli(*COMMON, *extra, "trainer.batch_size=8", f"run_dir={one}")
-    proc = torchrun(2, *COMMON, *extra, "backend=ddp", "trainer.batch_size=4", f"run_dir={two}")
+    proc = torchrun(2, *COMMON, *extra, "backend=ddp", "trainer.batch_size=4", f"run_dir={two}", script=True)
     assert proc.stdout.count("step 8: eval/") == 1, "only rank 0 reports"
+    assert proc.stdout.count("done: 8 steps") == 1
 
     ref, got = losses(one), losses(two)
     assert sorted(got) == list(range(1, STEPS + 1))
