@@ -1,8 +1,8 @@
 """Resumable checkpoints, written atomically.
 
 checkpoints/step-N/
-  weights.safetensors   the trainable parameters (the frozen ones are rebuilt from the
-                        model config and seed, so an adapter run stays small)
+  weights.safetensors   the trainable parameters, whole (the frozen ones are rebuilt
+                        from the model config and seed, so an adapter run stays small)
   optimizer.pt          optimizer + scheduler state (tensors and numbers only; loaded
                         with weights_only=True, so nothing arbitrary is unpickled)
   rng.safetensors       torch CPU (and CUDA) generator states
@@ -29,25 +29,6 @@ from safetensors.torch import load_file, save_file
 from distft.errors import ConfigError
 
 _STEP_DIR = re.compile(r"^step-(\d+)$")
-
-
-def trainable_state(model: torch.nn.Module) -> Dict[str, torch.Tensor]:
-    return {n: p.detach().cpu().contiguous() for n, p in model.named_parameters() if p.requires_grad}
-
-
-def load_trainable_state(model: torch.nn.Module, path: Path) -> None:
-    state = load_file(str(path))
-    params = dict(model.named_parameters())
-    expected = {n for n, p in params.items() if p.requires_grad}
-    if set(state) != expected:
-        missing, extra = sorted(expected - set(state))[:3], sorted(set(state) - expected)[:3]
-        raise ConfigError(
-            f"{path}: the checkpoint does not match this run's trainable parameters "
-            f"(missing {missing}, unexpected {extra}); was it written with another model or strategy?"
-        )
-    with torch.no_grad():
-        for name, tensor in state.items():
-            params[name].copy_(tensor)
 
 
 def rng_state() -> Dict[str, torch.Tensor]:
@@ -103,12 +84,12 @@ def commit_dir(tmp: Path, final: Path) -> None:
         tmp.rename(final)
 
 
-def save_checkpoint(ckpt_root: Path, step: int, model, optimizer, scheduler, state: Dict,
-                    rng_per_rank: List[Dict[str, torch.Tensor]], keep: int) -> Path:
+def save_checkpoint(ckpt_root: Path, step: int, weights: Dict[str, torch.Tensor], optimizer: Dict,
+                    scheduler: Dict, state: Dict, rng_per_rank: List[Dict[str, torch.Tensor]], keep: int) -> Path:
     final = ckpt_root / f"step-{step}"
     tmp = atomic_dir(final)
-    save_file(trainable_state(model), str(tmp / "weights.safetensors"))
-    torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}, tmp / "optimizer.pt")
+    save_file(weights, str(tmp / "weights.safetensors"))
+    torch.save({"optimizer": optimizer, "scheduler": scheduler}, tmp / "optimizer.pt")
     rng = {f"rank{r}.{k}": v for r, states in enumerate(rng_per_rank) for k, v in states.items()}
     save_file(rng, str(tmp / "rng.safetensors"))
     (tmp / "state.json").write_text(json.dumps({**state, "step": step, "rng": _py_np_rng()}))
@@ -148,7 +129,9 @@ def find_resume_checkpoint(resume: str, ckpt_root: Path) -> Optional[Path]:
     return path
 
 
-def load_checkpoint(path: Path, model, optimizer, scheduler, rank: int = 0, world_size: int = 1) -> Dict:
+def read_checkpoint(path: Path, rank: int = 0, world_size: int = 1):
+    """(weights, optimizer state, scheduler state, trainer state) of a checkpoint; restores
+    this process's RNG states."""
     state = json.loads((path / "state.json").read_text())
     written_by = state.pop("world_size", 1)
     if written_by != world_size:
@@ -158,11 +141,9 @@ def load_checkpoint(path: Path, model, optimizer, scheduler, rank: int = 0, worl
             f"{path} was written by {written_by} process(es); resume it with {written_by} "
             f"(this run has {world_size}), or set trainer.batch_size so the global batch matches and start fresh"
         )
-    load_trainable_state(model, path / "weights.safetensors")
+    weights = load_file(str(path / "weights.safetensors"))
     opt = torch.load(path / "optimizer.pt", map_location="cpu", weights_only=True)
-    optimizer.load_state_dict(opt["optimizer"])
-    scheduler.load_state_dict(opt["scheduler"])
     prefix = f"rank{rank}."
     rng = {k[len(prefix):]: v for k, v in load_file(str(path / "rng.safetensors")).items() if k.startswith(prefix)}
     _restore_rng(rng, state.pop("rng"))
-    return state
+    return weights, opt["optimizer"], opt["scheduler"], state

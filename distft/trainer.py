@@ -18,7 +18,7 @@ from typing import Dict, Iterator, List, Optional
 import numpy as np
 import torch
 from omegaconf import OmegaConf
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from distft import checkpoint as ckpt
@@ -172,19 +172,21 @@ class Trainer:
                                     self.backend.rank, self.backend.world_size)
         steps_per_epoch = math.ceil(self.batches.per_epoch / t.grad_accum)
         self.max_steps = t.max_steps if t.max_steps > 0 else max(1, math.ceil(t.epochs * steps_per_epoch))
-        optimizer = torch.optim.AdamW(
-            _param_groups(model, t.weight_decay), lr=t.lr, betas=tuple(t.adam_betas), eps=t.adam_eps
-        )
-        self.scheduler = _scheduler(optimizer, t, self.max_steps)
-        self.model, self.optimizer = self.backend.wrap(model, optimizer)
+        self.model, self.optimizer = self.backend.wrap(model, lambda m: torch.optim.AdamW(
+            _param_groups(m, t.weight_decay), lr=t.lr, betas=tuple(t.adam_betas), eps=t.adam_eps))
+        self.scheduler = _scheduler(self.optimizer, t, self.max_steps)
 
         # Where we are: a fresh start or a checkpoint.
         self.state = {"epoch": 0, "batch": 0, "best_metric": None, "best_step": None, "bad_evals": 0,
                       "tokens": 0, "train_seconds": 0.0}
         self.step = 0
         if resume_from is not None:
-            self.state.update(ckpt.load_checkpoint(resume_from, self.backend.unwrap(self.model), self.optimizer,
-                                                   self.scheduler, self.backend.rank, self.backend.world_size))
+            weights, optim, sched, state = ckpt.read_checkpoint(resume_from, self.backend.rank,
+                                                                self.backend.world_size)
+            self.backend.load_trainable_state(self.model, weights, str(resume_from))
+            self.backend.load_optimizer_state(self.model, self.optimizer, optim)
+            self.scheduler.load_state_dict(sched)
+            self.state.update(state)
             self.step = self.state.pop("step")
             log.info("resumed from %s (step %d)", resume_from, self.step)
         self.metrics = MetricsLogger(
@@ -291,8 +293,7 @@ class Trainer:
         sign = 1.0 if self.cfg.task.greater_is_better else -1.0
         if best is None or sign * (value - best) > t.early_stopping.min_delta:
             self.state.update(best_metric=value, best_step=self.step, bad_evals=0)
-            if self.main:
-                self._save_best()
+            self._save_best()
             return False
         self.state["bad_evals"] += 1
         patience = t.early_stopping.patience
@@ -319,17 +320,31 @@ class Trainer:
         return self.task.finish_eval(dict(zip(keys, totals)))
 
     def _save_best(self) -> None:
-        best = self.run_dir / "best"
-        tmp = ckpt.atomic_dir(best)
-        save_file(ckpt.trainable_state(self.backend.unwrap(self.model)), str(tmp / "weights.safetensors"))
-        (tmp / "state.json").write_text(json.dumps({"step": self.step, "metric": self.state["best_metric"]}))
-        ckpt.commit_dir(tmp, best)
+        weights = self.backend.trainable_state(self.model)  # every rank: may gather shards
+        if self.main:
+            best = self.run_dir / "best"
+            tmp = ckpt.atomic_dir(best)
+            save_file(weights, str(tmp / "weights.safetensors"))
+            (tmp / "state.json").write_text(json.dumps({"step": self.step, "metric": self.state["best_metric"]}))
+            ckpt.commit_dir(tmp, best)
+
+    def _unsharded_replica(self, full_state: Dict[str, torch.Tensor]):
+        """A plain copy of the trained model, for exporting from a sharding backend: the
+        same loader and strategy (deterministic), then the gathered weights."""
+        cfg = self.cfg
+        replica = load_model(cfg.model, cfg.task.name, self.tokenizer, self.num_labels, seed=cfg.seed)
+        replica = build_strategy(cfg.strategy).apply(replica, TaskInfo(cfg.task.name, self.num_labels))
+        replica.load_state_dict(full_state)
+        return replica
 
     def save_checkpoint(self) -> None:
+        # Gathering is collective: every rank takes part, rank 0 writes.
         rng = self.backend.gather_object(ckpt.rng_state())
+        weights = self.backend.trainable_state(self.model)
+        optim = self.backend.optimizer_state(self.model, self.optimizer)
         if self.main:
-            ckpt.save_checkpoint(self.ckpt_root, self.step, self.backend.unwrap(self.model), self.optimizer,
-                                 self.scheduler, {**self.state, "world_size": self.backend.world_size}, rng,
+            ckpt.save_checkpoint(self.ckpt_root, self.step, weights, optim, self.scheduler.state_dict(),
+                                 {**self.state, "world_size": self.backend.world_size}, rng,
                                  self.cfg.trainer.keep_checkpoints)
         self.backend.barrier()
 
@@ -343,11 +358,15 @@ class Trainer:
             final_metrics = self.evaluate() if self.val_examples else {}
         exported_step = self.step
         if cfg.trainer.export_best and (self.run_dir / "best").is_dir() and self.state["best_step"] != self.step:
-            ckpt.load_trainable_state(model, self.run_dir / "best" / "weights.safetensors")
+            best = self.run_dir / "best" / "weights.safetensors"
+            self.backend.load_trainable_state(self.model, load_file(str(best)), str(best))
             exported_step = self.state["best_step"]
             final_metrics = self.evaluate()
         out = self.run_dir / "final"
+        full_state = self.backend.export_state_dict(self.model)  # every rank: may gather shards
         if self.main:
+            if full_state is not None:
+                model = self._unsharded_replica(full_state)
             tmp = ckpt.atomic_dir(out)
             model.eval()
             for folder in self.strategy.export(model, str(tmp), self.base_dir):

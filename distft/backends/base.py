@@ -1,7 +1,21 @@
 """How work is spread over processes. The loop talks only to this interface."""
 from __future__ import annotations
 
+from typing import Callable, Dict, Optional
+
 import torch
+
+from distft.errors import ConfigError
+
+
+def check_names(params: Dict, state: Dict, source: str) -> None:
+    expected = {n for n, p in params.items() if p.requires_grad}
+    if set(state) != expected:
+        missing, extra = sorted(expected - set(state))[:3], sorted(set(state) - expected)[:3]
+        raise ConfigError(
+            f"{source}: the checkpoint does not match this run's trainable parameters "
+            f"(missing {missing}, unexpected {extra}); was it written with another model or strategy?"
+        )
 
 
 class Backend:
@@ -16,8 +30,10 @@ class Backend:
     def setup(self) -> None:
         """Start process groups etc. Called before any model is built."""
 
-    def wrap(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer):
-        return model, optimizer
+    def wrap(self, model: torch.nn.Module, make_optimizer: Callable[[torch.nn.Module], torch.optim.Optimizer]):
+        """Prepare the model for this backend, then build its optimizer (after wrapping:
+        a sharding backend replaces the parameters the optimizer must hold)."""
+        return model, make_optimizer(model)
 
     def backward(self, loss: torch.Tensor, sync: bool = True) -> None:
         """`sync=False` on all but the last micro-batch of a step (no gradient exchange)."""
@@ -33,6 +49,28 @@ class Backend:
 
     def unwrap(self, model):
         return model
+
+    # State, gathered whole. Every rank calls these (a sharding backend gathers with
+    # collectives); the results are complete CPU tensors with the model's own names.
+    def trainable_state(self, model) -> Dict[str, torch.Tensor]:
+        return {n: p.detach().cpu().contiguous() for n, p in self.unwrap(model).named_parameters() if p.requires_grad}
+
+    def load_trainable_state(self, model, state: Dict[str, torch.Tensor], source: str) -> None:
+        params = dict(self.unwrap(model).named_parameters())
+        check_names(params, state, source)
+        with torch.no_grad():
+            for name, tensor in state.items():
+                params[name].copy_(tensor)
+
+    def optimizer_state(self, model, optimizer) -> Dict:
+        return optimizer.state_dict()
+
+    def load_optimizer_state(self, model, optimizer, state: Dict) -> None:
+        optimizer.load_state_dict(state)
+
+    def export_state_dict(self, model) -> Optional[Dict[str, torch.Tensor]]:
+        """The full state dict to export from, or None when the model's own is complete."""
+        return None
 
     # Collectives; with one process they are the identity.
     def all_reduce_sum(self, values: list[float]) -> list[float]:

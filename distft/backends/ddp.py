@@ -39,10 +39,10 @@ class DDPBackend(Backend):
                 timeout=timedelta(minutes=self.cfg.timeout_minutes),
             )
 
-    def wrap(self, model, optimizer):
+    def wrap(self, model, make_optimizer):
         ids = [self.local_rank] if self.device.type == "cuda" else None
         self._model = DistributedDataParallel(model, device_ids=ids)
-        return self._model, optimizer
+        return self._model, make_optimizer(model)
 
     def backward(self, loss, sync=True):
         # The loss is already divided by the target count of the whole global step, so the
