@@ -101,6 +101,7 @@ class PartialStrategyConfig(StrategyConfig):
 class BackendConfig:
     name: str = "single"
     timeout_minutes: int = 30  # collective timeout (process group)
+    activation_checkpointing: bool = False  # fsdp: recompute each block's activations in backward
 
 
 @dataclass

@@ -112,7 +112,7 @@ class Trainer:
         check_config(cfg)
         if t.threads:
             torch.set_num_threads(t.threads)
-        self.backend = build_backend(cfg.backend)
+        self.backend = build_backend(cfg.backend, t.precision)
         self.backend.setup()
         self.device = self.backend.device
         self.main = self.backend.is_main

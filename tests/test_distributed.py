@@ -1,5 +1,6 @@
-"""DDP through the real torchrun launcher, 2 processes over gloo: the same losses and
-weights as one process with the same global batch, and SIGKILL + resume."""
+"""DDP and FSDP2 through the real torchrun launcher, 2 processes over gloo: the same
+losses and exported weights as one process with the same global batch (so a LoRA adapter
+saved under FSDP is complete), and SIGKILL + resume."""
 import os
 import signal
 import subprocess
@@ -45,13 +46,17 @@ def torchrun(nproc, *args, script=False):
     return proc
 
 
+BACKENDS = ["ddp", "fsdp"]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("strategy,weights", [("full", "model.safetensors"), ("lora", "adapter_model.safetensors")])
-def test_ddp_two_processes_match_one_process(tmp_path, strategy, weights):
+def test_two_processes_match_one_process(tmp_path, backend, strategy, weights):
     one, two = tmp_path / "one", tmp_path / "two"
     # No dropout: N processes draw other dropout masks than one process does.
     extra = [f"strategy={strategy}"] + (["strategy.dropout=0.0"] if strategy == "lora" else [])
     run_cli(*COMMON, *extra, "trainer.batch_size=8", f"run_dir={one}")
-    proc = torchrun(2, *COMMON, *extra, "backend=ddp", "trainer.batch_size=4", f"run_dir={two}", script=True)
+    proc = torchrun(2, *COMMON, *extra, f"backend={backend}", "trainer.batch_size=4", f"run_dir={two}", script=True)
     assert proc.stdout.count("step 8: eval/") == 1, "only rank 0 reports"
     assert proc.stdout.count("done: 8 steps") == 1
 
@@ -69,8 +74,10 @@ def test_ddp_two_processes_match_one_process(tmp_path, strategy, weights):
         torch.testing.assert_close(b[k], a[k], rtol=1e-4, atol=1e-5, msg=k)
 
 
-def test_ddp_sigkill_then_resume(tmp_path):
-    overrides = [*COMMON, "trainer.max_steps=16", "model.dropout=0.1", "backend=ddp", "trainer.batch_size=4"]
+@pytest.mark.parametrize("backend,strategy", [("ddp", "full"), ("fsdp", "lora")])
+def test_sigkill_then_resume(tmp_path, backend, strategy):
+    overrides = [*COMMON, "trainer.max_steps=16", "model.dropout=0.1", f"backend={backend}",
+                 f"strategy={strategy}", "trainer.batch_size=4"]
     ref_dir, cut_dir = tmp_path / "ref", tmp_path / "cut"
     torchrun(2, *overrides, f"run_dir={ref_dir}")
     reference = losses(ref_dir)

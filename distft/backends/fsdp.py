@@ -1,0 +1,89 @@
+import torch
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_optimizer_state_dict,
+    set_model_state_dict,
+    set_optimizer_state_dict,
+)
+from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+from torch.distributed.tensor import DTensor
+
+from distft.backends.base import check_names
+from distft.backends.ddp import DDPBackend
+from distft.errors import ConfigError
+from distft.strategies.base import find_layer_stack
+
+_GATHER = StateDictOptions(full_state_dict=True, cpu_offload=True)
+_SCATTER = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True, strict=False)
+
+
+class FSDPBackend(DDPBackend):
+    """FSDP2 (`fully_shard`): parameters, gradients and optimizer state sharded across
+    ranks, one shard group per transformer block plus the root. bf16 compute with fp32
+    gradient reduction on GPU when trainer.precision=bf16. Whole state dicts are gathered
+    to rank 0 for checkpoints and export, so an adapter is always saved complete."""
+
+    name = "fsdp"
+
+    def __init__(self, cfg, precision: str = "fp32"):
+        super().__init__(cfg)
+        self.precision = precision
+
+    def wrap(self, model, make_optimizer):
+        mp = None
+        if self.device.type == "cuda" and self.precision == "bf16":
+            mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+        kwargs = {"mp_policy": mp} if mp is not None else {}
+        try:
+            blocks = list(find_layer_stack(getattr(model, "backbone", model)))
+        except ConfigError:
+            blocks = []  # no block list found: the root alone is one shard group
+        for block in blocks:
+            if self.cfg.activation_checkpointing:
+                from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import apply_activation_checkpointing
+
+                apply_activation_checkpointing(block)
+            fully_shard(block, **kwargs)
+        fully_shard(model, **kwargs)
+        self._model = model
+        return model, make_optimizer(model)
+
+    def backward(self, loss, sync=True):
+        # FSDP averages the reduce-scattered gradients; the loss is normalised by the global
+        # target count, so undo the average as DDP does.
+        self._model.set_requires_gradient_sync(sync)
+        (loss * self.world_size).backward()
+
+    def step(self, model, optimizer, max_grad_norm):
+        params = [p for p in model.parameters() if p.requires_grad]
+        norm = torch.nn.utils.clip_grad_norm_(params, max_grad_norm if max_grad_norm > 0 else float("inf"))
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return float(norm.full_tensor() if isinstance(norm, DTensor) else norm)
+
+    def unwrap(self, model):
+        return model  # fully_shard changes the model in place; names stay the same
+
+    def _trainable_names(self, model):
+        return {n for n, p in model.named_parameters() if p.requires_grad}
+
+    def trainable_state(self, model):
+        names = self._trainable_names(model)
+        full = get_model_state_dict(model, options=_GATHER)  # rank 0 gets the tensors
+        return {k: v.contiguous() for k, v in full.items() if k in names}
+
+    def load_trainable_state(self, model, state, source):
+        check_names(dict(model.named_parameters()), state, source)
+        model.reshard()  # a full state cannot be scattered onto unsharded (post-forward) params
+        set_model_state_dict(model, state if self.is_main else {}, options=_SCATTER)
+
+    def optimizer_state(self, model, optimizer):
+        return get_optimizer_state_dict(model, optimizer, options=_GATHER)
+
+    def load_optimizer_state(self, model, optimizer, state):
+        set_optimizer_state_dict(model, optimizer, optim_state_dict=state if self.is_main else {},
+                                 options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
+
+    def export_state_dict(self, model):
+        return get_model_state_dict(model, options=_GATHER)
