@@ -63,7 +63,9 @@ def _restore_rng(rng: Dict[str, torch.Tensor], py_np: Dict) -> None:
 
 def atomic_dir(final: Path):
     """A temporary sibling folder to write into; `commit_dir` renames it into place."""
-    tmp = final.parent / f".tmp-{final.name}-{os.getpid()}"
+    # One writer per run_dir (rank 0), so the name needs no pid; every rank of a sharding
+    # backend can find it to add its own shard.
+    tmp = final.parent / f".tmp-{final.name}"
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir(parents=True)
@@ -71,7 +73,7 @@ def atomic_dir(final: Path):
 
 
 def commit_dir(tmp: Path, final: Path) -> None:
-    for f in tmp.iterdir():
+    for f in tmp.rglob("*"):
         if f.is_file():
             with open(f, "rb") as fh:
                 os.fsync(fh.fileno())
@@ -84,18 +86,28 @@ def commit_dir(tmp: Path, final: Path) -> None:
         tmp.rename(final)
 
 
-def save_checkpoint(ckpt_root: Path, step: int, weights: Dict[str, torch.Tensor], optimizer: Dict,
-                    scheduler: Dict, state: Dict, rng_per_rank: List[Dict[str, torch.Tensor]], keep: int) -> Path:
+def checkpoint_dirs(ckpt_root: Path, step: int) -> tuple[Path, Path]:
+    """(temporary, final) folder of the checkpoint at `step`."""
     final = ckpt_root / f"step-{step}"
-    tmp = atomic_dir(final)
+    return final.parent / f".tmp-{final.name}", final
+
+
+def write_checkpoint(tmp: Path, final: Path, weights: Dict[str, torch.Tensor], optimizer: Optional[Dict],
+                     scheduler: Dict, state: Dict, rng_per_rank: List[Dict[str, torch.Tensor]], keep: int) -> Path:
+    """Write rank 0's files into `tmp` (shards of other ranks may already be there), then
+    rename it to `final` and drop checkpoints beyond the newest `keep`."""
     save_file(weights, str(tmp / "weights.safetensors"))
     torch.save({"optimizer": optimizer, "scheduler": scheduler}, tmp / "optimizer.pt")
     rng = {f"rank{r}.{k}": v for r, states in enumerate(rng_per_rank) for k, v in states.items()}
     save_file(rng, str(tmp / "rng.safetensors"))
-    (tmp / "state.json").write_text(json.dumps({**state, "step": step, "rng": _py_np_rng()}))
+    (tmp / "state.json").write_text(json.dumps({**state, "step": final_step(final), "rng": _py_np_rng()}))
     commit_dir(tmp, final)
-    _rotate(ckpt_root, keep)
+    _rotate(final.parent, keep)
     return final
+
+
+def final_step(final: Path) -> int:
+    return int(_STEP_DIR.match(final.name).group(1))
 
 
 def _rotate(ckpt_root: Path, keep: int) -> None:

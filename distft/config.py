@@ -102,6 +102,11 @@ class BackendConfig:
     name: str = "single"
     timeout_minutes: int = 30  # collective timeout (process group)
     activation_checkpointing: bool = False  # fsdp: recompute each block's activations in backward
+    # DeepSpeed ZeRO (backend=zero1|zero2|zero3)
+    stage: int = 0
+    offload_optimizer: bool = False
+    offload_param: bool = False  # stage 3 only
+    config_file: Optional[str] = None  # a DeepSpeed JSON; batch/accumulation/clipping come from distft
 
 
 @dataclass

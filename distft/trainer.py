@@ -112,7 +112,7 @@ class Trainer:
         check_config(cfg)
         if t.threads:
             torch.set_num_threads(t.threads)
-        self.backend = build_backend(cfg.backend, t.precision)
+        self.backend = build_backend(cfg.backend, t)
         self.backend.setup()
         self.device = self.backend.device
         self.main = self.backend.is_main
@@ -174,7 +174,7 @@ class Trainer:
         self.max_steps = t.max_steps if t.max_steps > 0 else max(1, math.ceil(t.epochs * steps_per_epoch))
         self.model, self.optimizer = self.backend.wrap(model, lambda m: torch.optim.AdamW(
             _param_groups(m, t.weight_decay), lr=t.lr, betas=tuple(t.adam_betas), eps=t.adam_eps))
-        self.scheduler = _scheduler(self.optimizer, t, self.max_steps)
+        self.scheduler = _scheduler(self.backend.scheduled_optimizer(self.optimizer), t, self.max_steps)
 
         # Where we are: a fresh start or a checkpoint.
         self.state = {"epoch": 0, "batch": 0, "best_metric": None, "best_step": None, "bad_evals": 0,
@@ -183,8 +183,10 @@ class Trainer:
         if resume_from is not None:
             weights, optim, sched, state = ckpt.read_checkpoint(resume_from, self.backend.rank,
                                                                 self.backend.world_size)
+            self.backend.load_sharded_state(self.model, resume_from)
             self.backend.load_trainable_state(self.model, weights, str(resume_from))
-            self.backend.load_optimizer_state(self.model, self.optimizer, optim)
+            if optim is not None:
+                self.backend.load_optimizer_state(self.model, self.optimizer, optim)
             self.scheduler.load_state_dict(sched)
             self.state.update(state)
             self.step = self.state.pop("step")
@@ -338,14 +340,21 @@ class Trainer:
         return replica
 
     def save_checkpoint(self) -> None:
-        # Gathering is collective: every rank takes part, rank 0 writes.
+        """Every rank takes part (gathering is collective, a sharding backend adds its own
+        files); rank 0 writes the rest and renames the folder into place."""
+        tmp, final = ckpt.checkpoint_dirs(self.ckpt_root, self.step)
+        if self.main:
+            ckpt.atomic_dir(final)
+        self.backend.barrier()
         rng = self.backend.gather_object(ckpt.rng_state())
         weights = self.backend.trainable_state(self.model)
         optim = self.backend.optimizer_state(self.model, self.optimizer)
+        self.backend.save_sharded_state(self.model, tmp)
+        self.backend.barrier()
         if self.main:
-            ckpt.save_checkpoint(self.ckpt_root, self.step, weights, optim, self.scheduler.state_dict(),
-                                 {**self.state, "world_size": self.backend.world_size}, rng,
-                                 self.cfg.trainer.keep_checkpoints)
+            ckpt.write_checkpoint(tmp, final, weights, optim, self.scheduler.state_dict(),
+                                  {**self.state, "world_size": self.backend.world_size}, rng,
+                                  self.cfg.trainer.keep_checkpoints)
         self.backend.barrier()
 
     # ------------------------------------------------------------------ finish

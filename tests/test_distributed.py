@@ -1,4 +1,4 @@
-"""DDP and FSDP2 through the real torchrun launcher, 2 processes over gloo: the same
+"""DDP, FSDP2 and DeepSpeed ZeRO 1/2/3 through the real torchrun launcher, 2 processes over gloo: the same
 losses and exported weights as one process with the same global batch (so a LoRA adapter
 saved under FSDP is complete), and SIGKILL + resume."""
 import os
@@ -46,7 +46,7 @@ def torchrun(nproc, *args, script=False):
     return proc
 
 
-BACKENDS = ["ddp", "fsdp"]
+BACKENDS = ["ddp", "fsdp", "zero1", "zero2", "zero3"]
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -74,7 +74,7 @@ def test_two_processes_match_one_process(tmp_path, backend, strategy, weights):
         torch.testing.assert_close(b[k], a[k], rtol=1e-4, atol=1e-5, msg=k)
 
 
-@pytest.mark.parametrize("backend,strategy", [("ddp", "full"), ("fsdp", "lora")])
+@pytest.mark.parametrize("backend,strategy", [("ddp", "full"), ("fsdp", "lora"), ("zero3", "lora"), ("zero2", "full")])
 def test_sigkill_then_resume(tmp_path, backend, strategy):
     overrides = [*COMMON, "trainer.max_steps=16", "model.dropout=0.1", f"backend={backend}",
                  f"strategy={strategy}", "trainer.batch_size=4"]

@@ -8,11 +8,15 @@ from distft.errors import ConfigError
 BACKENDS = {"single": SingleBackend, "ddp": DDPBackend, "fsdp": FSDPBackend}
 
 
-def build_backend(cfg, precision: str = "fp32") -> Backend:
+def build_backend(cfg, trainer_cfg) -> Backend:
+    if cfg.name in ("zero1", "zero2", "zero3"):
+        from distft.backends.zero import ZeroBackend  # deepspeed is an optional extra
+
+        return ZeroBackend(cfg, trainer_cfg)
     cls = BACKENDS.get(cfg.name)
     if cls is None:
-        raise ConfigError(f"backend={cfg.name!r} is unknown; available: {sorted(BACKENDS)}")
-    return cls(cfg, precision) if cls is FSDPBackend else cls(cfg)
+        raise ConfigError(f"backend={cfg.name!r} is unknown; available: {sorted(BACKENDS) + ['zero1', 'zero2', 'zero3']}")
+    return cls(cfg, trainer_cfg.precision) if cls is FSDPBackend else cls(cfg)
 
 
 __all__ = ["BACKENDS", "Backend", "build_backend"]

@@ -35,6 +35,10 @@ class Backend:
         a sharding backend replaces the parameters the optimizer must hold)."""
         return model, make_optimizer(model)
 
+    def scheduled_optimizer(self, optimizer):
+        """The torch optimizer whose learning rate the schedule sets."""
+        return optimizer
+
     def backward(self, loss: torch.Tensor, sync: bool = True) -> None:
         """`sync=False` on all but the last micro-batch of a step (no gradient exchange)."""
         loss.backward()
@@ -67,6 +71,13 @@ class Backend:
 
     def load_optimizer_state(self, model, optimizer, state: Dict) -> None:
         optimizer.load_state_dict(state)
+
+    def save_sharded_state(self, model, folder) -> None:
+        """Write this rank's own share of the state into the checkpoint folder (a backend
+        whose optimizer state is partitioned keeps it this way; `optimizer_state` is then None)."""
+
+    def load_sharded_state(self, model, folder) -> None:
+        """Read back what `save_sharded_state` wrote."""
 
     def export_state_dict(self, model) -> Optional[Dict[str, torch.Tensor]]:
         """The full state dict to export from, or None when the model's own is complete."""

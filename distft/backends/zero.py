@@ -1,0 +1,151 @@
+import json
+import os
+from pathlib import Path
+
+import torch
+
+from distft.backends.base import check_names
+from distft.backends.ddp import DDPBackend
+from distft.errors import ConfigError
+
+_TAG = "zero"  # DeepSpeed's sub-folder inside a distft checkpoint
+
+
+class ZeroBackend(DDPBackend):
+    """DeepSpeed ZeRO stage 1/2/3 (optimizer state / + gradients / + parameters
+    partitioned), with optional CPU offload. The DeepSpeed config is generated from the
+    distft config (micro-batch, accumulation, clipping, bf16), or read from
+    backend.config_file with those keys filled in. On CPU DeepSpeed runs with its CPU
+    accelerator over gloo and our torch AdamW (its fused optimizers need CUDA)."""
+
+    def __init__(self, cfg, trainer_cfg):
+        super().__init__(cfg)
+        if cfg.stage not in (1, 2, 3):
+            raise ConfigError(f"backend.stage={cfg.stage}: ZeRO stages are 1, 2 and 3")
+        if cfg.offload_param and cfg.stage != 3:
+            raise ConfigError("backend.offload_param needs ZeRO stage 3 (backend=zero3)")
+        self.name = f"zero{cfg.stage}"
+        self.trainer_cfg = trainer_cfg
+
+    def setup(self):
+        import deepspeed
+
+        if self.device.type == "cpu":
+            os.environ.setdefault("DS_ACCELERATOR", "cpu")
+        from datetime import timedelta
+
+        deepspeed.init_distributed(dist_backend="nccl" if self.device.type == "cuda" else "gloo",
+                                   timeout=timedelta(minutes=self.cfg.timeout_minutes))
+
+    def ds_config(self) -> dict:
+        t = self.trainer_cfg
+        config = {}
+        if self.cfg.config_file:
+            path = Path(self.cfg.config_file)
+            if not path.is_file():
+                raise ConfigError(f"backend.config_file={path}: file not found")
+            try:
+                config = json.loads(path.read_text())
+            except json.JSONDecodeError as e:
+                raise ConfigError(f"{path}:{e.lineno}: not valid JSON ({e.msg})") from None
+        # The batch geometry and clipping come from the distft config, so the loop and
+        # DeepSpeed agree on where an optimizer step ends.
+        for key, value in (("train_micro_batch_size_per_gpu", t.batch_size),
+                           ("gradient_accumulation_steps", t.grad_accum)):
+            if key in config and config[key] not in (value, "auto"):
+                raise ConfigError(f"{path}: {key}={config[key]} disagrees with the distft config ({value}); "
+                                  "drop it from the JSON or set it to \"auto\"")
+            config[key] = value
+        config.pop("train_batch_size", None)
+        config["gradient_clipping"] = t.max_grad_norm if t.max_grad_norm > 0 else 0.0
+        zero = config.setdefault("zero_optimization", {})
+        zero["stage"] = self.cfg.stage
+        if self.cfg.offload_optimizer:
+            zero["offload_optimizer"] = {"device": "cpu"}
+        if self.cfg.offload_param:
+            zero["offload_param"] = {"device": "cpu"}
+        config.setdefault("bf16", {})["enabled"] = t.precision == "bf16"
+        config["zero_allow_untested_optimizer"] = True  # our torch AdamW
+        config.setdefault("steps_per_print", 1 << 30)
+        return config
+
+    def wrap(self, model, make_optimizer):
+        import deepspeed
+
+        if self.cfg.offload_optimizer:
+            # DeepSpeed's CPU offload steps the optimizer on the CPU with its own Adam.
+            optimizer = None
+            config = self.ds_config()
+            config["optimizer"] = {"type": "AdamW", "params": {"lr": self.trainer_cfg.lr,
+                                                               "weight_decay": self.trainer_cfg.weight_decay}}
+        else:
+            optimizer, config = make_optimizer(model), self.ds_config()
+        params = [p for p in model.parameters() if p.requires_grad] if optimizer is None else None
+        self.engine, ds_optimizer, _, _ = deepspeed.initialize(
+            model=model, optimizer=optimizer, model_parameters=params, config=config, dist_init_required=False)
+        return self.engine, ds_optimizer
+
+    def scheduled_optimizer(self, optimizer):
+        # A ZeRO optimizer wraps the torch optimizer and shares its param_groups.
+        return optimizer.optimizer
+
+    def backward(self, loss, sync=True):
+        # The loss is normalised by the global target count: no further division by the
+        # accumulation steps, and DeepSpeed's average over ranks is undone.
+        self.engine.backward(loss * self.world_size, scale_wrt_gas=False)
+        self.engine.step()  # DeepSpeed steps the optimizer only at the accumulation boundary
+
+    def step(self, model, optimizer, max_grad_norm):
+        norm = self.engine.get_global_grad_norm()
+        return float(norm) if norm is not None else float("nan")
+
+    def unwrap(self, model):
+        return self.engine.module
+
+    def _trainable(self):
+        return [(n, p) for n, p in self.engine.module.named_parameters() if p.requires_grad]
+
+    def trainable_state(self, model):
+        import deepspeed
+
+        named = self._trainable()
+        # Stage 3 keeps a shard of each parameter per rank: gather the whole before copying
+        # (an adapter saved from shards would be empty or one rank's part).
+        with deepspeed.zero.GatheredParameters([p for _, p in named], modifier_rank=None,
+                                               enabled=self.cfg.stage == 3):
+            return {n: p.detach().cpu().clone().contiguous() for n, p in named}
+
+    def load_trainable_state(self, model, state, source):
+        import deepspeed
+
+        named = dict(self._trainable())
+        check_names(dict(self.engine.module.named_parameters()), state, source)
+        with deepspeed.zero.GatheredParameters(list(named.values()), modifier_rank=0,
+                                               enabled=self.cfg.stage == 3):
+            if self.is_main or self.cfg.stage != 3:
+                with torch.no_grad():
+                    for name, tensor in state.items():
+                        named[name].copy_(tensor)
+
+    def optimizer_state(self, model, optimizer):
+        return None  # partitioned: written by save_sharded_state
+
+    def save_sharded_state(self, model, folder):
+        self.engine.save_checkpoint(str(folder), tag=_TAG, save_latest=False)
+
+    def load_sharded_state(self, model, folder):
+        if not (Path(folder) / _TAG).is_dir():
+            raise ConfigError(f"{folder}: no DeepSpeed state in this checkpoint (was it written by another backend?)")
+        self.engine.load_checkpoint(str(folder), tag=_TAG, load_module_strict=False,
+                                    load_optimizer_states=True, load_lr_scheduler_states=False)
+
+    def export_state_dict(self, model):
+        import deepspeed
+
+        module = self.engine.module
+        with deepspeed.zero.GatheredParameters(list(module.parameters()), modifier_rank=None,
+                                               enabled=self.cfg.stage == 3):
+            return {k: v.detach().cpu().clone() for k, v in module.state_dict().items()}
+
+    def teardown(self):
+        super().teardown()
