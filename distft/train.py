@@ -46,8 +46,23 @@ def _main(cfg: DictConfig) -> None:
     )
 
 
+def _strip_local_rank(argv: list[str]) -> list[str]:
+    """The deepspeed launcher appends --local_rank=N unless given --no_local_rank; Hydra
+    would take it for a malformed override. The rank comes from LOCAL_RANK instead."""
+    out, skip = [], False
+    for arg in argv:
+        if skip:
+            skip = False
+        elif arg == "--local_rank":
+            skip = True
+        elif not arg.startswith("--local_rank="):
+            out.append(arg)
+    return out
+
+
 def main() -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    sys.argv = _strip_local_rank(sys.argv)
     _main()
 
 

@@ -122,3 +122,30 @@ def test_ddp_without_a_launcher_says_how_to_start_it(tmp_path):
     proc = run_cli(f"run_dir={tmp_path / 'run'}", "backend=ddp", check=False,
                    env={"WORLD_SIZE": "", "RANK": ""})
     assert proc.returncode == 2 and "torchrun --nproc_per_node" in proc.stderr
+
+
+@pytest.mark.parametrize("via_script", [True, False])
+def test_deepspeed_launcher(tmp_path, via_script):
+    """The deepspeed launcher: through launch/deepspeed.sh, and raw without --no_local_rank
+    (it then appends --local_rank=N, which distft strips before Hydra parses)."""
+    one, two = tmp_path / "one", tmp_path / "two"
+    extra = ["strategy=lora", "strategy.dropout=0.0"]
+    run_cli(*COMMON, *extra, "trainer.batch_size=8", f"run_dir={one}")
+    args = [*COMMON, *extra, "backend=zero3", "trainer.batch_size=4", f"run_dir={two}"]
+    if via_script:
+        cmd = ["bash", "launch/deepspeed.sh", *args]
+    else:
+        cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "2", "--module", "distft.train", *args]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "OMP_NUM_THREADS": "1", "NPROC": "2", "PYTHON": sys.executable})
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    ref, got = losses(one), losses(two)
+    assert sorted(got) == sorted(ref) == list(range(1, STEPS + 1))
+    for step in ref:
+        assert got[step] == pytest.approx(ref[step], rel=1e-4), f"step {step}"
+
+
+def test_local_rank_flag_is_stripped():
+    from distft.train import _strip_local_rank
+
+    assert _strip_local_rank(["prog", "--local_rank=1", "a=1", "--local_rank", "0", "b=2"]) == ["prog", "a=1", "b=2"]
