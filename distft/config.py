@@ -101,7 +101,6 @@ class PartialStrategyConfig(StrategyConfig):
 class BackendConfig:
     name: str = "single"
     timeout_minutes: int = 30  # collective timeout (process group)
-    activation_checkpointing: bool = False  # fsdp: recompute each block's activations in backward
     # DeepSpeed ZeRO (backend=zero1|zero2|zero3)
     stage: int = 0
     offload_optimizer: bool = False
@@ -154,6 +153,7 @@ class TrainerConfig:
     save_every: int = 0  # 0 = only at the end
     keep_checkpoints: int = 2
     precision: str = "fp32"  # fp32 | bf16 (autocast)
+    activation_checkpointing: bool = False  # recompute block activations in backward (any backend)
     early_stopping: EarlyStoppingConfig = field(default_factory=EarlyStoppingConfig)
     export_best: bool = True  # export the weights of the best eval, when there was an eval
     threads: Optional[int] = None  # torch intra-op threads on CPU

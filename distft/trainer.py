@@ -160,6 +160,8 @@ class Trainer:
         model = load_model(cfg.model, cfg.task.name, self.tokenizer, num_labels, seed=cfg.seed)
         self.base_dir = self._save_base_if_needed(model)
         model = self.strategy.apply(model, task_info)
+        if t.activation_checkpointing:
+            _enable_activation_checkpointing(model)
         self.trainable, self.total = count_parameters(model)
         log.info(
             "strategy %s: %s of %s parameters trainable (%.2f%%)",
@@ -403,6 +405,15 @@ class Trainer:
         self.metrics.finish(summary)
         self.backend.teardown()
         return summary
+
+
+def _enable_activation_checkpointing(model) -> None:
+    # transformers' own per-block checkpointing, non-reentrant so frozen inputs (LoRA,
+    # partial) still get gradients; parameter names stay unchanged for every backend.
+    target = getattr(model, "backbone", model)
+    if not getattr(target, "supports_gradient_checkpointing", False):
+        raise ConfigError(f"trainer.activation_checkpointing: {type(target).__name__} does not support it")
+    target.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
 
 def _param_groups(model, weight_decay: float):

@@ -108,3 +108,15 @@ def test_schedule_warms_up_then_decays(kind):
         assert lrs[4:] == pytest.approx([1.0] * 16)
     else:
         assert all(a >= b for a, b in zip(lrs[4:], lrs[5:])) and lrs[-1] < 0.1
+
+
+@pytest.mark.parametrize("strategy", ["full", "lora"])
+def test_activation_checkpointing_changes_memory_not_numbers(cfg_for, tmp_path, strategy):
+    runs = []
+    for ac in (False, True):
+        cfg = cfg_for(f"strategy={strategy}", "trainer.max_steps=4", f"trainer.activation_checkpointing={ac}")
+        cfg.run_dir = str(tmp_path / f"ac{ac}")
+        t = Trainer(cfg).setup()
+        t.train()
+        runs.append(step_losses(t))
+    assert runs[0] == pytest.approx(runs[1], rel=1e-6)

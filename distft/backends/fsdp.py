@@ -40,10 +40,6 @@ class FSDPBackend(DDPBackend):
         except ConfigError:
             blocks = []  # no block list found: the root alone is one shard group
         for block in blocks:
-            if self.cfg.activation_checkpointing:
-                from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import apply_activation_checkpointing
-
-                apply_activation_checkpointing(block)
             fully_shard(block, **kwargs)
         fully_shard(model, **kwargs)
         self._model = model
