@@ -105,6 +105,7 @@ class Trainer:
         self.run_dir = Path(cfg.run_dir)
         self.ckpt_root = self.run_dir / "checkpoints"
         self.last_eval: Optional[tuple[int, Dict[str, float]]] = None
+        self.peak_memory_mb = 0.0
 
     # ------------------------------------------------------------------ setup
     def setup(self) -> "Trainer":
@@ -239,6 +240,8 @@ class Trainer:
         bar = tqdm(total=self.max_steps, initial=self.step, disable=not (self.main and cfg.logger.progress_bar),
                    desc="train", dynamic_ncols=True)
         stopped_early = False
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)  # training's peak, not loading's
         self.model.train()
         while self.step < self.max_steps and not stopped_early:
             started = time.perf_counter()
@@ -260,15 +263,18 @@ class Trainer:
                 loss = self.task.loss_sum(self._forward(mb), mb)
                 self.backend.backward(loss / n_targets, sync=i == len(micro) - 1)
                 loss_sum += loss.detach()
+            self._sample_memory()  # gradients are held now
             grad_norm = self.backend.step(self.model, self.optimizer, t.max_grad_norm)
+            self._sample_memory()  # optimizer state now exists
             lr = self.scheduler.get_last_lr()[0]
             self.scheduler.step()
             self.step += 1
+            step_seconds = time.perf_counter() - started
             self.state["tokens"] += int(tokens)
-            self.state["train_seconds"] += time.perf_counter() - started
+            self.state["train_seconds"] += step_seconds
 
             loss_value = self.backend.all_reduce_sum([float(loss_sum)])[0] / n_targets
-            event = {"step": self.step, "loss": loss_value, "lr": lr, "grad_norm": grad_norm,
+            event = {"step": self.step, "loss": loss_value, "lr": lr, "grad_norm": grad_norm, "step_seconds": step_seconds,
                      "epoch": self.state["epoch"] + self.state["batch"] / self.batches.per_epoch}
             if self.step % cfg.logger.log_every == 0 or self.step == self.max_steps:
                 self.metrics.log(event)
@@ -282,6 +288,17 @@ class Trainer:
                 self.save_checkpoint()
         bar.close()
         return self.finish(stopped_early)
+
+    def _sample_memory(self) -> None:
+        """Peak memory of this process during training: on GPU the allocator's peak, on CPU
+        the resident set sampled after backward and after the optimizer step (the process's
+        lifetime peak would be the model load's)."""
+        if self.device.type == "cuda":
+            now = torch.cuda.max_memory_allocated(self.device) / 2**20
+        else:
+            with open("/proc/self/statm") as f:
+                now = int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+        self.peak_memory_mb = max(self.peak_memory_mb, now)
 
     def _eval_and_track(self, bar) -> bool:
         """Evaluate, keep the best weights, and say whether early stopping fires."""
@@ -383,6 +400,7 @@ class Trainer:
             for folder in self.strategy.export(model, str(tmp), self.base_dir):
                 self.tokenizer.save_pretrained(folder)
             ckpt.commit_dir(tmp, out)
+        peaks = self.backend.gather_object(round(self.peak_memory_mb, 1))
         secs = self.state["train_seconds"]
         summary = {
             "steps": self.step,
@@ -396,6 +414,10 @@ class Trainer:
             "total_params": self.total,
             "tokens_per_second": self.state["tokens"] / secs if secs else None,
             "train_seconds": secs,
+            "peak_memory_mb_per_process": peaks,
+            "memory_kind": "cuda_max_allocated" if self.device.type == "cuda" else "cpu_rss_sampled",
+            "backend": self.backend.name,
+            "processes": self.backend.world_size,
             "final_dir": str(out),
         }
         if self.main:

@@ -1,0 +1,39 @@
+#!/usr/bin/env bash
+# GPU paths in one short run, for a machine with one or more NVIDIA GPUs:
+# NCCL, bf16, the attention choice (flash-attention 2 when installed), and every backend
+# training the tiny model in bf16; prints tokens/s and peak memory per backend.
+#   bash bench/gpu_check.sh            # after scripts/setup.sh with a CUDA build of torch
+# Not yet run on a GPU: no session so far had a device machine.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-.venv/bin/python}
+NGPU=$("$PY" -c "import torch; print(torch.cuda.device_count())")
+echo "== devices: $NGPU"; nvidia-smi -L || true
+"$PY" - <<'PY'
+import importlib.util, torch
+print("torch", torch.__version__, "cuda", torch.version.cuda, "bf16", torch.cuda.is_bf16_supported())
+print("flash_attn installed:", importlib.util.find_spec("flash_attn") is not None)
+from distft.models import choose_attn_implementation
+print("attention for bf16:", choose_attn_implementation("auto", torch.bfloat16))
+PY
+OUT=${OUT:-/tmp/distft-gpu-check}
+rm -rf "$OUT"
+for backend in single ddp fsdp zero1 zero2 zero3; do
+  args=(task=instruction strategy=full model.dtype=bfloat16 trainer.precision=bf16 trainer.max_steps=30
+        trainer.batch_size=16 trainer.eval_every=0 logger=csv logger.progress_bar=false
+        "backend=$backend" "run_dir=$OUT/$backend")
+  if [ "$backend" = single ]; then
+    "$PY" -m distft.train "${args[@]}" > "$OUT.$backend.log" 2>&1
+  else
+    "$PY" -m torch.distributed.run --standalone --nproc_per_node "$NGPU" -m distft.train "${args[@]}" \
+      > "$OUT.$backend.log" 2>&1
+  fi
+  rc=$?
+  grep -h "attention=" "$OUT.$backend.log" | head -1
+  if [ $rc -eq 0 ]; then
+    "$PY" -c "import json,sys; s=json.load(open(sys.argv[1])); print(sys.argv[2], 'ok', 'tokens/s=%.0f' % s['tokens_per_second'], 'peak MB', s['peak_memory_mb_per_process'], 'loss', s.get('eval/loss'))" \
+      "$OUT/$backend/summary.json" "$backend"
+  else
+    echo "$backend FAILED (rc=$rc):"; tail -20 "$OUT.$backend.log"
+  fi
+done
