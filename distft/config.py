@@ -43,6 +43,9 @@ class DataConfig:
     validation_split: float = 0.1
     max_train_examples: Optional[int] = None
     max_validation_examples: Optional[int] = None
+    # Tokenised examples are cached here, keyed by a hash of data + tokenizer + settings;
+    # null turns the cache off.
+    cache_dir: Optional[str] = "${oc.env:DISTFT_DATA_CACHE,${oc.env:HOME,.}/.cache/distft/data}"
     # synthetic data only
     num_train: int = 2000
     num_validation: int = 200

@@ -25,6 +25,7 @@ from distft import checkpoint as ckpt
 from distft.backends import build_backend
 from distft.config import validate_schema
 from distft.data import load_records
+from distft.data.cache import cache_key, prepared_once
 from distft.errors import ConfigError, DistftError
 from distft.metrics import MetricsLogger
 from distft.models import load_model, load_tokenizer
@@ -142,18 +143,14 @@ class Trainer:
         # Data first: a bad file stops the run before minutes of model loading.
         self.tokenizer = load_tokenizer(cfg.model, resolve_model_path(cfg.model))
         self.task = build_task(cfg.task, cfg.data, self.tokenizer)
-        train_records, val_records = load_records(cfg.data, cfg.task.name, cfg.seed)
-        num_labels = None
-        if cfg.task.name == "classification":
-            num_labels = cfg.task.num_labels or 1 + max(self.task.labels_of(train_records))
-            if num_labels < 2:
-                raise ConfigError(f"{cfg.data.train}: classification needs at least two labels")
-            self.task.check_labels(train_records, num_labels)
-            self.task.check_labels(val_records, num_labels)
-        self.train_examples = self.task.encode(train_records)
-        self.val_examples = self.task.encode(val_records)
+        folder = None
+        if cfg.data.cache_dir:
+            folder = Path(cfg.data.cache_dir).expanduser() / cache_key(cfg.data, cfg.task, self.tokenizer, cfg.seed)
+        (self.train_examples, self.val_examples, num_labels), hit = prepared_once(folder, self._prepare_data,
+                                                                                  self.backend)
         self.num_labels = num_labels
-        log.info("data: %d train / %d validation examples", len(self.train_examples), len(self.val_examples))
+        log.info("data: %d train / %d validation examples%s", len(self.train_examples), len(self.val_examples),
+                 f" (cached in {folder})" if hit else "")
 
         # Model, then the strategy decides what trains.
         task_info = TaskInfo(cfg.task.name, num_labels)
@@ -201,6 +198,19 @@ class Trainer:
             (self.run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
         self.metrics.start(self.step if resume_from is not None else None)
         return self
+
+    def _prepare_data(self):
+        """Load, validate and tokenise the records: (train, validation, num_labels)."""
+        cfg = self.cfg
+        train_records, val_records = load_records(cfg.data, cfg.task.name, cfg.seed)
+        num_labels = None
+        if cfg.task.name == "classification":
+            num_labels = cfg.task.num_labels or 1 + max(self.task.labels_of(train_records))
+            if num_labels < 2:
+                raise ConfigError(f"{cfg.data.train}: classification needs at least two labels")
+            self.task.check_labels(train_records, num_labels)
+            self.task.check_labels(val_records, num_labels)
+        return self.task.encode(train_records), self.task.encode(val_records), num_labels
 
     def _save_base_if_needed(self, model) -> Optional[str]:
         """Adapters need their base weights on disk to load without distft. A model built

@@ -1,6 +1,7 @@
 import json
 import os
 import subprocess
+import tempfile
 import sys
 from pathlib import Path
 
@@ -16,6 +17,8 @@ SHARED_DATA = ROOT.parent / "shared" / "data"
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("WANDB_SILENT", "true")
+# The tokenised-data cache of the test session, away from the user's own.
+os.environ.setdefault("DISTFT_DATA_CACHE", tempfile.mkdtemp(prefix="distft-test-cache-"))
 
 # Small enough to train a few steps in well under a second.
 TINY = [

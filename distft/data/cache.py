@@ -1,0 +1,101 @@
+"""Tokenised examples cached on disk, keyed by what they depend on.
+
+Rank 0 prepares the data once and saves it with the `datasets` library (Arrow); the other
+ranks wait and load the result, so no rank spends minutes tokenising inside a collective
+(a common cause of NCCL timeouts). The key hashes the data (file contents, or the
+generator's settings), the tokenizer (its full serialisation) and every setting that
+changes the examples, so a changed file or setting never reads a stale cache.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Callable, Dict, List, Optional, Tuple
+
+from datasets import Dataset, load_from_disk
+from omegaconf import OmegaConf
+
+CACHE_VERSION = 1
+
+
+def _file_digest(path: Optional[str]) -> Optional[str]:
+    if not path or not Path(path).is_file():
+        return None
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _tokenizer_digest(tokenizer) -> str:
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    text = backend.to_str() if backend is not None else json.dumps(tokenizer.get_vocab(), sort_keys=True)
+    special = json.dumps(tokenizer.special_tokens_map, sort_keys=True, default=str)
+    return hashlib.sha256((text + special).encode()).hexdigest()
+
+
+def cache_key(data_cfg, task_cfg, tokenizer, seed: int) -> str:
+    parts = {
+        "version": CACHE_VERSION,
+        "data": OmegaConf.to_container(data_cfg, resolve=True),
+        "task": OmegaConf.to_container(task_cfg, resolve=True),
+        "seed": seed,
+        "train_file": _file_digest(data_cfg.train),
+        "validation_file": _file_digest(data_cfg.validation),
+        "tokenizer": _tokenizer_digest(tokenizer),
+    }
+    parts["data"].pop("cache_dir", None)
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:24]
+
+
+Prepared = Tuple[List[Dict], List[Dict], Optional[int]]
+
+
+def save_prepared(folder: Path, prepared: Prepared) -> None:
+    train, val, num_labels = prepared
+    tmp = folder.parent / f".tmp-{folder.name}-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    Dataset.from_list(train).save_to_disk(str(tmp / "train"))
+    Dataset.from_list(val).save_to_disk(str(tmp / "validation"))
+    (tmp / "meta.json").write_text(json.dumps({"num_labels": num_labels}))
+    shutil.rmtree(folder, ignore_errors=True)
+    tmp.rename(folder)
+
+
+def load_prepared(folder: Path) -> Prepared:
+    meta = json.loads((folder / "meta.json").read_text())
+    train = load_from_disk(str(folder / "train")).to_list()
+    val = load_from_disk(str(folder / "validation")).to_list()
+    return train, val, meta["num_labels"]
+
+
+def prepared_once(folder: Optional[Path], prepare: Callable[[], Prepared], backend) -> Tuple[Prepared, bool]:
+    """Data prepared by rank 0 (or read from the cache) and shared with every rank.
+    Returns (prepared, cache_hit). An error on rank 0 is raised on every rank."""
+    from distft.errors import DataError, DistftError
+
+    error, hit, prepared = None, False, None
+    if backend.is_main:
+        try:
+            if folder is not None and (folder / "meta.json").is_file():
+                hit = True
+            else:
+                prepared = prepare()
+                if folder is not None:
+                    folder.parent.mkdir(parents=True, exist_ok=True)
+                    save_prepared(folder, prepared)
+        except DistftError as e:
+            error = (type(e).__name__, str(e))
+    error, hit = backend.broadcast_object((error, hit))
+    if error is not None:
+        from distft import errors
+
+        raise getattr(errors, error[0], DataError)(error[1])
+    if folder is None:
+        # No cache: every rank prepares for itself (rank 0 already has).
+        return (prepared if prepared is not None else prepare()), False
+    return (prepared if prepared is not None else load_prepared(folder)), hit
