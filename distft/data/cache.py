@@ -78,7 +78,7 @@ def prepared_once(folder: Optional[Path], prepare: Callable[[], Prepared], backe
     Returns (prepared, cache_hit). An error on rank 0 is raised on every rank."""
     from distft.errors import DataError, DistftError
 
-    error, hit, prepared = None, False, None
+    error, hit, prepared, failure = None, False, None, None
     if backend.is_main:
         try:
             if folder is not None and (folder / "meta.json").is_file():
@@ -88,9 +88,13 @@ def prepared_once(folder: Optional[Path], prepare: Callable[[], Prepared], backe
                 if folder is not None:
                     folder.parent.mkdir(parents=True, exist_ok=True)
                     save_prepared(folder, prepared)
-        except DistftError as e:
-            error = (type(e).__name__, str(e))
+        except Exception as e:  # every failure is shared, or the other ranks would wait
+            failure = e
+            error = (type(e).__name__ if isinstance(e, DistftError) else "DataError",
+                     str(e) if isinstance(e, DistftError) else f"data preparation failed on rank 0: {e!r}")
     error, hit = backend.broadcast_object((error, hit))
+    if failure is not None:
+        raise failure
     if error is not None:
         from distft import errors
 
