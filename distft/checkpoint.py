@@ -5,6 +5,8 @@ checkpoints/step-N/
                         from the model config and seed, so an adapter run stays small)
   optimizer.pt          optimizer + scheduler state (tensors and numbers only; loaded
                         with weights_only=True, so nothing arbitrary is unpickled)
+  zero/                 DeepSpeed ZeRO only: each rank's partition of the optimizer state,
+                        in DeepSpeed's own format (written and read by DeepSpeed itself)
   rng.safetensors       torch CPU (and CUDA) generator states
   state.json            step, data position, best metric, early-stopping counter, and
                         the Python/NumPy RNG states
@@ -61,11 +63,15 @@ def _restore_rng(rng: Dict[str, torch.Tensor], py_np: Dict) -> None:
     np.random.set_state((name, np.array(keys, dtype=np.uint32), pos, has_gauss, cached))
 
 
-def atomic_dir(final: Path):
-    """A temporary sibling folder to write into; `commit_dir` renames it into place."""
+def tmp_dir_of(final: Path) -> Path:
     # One writer per run_dir (rank 0), so the name needs no pid; every rank of a sharding
     # backend can find it to add its own shard.
-    tmp = final.parent / f".tmp-{final.name}"
+    return final.parent / f".tmp-{final.name}"
+
+
+def atomic_dir(final: Path):
+    """A temporary sibling folder to write into; `commit_dir` renames it into place."""
+    tmp = tmp_dir_of(final)
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir(parents=True)
@@ -86,28 +92,23 @@ def commit_dir(tmp: Path, final: Path) -> None:
         tmp.rename(final)
 
 
-def checkpoint_dirs(ckpt_root: Path, step: int) -> tuple[Path, Path]:
-    """(temporary, final) folder of the checkpoint at `step`."""
-    final = ckpt_root / f"step-{step}"
-    return final.parent / f".tmp-{final.name}", final
+def checkpoint_dir(ckpt_root: Path, step: int) -> Path:
+    return ckpt_root / f"step-{step}"
 
 
-def write_checkpoint(tmp: Path, final: Path, weights: Dict[str, torch.Tensor], optimizer: Optional[Dict],
+def write_checkpoint(final: Path, step: int, weights: Dict[str, torch.Tensor], optimizer: Optional[Dict],
                      scheduler: Dict, state: Dict, rng_per_rank: List[Dict[str, torch.Tensor]], keep: int) -> Path:
-    """Write rank 0's files into `tmp` (shards of other ranks may already be there), then
-    rename it to `final` and drop checkpoints beyond the newest `keep`."""
+    """Write rank 0's files into the temporary folder of `final` (shards of other ranks may
+    already be there), then rename it to `final` and drop checkpoints beyond the newest `keep`."""
+    tmp = tmp_dir_of(final)
     save_file(weights, str(tmp / "weights.safetensors"))
     torch.save({"optimizer": optimizer, "scheduler": scheduler}, tmp / "optimizer.pt")
     rng = {f"rank{r}.{k}": v for r, states in enumerate(rng_per_rank) for k, v in states.items()}
     save_file(rng, str(tmp / "rng.safetensors"))
-    (tmp / "state.json").write_text(json.dumps({**state, "step": final_step(final), "rng": _py_np_rng()}))
+    (tmp / "state.json").write_text(json.dumps({**state, "step": step, "rng": _py_np_rng()}))
     commit_dir(tmp, final)
     _rotate(final.parent, keep)
     return final
-
-
-def final_step(final: Path) -> int:
-    return int(_STEP_DIR.match(final.name).group(1))
 
 
 def _rotate(ckpt_root: Path, keep: int) -> None:

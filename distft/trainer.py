@@ -371,17 +371,17 @@ class Trainer:
     def save_checkpoint(self) -> None:
         """Every rank takes part (gathering is collective, a sharding backend adds its own
         files); rank 0 writes the rest and renames the folder into place."""
-        tmp, final = ckpt.checkpoint_dirs(self.ckpt_root, self.step)
+        final = ckpt.checkpoint_dir(self.ckpt_root, self.step)
         if self.main:
             ckpt.atomic_dir(final)
         self.backend.barrier()
         rng = self.backend.gather_object(ckpt.rng_state())
         weights = self.backend.trainable_state(self.model)
         optim = self.backend.optimizer_state(self.model, self.optimizer)
-        self.backend.save_sharded_state(self.model, tmp)
+        self.backend.save_sharded_state(self.model, ckpt.tmp_dir_of(final))
         self.backend.barrier()
         if self.main:
-            ckpt.write_checkpoint(tmp, final, weights, optim, self.scheduler.state_dict(),
+            ckpt.write_checkpoint(final, self.step, weights, optim, self.scheduler.state_dict(),
                                   {**self.state, "world_size": self.backend.world_size}, rng,
                                   self.cfg.trainer.keep_checkpoints)
         self.backend.barrier()

@@ -146,6 +146,3 @@ class ZeroBackend(DDPBackend):
         with deepspeed.zero.GatheredParameters(list(module.parameters()), modifier_rank=None,
                                                enabled=self.cfg.stage == 3):
             return {k: v.detach().cpu().clone() for k, v in module.state_dict().items()}
-
-    def teardown(self):
-        super().teardown()
