@@ -4,12 +4,15 @@ checkpoints/step-N/
   weights.safetensors   the trainable parameters, whole (the frozen ones are rebuilt
                         from the model config and seed, so an adapter run stays small)
   optimizer.pt          optimizer + scheduler state (tensors and numbers only; loaded
-                        with weights_only=True, so nothing arbitrary is unpickled)
+                        with weights_only=True, so nothing arbitrary is unpickled); the
+                        optimizer part is None where a backend keeps it sharded:
+  dcp/                  FSDP2 only: the optimizer state, sharded, torch.distributed.checkpoint
   zero/                 DeepSpeed ZeRO only: each rank's partition of the optimizer state,
                         in DeepSpeed's own format (written and read by DeepSpeed itself)
-  rng.safetensors       torch CPU (and CUDA) generator states
-  state.json            step, data position, best metric, early-stopping counter, and
-                        the Python/NumPy RNG states
+  rng.safetensors       torch CPU (and CUDA) generator states, one set per rank
+  state.json            step, data position, best metric, early-stopping counter, the
+                        Python/NumPy RNG states, and the batch geometry and state format
+                        that decide whether another process count can continue it
 
 A checkpoint is written under a temporary name and renamed when complete, so a run
 killed mid-write leaves no folder that `resume=auto` could mistake for a checkpoint.
@@ -142,21 +145,56 @@ def find_resume_checkpoint(resume: str, ckpt_root: Path) -> Optional[Path]:
     return path
 
 
-def read_checkpoint(path: Path, rank: int = 0, world_size: int = 1):
-    """(weights, optimizer state, scheduler state, trainer state) of a checkpoint; restores
-    this process's RNG states."""
-    state = json.loads((path / "state.json").read_text())
-    written_by = state.pop("world_size", 1)
-    if written_by != world_size:
-        # The data position counts global batches of batch_size x processes and each
-        # process has its own dropout RNG: another process count is another trajectory.
+def read_state(path: Path) -> Dict:
+    return json.loads((path / "state.json").read_text())
+
+
+def check_resumable(path: Path, state: Dict, *, world_size: int, batch_size: int, grad_accum: int,
+                    state_format: str) -> int:
+    """Refuse, with the reason, a checkpoint this run cannot continue exactly; returns the
+    process count that wrote it.
+
+    Another process count is fine when every process-independent quantity stays: the
+    global micro-batch (batch_size x processes, which fixes the data order) and the
+    accumulation (which fixes the schedule). The weights are stored whole and the
+    optimizer state either whole, as resharding DCP files, or converted to a DeepSpeed
+    universal checkpoint by the ZeRO backend."""
+    written_by = state.get("world_size", 1)
+    fmt = state.get("state_format")
+    if fmt is not None and fmt != state_format:
+        raise ConfigError(f"{path} holds {fmt} optimizer state; this run's backend keeps {state_format} state. "
+                          f"Resume with the backend that wrote it (backend={fmt if fmt != 'torch' else 'single or ddp'})")
+    if written_by == world_size:
+        return written_by
+    global_batch = state.get("global_micro_batch")
+    if global_batch is None:
+        raise ConfigError(f"{path} was written by {written_by} process(es) before distft recorded the batch "
+                          f"geometry; resume it with {written_by} (this run has {world_size})")
+    if global_batch % world_size or state.get("grad_accum") != grad_accum or batch_size * world_size != global_batch:
+        hint = (f"set trainer.batch_size={global_batch // world_size} trainer.grad_accum={state.get('grad_accum')}"
+                if global_batch % world_size == 0 else f"use a process count that divides {global_batch}")
         raise ConfigError(
-            f"{path} was written by {written_by} process(es); resume it with {written_by} "
-            f"(this run has {world_size}), or set trainer.batch_size so the global batch matches and start fresh"
+            f"{path} was written by {written_by} process(es) with {global_batch} examples per micro-batch "
+            f"(batch_size x processes) and grad_accum={state.get('grad_accum')}; continuing on {world_size} "
+            f"process(es) gives the same data order and schedule only with the same values: {hint}"
         )
+    return written_by
+
+
+def read_checkpoint(path: Path, rank: int = 0, seed: int = 0):
+    """(weights, optimizer state, scheduler state, trainer state) of a checkpoint; restores
+    this process's RNG states (a rank the writing run did not have is seeded afresh from
+    the seed, the rank and the step: its dropout masks are new ones)."""
+    state = read_state(path)
+    for key in ("world_size", "global_micro_batch", "grad_accum", "state_format"):
+        state.pop(key, None)
     weights = load_file(str(path / "weights.safetensors"))
     opt = torch.load(path / "optimizer.pt", map_location="cpu", weights_only=True)
     prefix = f"rank{rank}."
     rng = {k[len(prefix):]: v for k, v in load_file(str(path / "rng.safetensors")).items() if k.startswith(prefix)}
-    _restore_rng(rng, state.pop("rng"))
+    py_np = state.pop("rng")
+    if rng:
+        _restore_rng(rng, py_np)
+    else:
+        _restore_rng({"torch": torch.Generator().manual_seed(seed + 7919 * rank + state["step"]).get_state()}, py_np)
     return weights, opt["optimizer"], opt["scheduler"], state

@@ -172,6 +172,13 @@ class Trainer:
                                     self.backend.rank, self.backend.world_size)
         steps_per_epoch = math.ceil(self.batches.per_epoch / t.grad_accum)
         self.max_steps = t.max_steps if t.max_steps > 0 else max(1, math.ceil(t.epochs * steps_per_epoch))
+        if resume_from is not None:
+            # Before wrapping: a backend may need to convert the checkpoint's sharded state
+            # for another process count, and configure itself to load it.
+            written_by = ckpt.check_resumable(resume_from, ckpt.read_state(resume_from),
+                                              world_size=self.backend.world_size, batch_size=t.batch_size,
+                                              grad_accum=t.grad_accum, state_format=self.backend.state_format)
+            self.backend.prepare_resume(resume_from, written_by, self.ckpt_root / f".resharded-{resume_from.name}")
         self.model, self.optimizer = self.backend.wrap(model, lambda m: torch.optim.AdamW(
             _param_groups(m, t.weight_decay), lr=t.lr, betas=tuple(t.adam_betas), eps=t.adam_eps))
         self.scheduler = _scheduler(self.backend.scheduled_optimizer(self.optimizer), t, self.max_steps)
@@ -181,8 +188,7 @@ class Trainer:
                       "tokens": 0, "train_seconds": 0.0}
         self.step = 0
         if resume_from is not None:
-            weights, optim, sched, state = ckpt.read_checkpoint(resume_from, self.backend.rank,
-                                                                self.backend.world_size)
+            weights, optim, sched, state = ckpt.read_checkpoint(resume_from, self.backend.rank, cfg.seed)
             self.backend.load_sharded_state(self.model, resume_from)
             self.backend.load_trainable_state(self.model, weights, str(resume_from))
             if optim is not None:
@@ -190,7 +196,9 @@ class Trainer:
             self.scheduler.load_state_dict(sched)
             self.state.update(state)
             self.step = self.state.pop("step")
-            log.info("resumed from %s (step %d)", resume_from, self.step)
+            log.info("resumed from %s (step %d%s)", resume_from, self.step,
+                     "" if written_by == self.backend.world_size
+                     else f", written by {written_by} process(es), continued on {self.backend.world_size}")
         self.metrics = MetricsLogger(
             cfg.logger, self.run_dir, self.main, OmegaConf.to_container(cfg, resolve=True)
         )
@@ -382,7 +390,10 @@ class Trainer:
         self.backend.barrier()
         if self.main:
             ckpt.write_checkpoint(final, self.step, weights, optim, self.scheduler.state_dict(),
-                                  {**self.state, "world_size": self.backend.world_size}, rng,
+                                  {**self.state, "world_size": self.backend.world_size,
+                                   "global_micro_batch": self.cfg.trainer.batch_size * self.backend.world_size,
+                                   "grad_accum": self.cfg.trainer.grad_accum,
+                                   "state_format": self.backend.state_format}, rng,
                                   self.cfg.trainer.keep_checkpoints)
         self.backend.barrier()
 

@@ -108,14 +108,49 @@ def test_sigkill_then_resume(tmp_path, backend, strategy):
         assert resumed[step] == pytest.approx(reference[step], rel=1e-5), f"step {step}"
 
 
-def test_resume_onto_another_process_count_is_refused(tmp_path):
-    run_dir = tmp_path / "run"
-    overrides = [*COMMON, "backend=ddp", "trainer.batch_size=4", "trainer.max_steps=2", f"run_dir={run_dir}"]
-    torchrun(2, *overrides)
-    (run_dir / "summary.json").unlink()  # pretend it was interrupted after its last checkpoint
-    proc = subprocess.run(torchrun_cmd(1, *overrides), cwd=ROOT, capture_output=True, text=True, timeout=300)
+@pytest.mark.parametrize("backend,strategy,before,after", [
+    ("ddp", "full", 2, 1),     # whole torch optimizer state
+    ("fsdp", "full", 2, 1),    # DCP resharded
+    ("fsdp", "lora", 1, 2),
+    ("zero2", "full", 2, 1),   # converted to a DeepSpeed universal checkpoint
+    ("zero3", "lora", 1, 2),
+])
+def test_resume_on_another_process_count(tmp_path, backend, strategy, before, after):
+    """Checkpoint at step 4 on `before` processes, continue on `after` with the same global
+    batch: steps 5-8 give the losses of one uninterrupted process. Step 5's loss depends
+    only on the weights; steps 6-8 also on the optimizer moments, so a lost or mis-sharded
+    optimizer state shows."""
+    extra = [*COMMON, f"strategy={strategy}", "trainer.keep_checkpoints=0"] + (
+        ["strategy.dropout=0.0"] if strategy == "lora" else [])
+    ref, first, second = tmp_path / "ref", tmp_path / "first", tmp_path / "second"
+    run_cli(*extra, "trainer.batch_size=8", f"run_dir={ref}")
+    torchrun(before, *extra, f"backend={backend}", f"trainer.batch_size={8 // before}", f"run_dir={first}")
+
+    resume = f"resume={first / 'checkpoints' / 'step-4'}"
+    # Another global batch would be another data order and schedule: refused, with the fix.
+    proc = subprocess.run(torchrun_cmd(after, *extra, f"backend={backend}", f"trainer.batch_size={16 // after}", resume,
+                                       f"run_dir={tmp_path / 'refused'}"),
+                          cwd=ROOT, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert proc.returncode != 0
-    assert "was written by 2 process(es); resume it with 2" in proc.stderr
+    assert f"set trainer.batch_size={8 // after} trainer.grad_accum=1" in proc.stderr + proc.stdout
+
+    proc = torchrun(after, *extra, f"backend={backend}", f"trainer.batch_size={8 // after}", resume,
+                    f"run_dir={second}")
+    assert f"written by {before} process(es), continued on {after}" in proc.stdout + proc.stderr
+    reference, got = losses(ref), losses(second)
+    assert sorted(got) == [5, 6, 7, 8]
+    for step in got:
+        assert got[step] == pytest.approx(reference[step], rel=1e-4), f"step {step}"
+    assert not list((second / "checkpoints").glob(".resharded-*")), "the converted copy is removed"
+
+
+def test_checkpoint_of_another_backend_is_refused(tmp_path):
+    run_dir = tmp_path / "run"
+    torchrun(2, *COMMON, "backend=fsdp", "trainer.batch_size=4", "trainer.max_steps=2", f"run_dir={run_dir}")
+    proc = run_cli(*COMMON, "trainer.max_steps=4", f"resume={run_dir / 'checkpoints' / 'step-2'}",
+                   f"run_dir={tmp_path / 'again'}", check=False)
+    assert proc.returncode == 2
+    assert "holds fsdp optimizer state" in proc.stderr and "backend=fsdp" in proc.stderr
 
 
 def test_ddp_without_a_launcher_says_how_to_start_it(tmp_path):

@@ -22,6 +22,9 @@ class Backend:
     name = "base"
     rank = 0
     world_size = 1
+    # What a checkpoint's optimizer state looks like; a checkpoint is resumed only by a
+    # backend that keeps the same (single and ddp share a plain torch state dict).
+    state_format = "torch"
 
     @property
     def is_main(self) -> bool:
@@ -71,6 +74,11 @@ class Backend:
 
     def load_optimizer_state(self, model, optimizer, state: Dict) -> None:
         optimizer.load_state_dict(state)
+
+    def prepare_resume(self, folder, written_by: int, scratch) -> None:
+        """Called before `wrap` when resuming from `folder`, written by `written_by`
+        processes (maybe another count than this run's); `scratch` is a folder of this run
+        it may use for a converted copy."""
 
     def save_sharded_state(self, model, folder) -> None:
         """Write this rank's own share of the state into the checkpoint folder (a backend

@@ -1,4 +1,7 @@
+from pathlib import Path
+
 import torch
+import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
     get_model_state_dict,
@@ -15,16 +18,19 @@ from distft.errors import ConfigError
 from distft.strategies.base import find_layer_stack
 
 _GATHER = StateDictOptions(full_state_dict=True, cpu_offload=True)
+_DCP = "dcp"  # the optimizer's sub-folder inside a distft checkpoint
 _SCATTER = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True, strict=False)
 
 
 class FSDPBackend(DDPBackend):
     """FSDP2 (`fully_shard`): parameters, gradients and optimizer state sharded across
     ranks, one shard group per transformer block plus the root. bf16 compute with fp32
-    gradient reduction on GPU when trainer.precision=bf16. Whole state dicts are gathered
-    to rank 0 for checkpoints and export, so an adapter is always saved complete."""
+    gradient reduction on GPU when trainer.precision=bf16. The trainable weights are
+    gathered whole to rank 0 for checkpoints and export, so an adapter is always saved
+    complete; the optimizer state is checkpointed sharded with torch.distributed.checkpoint."""
 
     name = "fsdp"
+    state_format = "fsdp"
 
     def __init__(self, cfg, precision: str = "fp32"):
         super().__init__(cfg)
@@ -43,7 +49,8 @@ class FSDPBackend(DDPBackend):
             fully_shard(block, **kwargs)
         fully_shard(model, **kwargs)
         self._model = model
-        return model, make_optimizer(model)
+        self._optimizer = make_optimizer(model)
+        return model, self._optimizer
 
     def backward(self, loss, sync=True):
         # FSDP averages the reduce-scattered gradients; the loss is normalised by the global
@@ -75,11 +82,22 @@ class FSDPBackend(DDPBackend):
         set_model_state_dict(model, state if self.is_main else {}, options=_SCATTER)
 
     def optimizer_state(self, model, optimizer):
-        return get_optimizer_state_dict(model, optimizer, options=_GATHER)
+        return None  # sharded: written by save_sharded_state
 
-    def load_optimizer_state(self, model, optimizer, state):
-        set_optimizer_state_dict(model, optimizer, optim_state_dict=state if self.is_main else {},
-                                 options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
+    # The optimizer state (twice the trainable parameters) stays sharded in a
+    # torch.distributed.checkpoint folder: no rank ever holds all of it, and DCP reshards
+    # on load, so a run can continue on another number of processes.
+    def save_sharded_state(self, model, folder):
+        state = {"optimizer": get_optimizer_state_dict(model, self._optimizer)}
+        dcp.save(state, checkpoint_id=str(Path(folder) / _DCP))
+
+    def load_sharded_state(self, model, folder):
+        path = Path(folder) / _DCP
+        if not (path / ".metadata").is_file():
+            raise ConfigError(f"{folder}: no FSDP optimizer state (dcp/) in this checkpoint")
+        state = {"optimizer": get_optimizer_state_dict(model, self._optimizer)}  # the layout to fill
+        dcp.load(state, checkpoint_id=str(path))
+        set_optimizer_state_dict(model, self._optimizer, optim_state_dict=state["optimizer"])
 
     def export_state_dict(self, model):
         return get_model_state_dict(model, options=_GATHER)

@@ -1,5 +1,8 @@
 import json
 import os
+import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import torch
@@ -9,6 +12,7 @@ from distft.backends.ddp import DDPBackend
 from distft.errors import ConfigError
 
 _TAG = "zero"  # DeepSpeed's sub-folder inside a distft checkpoint
+_UNIVERSAL = "universal"  # the converted copy's sub-folder when resuming on another process count
 
 
 class ZeroBackend(DDPBackend):
@@ -25,7 +29,9 @@ class ZeroBackend(DDPBackend):
         if cfg.offload_param and cfg.stage != 3:
             raise ConfigError("backend.offload_param needs ZeRO stage 3 (backend=zero3)")
         self.name = f"zero{cfg.stage}"
+        self.state_format = self.name
         self.trainer_cfg = trainer_cfg
+        self._load_from = None  # (folder, tag) of the DeepSpeed state to resume from
 
     def setup(self):
         import deepspeed
@@ -67,7 +73,36 @@ class ZeroBackend(DDPBackend):
         config.setdefault("bf16", {})["enabled"] = t.precision == "bf16"
         config["zero_allow_untested_optimizer"] = True  # our torch AdamW
         config.setdefault("steps_per_print", 1 << 30)
+        if self._load_from is not None and self._load_from[1] == _UNIVERSAL:
+            config.setdefault("checkpoint", {})["load_universal"] = True
         return config
+
+    def prepare_resume(self, folder, written_by, scratch):
+        """Same process count: DeepSpeed reads its partitions back as written. Another
+        count: rank 0 converts them to a DeepSpeed universal checkpoint (one file per
+        parameter, re-partitioned on load) in `scratch`, with DeepSpeed's own converter."""
+        if not (Path(folder) / _TAG).is_dir():
+            raise ConfigError(f"{folder}: no DeepSpeed state in this checkpoint (was it written by another backend?)")
+        if written_by == self.world_size:
+            self._load_from = (Path(folder), _TAG)
+            return
+        scratch = Path(scratch)
+        error = None
+        if self.is_main:
+            shutil.rmtree(scratch, ignore_errors=True)
+            scratch.mkdir(parents=True)
+            proc = subprocess.run(
+                [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder", str(Path(folder) / _TAG),
+                 "--output_folder", str(scratch / _UNIVERSAL), "--inject_missing_state",
+                 "--num_extract_workers", "1", "--num_merge_workers", "1"],
+                capture_output=True, text=True)  # inherits DS_ACCELERATOR=cpu from setup on CPU
+            if proc.returncode != 0:
+                error = (f"{folder}: converting the ZeRO state of {written_by} process(es) for {self.world_size} "
+                         f"failed:\n{proc.stderr[-2000:]}")
+        error = self.broadcast_object(error)
+        if error:
+            raise ConfigError(error)
+        self._load_from = (scratch, _UNIVERSAL)
 
     def wrap(self, model, make_optimizer):
         import deepspeed
@@ -134,10 +169,13 @@ class ZeroBackend(DDPBackend):
         self.engine.save_checkpoint(str(folder), tag=_TAG, save_latest=False)
 
     def load_sharded_state(self, model, folder):
-        if not (Path(folder) / _TAG).is_dir():
-            raise ConfigError(f"{folder}: no DeepSpeed state in this checkpoint (was it written by another backend?)")
-        self.engine.load_checkpoint(str(folder), tag=_TAG, load_module_strict=False,
+        where, tag = self._load_from
+        self.engine.load_checkpoint(str(where), tag=tag, load_module_strict=False,
                                     load_optimizer_states=True, load_lr_scheduler_states=False)
+        if tag == _UNIVERSAL:
+            self.barrier()
+            if self.is_main:
+                shutil.rmtree(where, ignore_errors=True)
 
     def export_state_dict(self, model):
         import deepspeed
