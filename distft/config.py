@@ -30,15 +30,28 @@ class ModelConfig:
 
 @dataclass
 class DataConfig:
-    name: str = MISSING
+    name: str = MISSING  # synthetic | files | hub
+    # files: a path (JSONL, CSV, TSV, Parquet, or a folder saved with datasets' save_to_disk);
+    # hub: a dataset id on the Hugging Face hub.
     train: Optional[str] = None
     validation: Optional[str] = None
+    format: str = "auto"  # auto (from the file name) | jsonl | csv | tsv | parquet | disk
+    hub_config: Optional[str] = None  # hub: the dataset's configuration name
+    train_split: str = "train"  # hub / disk: the split to train on
+    # hub / disk: the split to validate on; null for hub holds out data.validation_split instead
+    validation_split_name: Optional[str] = "validation"
+    # Field mapping: which column holds what.
     text_field: str = "text"
     label_field: str = "label"
     instruction_field: str = "instruction"
     input_field: str = "input"
     output_field: str = "output"
-    max_length: int = 128
+    messages_field: str = "messages"  # chat: a list of {role, content}
+    max_length: int = 128  # tokens per example
+    too_long: str = "truncate"  # truncate | drop examples longer than max_length
+    min_tokens: int = 0  # drop examples with fewer tokens
+    dedup: bool = False  # drop exact duplicates (same mapped fields), keeping the first
+    drop_empty: bool = False  # drop examples with an empty text field instead of stopping
     # Held-out share of train used for validation when no validation file is given.
     validation_split: float = 0.1
     max_train_examples: Optional[int] = None
@@ -56,7 +69,7 @@ class TaskConfig:
     name: str = MISSING
     num_labels: Optional[int] = None  # classification: inferred from the training labels if unset
     mask_prompt: bool = True  # instruction: loss only on the response tokens
-    template: str = "alpaca"
+    template: str = "alpaca"  # instruction: alpaca (instruction/input/output) | chat (messages)
     metric: str = "loss"  # the eval metric that early stopping and best-checkpoint use
     greater_is_better: bool = False
 

@@ -1,7 +1,7 @@
 """`distft-train`: fine-tune a model from a Hydra-composed config.
 
     distft-train                                   # the embedded default (tiny model, CPU)
-    distft-train strategy=lora model=minilm task=classification data=jsonl \
+    distft-train strategy=lora model=minilm task=classification data=files \
         data.train=train.jsonl data.validation=validation.jsonl
 """
 from __future__ import annotations

@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 from distft import checkpoint as ckpt
 from distft.backends import build_backend
 from distft.config import validate_schema
-from distft.data import load_records
+from distft.data.prepare import prepare, summary_line
 from distft.data.cache import cache_key, prepared_once
 from distft.errors import ConfigError, DistftError
 from distft.metrics import MetricsLogger
@@ -146,11 +146,12 @@ class Trainer:
         folder = None
         if cfg.data.cache_dir:
             folder = Path(cfg.data.cache_dir).expanduser() / cache_key(cfg.data, cfg.task, self.tokenizer, cfg.seed)
-        (self.train_examples, self.val_examples, num_labels), hit = prepared_once(folder, self._prepare_data,
-                                                                                  self.backend)
+        (self.train_examples, self.val_examples, num_labels, report), hit = prepared_once(
+            folder, lambda: prepare(cfg.data, self.task, cfg.seed), self.backend)
         self.num_labels = num_labels
-        log.info("data: %d train / %d validation examples%s", len(self.train_examples), len(self.val_examples),
-                 f" (cached in {folder})" if hit else "")
+        log.info("data: %s%s", summary_line(report), f" (cached in {folder})" if hit else "")
+        if self.main:
+            (self.run_dir / "data_report.json").write_text(json.dumps(report, indent=2))
 
         # Model, then the strategy decides what trains.
         task_info = TaskInfo(cfg.task.name, num_labels)
@@ -206,19 +207,6 @@ class Trainer:
             (self.run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
         self.metrics.start(self.step if resume_from is not None else None)
         return self
-
-    def _prepare_data(self):
-        """Load, validate and tokenise the records: (train, validation, num_labels)."""
-        cfg = self.cfg
-        train_records, val_records = load_records(cfg.data, cfg.task.name, cfg.seed)
-        num_labels = None
-        if cfg.task.name == "classification":
-            num_labels = cfg.task.num_labels or 1 + max(self.task.labels_of(train_records))
-            if num_labels < 2:
-                raise ConfigError(f"{cfg.data.train}: classification needs at least two labels")
-            self.task.check_labels(train_records, num_labels)
-            self.task.check_labels(val_records, num_labels)
-        return self.task.encode(train_records), self.task.encode(val_records), num_labels
 
     def _save_base_if_needed(self, model) -> Optional[str]:
         """Adapters need their base weights on disk to load without distft. A model built

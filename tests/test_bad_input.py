@@ -26,45 +26,45 @@ def good(tmp_path):
 
 def test_missing_file(cfg_for, tmp_path):
     with pytest.raises(DataError, match=r"nope\.jsonl: data file not found"):
-        setup_with(cfg_for, "data=jsonl", f"data.train={tmp_path / 'nope.jsonl'}")
+        setup_with(cfg_for, "data=files", f"data.train={tmp_path / 'nope.jsonl'}")
 
 
 def test_line_that_is_not_json(cfg_for, tmp_path, good):
     bad = write(tmp_path / "bad.jsonl", ['{"text": "fine", "label": 0}', '{"text": "broken", "label": 1'])
     with pytest.raises(DataError, match=r"bad\.jsonl:2: not valid JSON"):
-        setup_with(cfg_for, "data=jsonl", "task=classification", f"data.train={bad}", f"data.validation={good}")
+        setup_with(cfg_for, "data=files", "task=classification", f"data.train={bad}", f"data.validation={good}")
 
 
 def test_missing_text_field(cfg_for, tmp_path, good):
     bad = write(tmp_path / "bad.jsonl", ['{"text": "fine", "label": 0}', '{"sentence": "x", "label": 1}'])
     with pytest.raises(DataError, match=r"bad\.jsonl:2: missing field 'text'"):
-        setup_with(cfg_for, "data=jsonl", "task=classification", f"data.train={bad}", f"data.validation={good}")
+        setup_with(cfg_for, "data=files", "task=classification", f"data.train={bad}", f"data.validation={good}")
 
 
 def test_missing_label_field(cfg_for, tmp_path, good):
     bad = write(tmp_path / "bad.jsonl", ['{"text": "fine", "label": 0}', '{"text": "no label"}'])
     with pytest.raises(DataError, match=r"bad\.jsonl:2: missing field 'label'"):
-        setup_with(cfg_for, "data=jsonl", "task=classification", f"data.train={bad}", f"data.validation={good}")
+        setup_with(cfg_for, "data=files", "task=classification", f"data.train={bad}", f"data.validation={good}")
 
 
 def test_empty_dataset(cfg_for, tmp_path):
     empty = write(tmp_path / "empty.jsonl", ["", "  "])
     with pytest.raises(DataError, match=r"empty\.jsonl: the dataset is empty"):
-        setup_with(cfg_for, "data=jsonl", f"data.train={empty}")
+        setup_with(cfg_for, "data=files", f"data.train={empty}")
 
 
 def test_label_outside_head_range(cfg_for, tmp_path, good):
     val = write(tmp_path / "val.jsonl", ['{"text": "a", "label": 1}', '{"text": "b", "label": 0}',
                                          '{"text": "c", "label": 2}'])
     with pytest.raises(DataError, match=r"val\.jsonl:3: label 2 is outside the head's range 0\.\.1"):
-        setup_with(cfg_for, "data=jsonl", "task=classification", "task.num_labels=2",
+        setup_with(cfg_for, "data=files", "task=classification", "task.num_labels=2",
                    f"data.train={good}", f"data.validation={val}")
 
 
 def test_non_integer_label(cfg_for, tmp_path, good):
     bad = write(tmp_path / "bad.jsonl", ['{"text": "a", "label": "pos"}'])
     with pytest.raises(DataError, match=r"bad\.jsonl:1: label 'label' must be an integer"):
-        setup_with(cfg_for, "data=jsonl", "task=classification", f"data.train={bad}", f"data.validation={good}")
+        setup_with(cfg_for, "data=files", "task=classification", f"data.train={bad}", f"data.validation={good}")
 
 
 def test_unknown_strategy_is_refused_at_compose(cfg_for):
@@ -132,7 +132,7 @@ def test_resume_never_refuses_a_used_run_dir(cfg_for):
 @pytest.mark.slow
 def test_cli_reports_one_clear_line(tmp_path):
     bad = write(tmp_path / "bad.jsonl", ['{"text": "fine"}', "not json at all"])
-    proc = run_cli(f"run_dir={tmp_path / 'run'}", "data=jsonl", f"data.train={bad}", check=False)
+    proc = run_cli(f"run_dir={tmp_path / 'run'}", "data=files", f"data.train={bad}", check=False)
     assert proc.returncode == 2
     assert f"distft: error: {bad}:2: not valid JSON" in proc.stderr
     assert "Traceback" not in proc.stderr

@@ -16,7 +16,7 @@ def write_sst_like(path, n, flip=False):
 
 
 def setup(cfg_for, tmp_path, name, *overrides):
-    cfg = cfg_for("task=classification", "data=jsonl", f"data.cache_dir={tmp_path / 'cache'}", *overrides)
+    cfg = cfg_for("task=classification", "data=files", f"data.cache_dir={tmp_path / 'cache'}", *overrides)
     cfg.run_dir = str(tmp_path / name)
     return Trainer(cfg).setup()
 
@@ -52,7 +52,7 @@ def test_bad_data_stops_every_rank_without_a_hang(tmp_path):
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"text": "fine"}\n{oops\n')
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "distft.train",
-           "backend=ddp", "data=jsonl", f"data.train={bad}", f"run_dir={tmp_path / 'run'}", "backend.timeout_minutes=1"]
+           "backend=ddp", "data=files", f"data.train={bad}", f"run_dir={tmp_path / 'run'}", "backend.timeout_minutes=1"]
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=240)
     assert proc.returncode != 0
     assert proc.stderr.count(f"distft: error: {bad}:2: not valid JSON") == 2, proc.stderr[-2000:]

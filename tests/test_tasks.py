@@ -10,11 +10,12 @@ from distft.models.byte_tokenizer import build_byte_tokenizer
 from distft.tasks import IGNORE, build_task
 
 DATA = OmegaConf.create({"text_field": "text", "label_field": "label", "instruction_field": "instruction",
-                         "input_field": "input", "output_field": "output", "max_length": 512})
+                         "input_field": "input", "output_field": "output", "messages_field": "messages",
+                         "max_length": 512})
 
 
-def task(name, tokenizer, mask_prompt=True):
-    return build_task(OmegaConf.create({"name": name, "mask_prompt": mask_prompt, "template": "alpaca"}), DATA, tokenizer)
+def task(name, tokenizer, mask_prompt=True, template="alpaca"):
+    return build_task(OmegaConf.create({"name": name, "mask_prompt": mask_prompt, "template": template}), DATA, tokenizer)
 
 
 def test_instruction_labels_mask_the_prompt_and_keep_response_and_eos():
@@ -64,3 +65,54 @@ def test_classification_collate():
     batch = t.collate(t.encode([{"text": "good", "label": 1}, {"text": "bad!!", "label": 0}]))
     assert batch["labels"].tolist() == [1, 0]
     assert batch["attention_mask"].sum(1).tolist() == [4, 5]
+
+
+CHAT = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "2 plus 3?"},
+        {"role": "assistant", "content": "5"}, {"role": "user", "content": "and 4 plus 4?"},
+        {"role": "assistant", "content": "8"}]
+
+
+def targets(tok, ex):
+    """The target tokens of an example, as runs of consecutive positions decoded to text."""
+    runs, current = [], []
+    for x in ex["labels"]:
+        if x == IGNORE:
+            if current:
+                runs.append(current)
+            current = []
+        else:
+            current.append(x)
+    if current:
+        runs.append(current)
+    return [tok.decode(r) for r in runs]
+
+
+def test_chat_default_template_trains_every_assistant_turn_and_its_eos():
+    tok = build_byte_tokenizer()  # no chat template of its own: the documented default is used
+    t = task("instruction", tok, template="chat")
+    [ex] = t.encode([{"messages": CHAT, "_file": "chat.jsonl", "_line": 1}])
+    text = tok.decode(ex["input_ids"])
+    assert text == ("<|system|>\nBe brief.\n<|user|>\n2 plus 3?\n<|assistant|>\n5</s>\n"
+                    "<|user|>\nand 4 plus 4?\n<|assistant|>\n8</s>\n")
+    # Token by token: exactly the two answers, each with the EOS that ends it (and the
+    # template's newline after it), are targets.
+    assert targets(tok, ex) == ["5</s>\n", "8</s>\n"]
+    assert ex["labels"].count(tok.eos_token_id) == 2
+    # The exported tokenizer carries the template, so inference formats prompts the same way.
+    assert "<|assistant|>" in tok.chat_template
+
+    [unmasked] = task("instruction", tok, mask_prompt=False, template="chat").encode([{"messages": CHAT}])
+    assert unmasked["labels"] == unmasked["input_ids"]
+
+
+def test_chat_records_are_validated():
+    from distft.errors import DataError
+
+    t = task("instruction", build_byte_tokenizer(), template="chat")
+    bad = [({"messages": [{"role": "user", "content": "hi"}]}, "no assistant message"),
+           ({"messages": [{"role": "bot", "content": "hi"}]}, "has role 'bot'"),
+           ({"messages": "hi"}, "must be a non-empty list"),
+           ({"text": "hi"}, "missing field 'messages'")]
+    for record, message in bad:
+        with pytest.raises(DataError, match=rf"chat\.jsonl:7: .*{message}"):
+            t.encode([{**record, "_file": "chat.jsonl", "_line": 7}])

@@ -18,16 +18,23 @@ from typing import Callable, Dict, List, Optional, Tuple
 from datasets import Dataset, load_from_disk
 from omegaconf import OmegaConf
 
-CACHE_VERSION = 1
+CACHE_VERSION = 2
 
 
 def _file_digest(path: Optional[str]) -> Optional[str]:
-    if not path or not Path(path).is_file():
+    """Hash of a data file's bytes, or of every file in a saved-dataset folder."""
+    if not path:
         return None
+    p = Path(path)
+    files = sorted(f for f in p.rglob("*") if f.is_file()) if p.is_dir() else [p] if p.is_file() else []
+    if not files:
+        return None  # a hub id: keyed by its name and split only
     h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
+    for f in files:
+        h.update(str(f.relative_to(p) if p.is_dir() else f.name).encode())
+        with open(f, "rb") as fh:
+            for block in iter(lambda: fh.read(1 << 20), b""):
+                h.update(block)
     return h.hexdigest()
 
 
@@ -35,7 +42,8 @@ def _tokenizer_digest(tokenizer) -> str:
     backend = getattr(tokenizer, "backend_tokenizer", None)
     text = backend.to_str() if backend is not None else json.dumps(tokenizer.get_vocab(), sort_keys=True)
     special = json.dumps(tokenizer.special_tokens_map, sort_keys=True, default=str)
-    return hashlib.sha256((text + special).encode()).hexdigest()
+    chat = getattr(tokenizer, "chat_template", None) or ""
+    return hashlib.sha256((text + special + str(chat)).encode()).hexdigest()
 
 
 def cache_key(data_cfg, task_cfg, tokenizer, seed: int) -> str:
@@ -52,16 +60,16 @@ def cache_key(data_cfg, task_cfg, tokenizer, seed: int) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:24]
 
 
-Prepared = Tuple[List[Dict], List[Dict], Optional[int]]
+Prepared = Tuple[List[Dict], List[Dict], Optional[int], Dict]  # train, validation, num_labels, report
 
 
 def save_prepared(folder: Path, prepared: Prepared) -> None:
-    train, val, num_labels = prepared
+    train, val, num_labels, report = prepared
     tmp = folder.parent / f".tmp-{folder.name}-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     Dataset.from_list(train).save_to_disk(str(tmp / "train"))
     Dataset.from_list(val).save_to_disk(str(tmp / "validation"))
-    (tmp / "meta.json").write_text(json.dumps({"num_labels": num_labels}))
+    (tmp / "meta.json").write_text(json.dumps({"num_labels": num_labels, "report": report}))
     shutil.rmtree(folder, ignore_errors=True)
     tmp.rename(folder)
 
@@ -70,7 +78,7 @@ def load_prepared(folder: Path) -> Prepared:
     meta = json.loads((folder / "meta.json").read_text())
     train = load_from_disk(str(folder / "train")).to_list()
     val = load_from_disk(str(folder / "validation")).to_list()
-    return train, val, meta["num_labels"]
+    return train, val, meta["num_labels"], meta["report"]
 
 
 def prepared_once(folder: Optional[Path], prepare: Callable[[], Prepared], backend) -> Tuple[Prepared, bool]:

@@ -17,7 +17,7 @@ def _arith(rng: random.Random) -> tuple[str, str]:
     return f"{a} plus {b}", str(a + b)
 
 
-def generate(task: str, n: int, seed: int) -> List[Record]:
+def generate(task: str, n: int, seed: int, template: str = "alpaca") -> List[Record]:
     rng = random.Random(seed)
     out: List[Record] = []
     for i in range(n):
@@ -28,7 +28,11 @@ def generate(task: str, n: int, seed: int) -> List[Record]:
             out.append({"text": text, "label": label})
         elif task == "instruction":
             question, answer = _arith(rng)
-            out.append({"instruction": "Add the two numbers.", "input": question, "output": answer})
+            if template == "chat":
+                out.append({"messages": [{"role": "user", "content": f"Add {question}."},
+                                         {"role": "assistant", "content": answer}]})
+            else:
+                out.append({"instruction": "Add the two numbers.", "input": question, "output": answer})
         else:
             facts = [" is ".join(_arith(rng)) + "." for _ in range(rng.randint(2, 4))]
             out.append({"text": " ".join(facts)})

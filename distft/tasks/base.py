@@ -30,7 +30,18 @@ class Task:
         self.data_cfg = data_cfg
         self.tokenizer = tokenizer
 
+    def text_fields(self) -> List[str]:
+        """Fields that must hold non-empty text (data.drop_empty drops examples where one is empty)."""
+        raise NotImplementedError
+
+    def key_fields(self) -> List[str]:
+        """Fields that identify an example, for exact de-duplication."""
+        return self.text_fields()
+
     def encode(self, records) -> List[Dict]:
+        """Token ids etc., one example per record, truncated to data.max_length. Each example
+        also carries `_full_length` (its length before truncation) and, when the task found
+        it unusable, `_drop` (the reason); data cleaning pops both."""
         raise NotImplementedError
 
     def collate(self, examples: List[Dict]) -> Dict[str, torch.Tensor]:

@@ -4,8 +4,8 @@ from typing import Dict, List
 import torch
 import torch.nn.functional as F
 
-from distft.data.sources import require_text
-from distft.errors import DataError
+from distft.data.sources import require_messages, require_text, where
+from distft.errors import ConfigError, DataError
 from distft.tasks.base import IGNORE, Task, pad
 
 
@@ -16,6 +16,9 @@ class CausalLMTask(Task):
     name = "causal_lm"
     metrics = ("loss", "perplexity", "token_accuracy")
 
+    def text_fields(self):
+        return [self.data_cfg.text_field]
+
     def encode(self, records):
         field = self.data_cfg.text_field
         texts = [require_text(r, field) for r in records]
@@ -23,8 +26,9 @@ class CausalLMTask(Task):
         eos = self.tokenizer.eos_token_id
         out = []
         for seq in ids:
-            seq = (seq + [eos])[: self.data_cfg.max_length]
-            out.append({"input_ids": seq, "labels": list(seq)})
+            full = seq + [eos]
+            seq = full[: self.data_cfg.max_length]
+            out.append({"input_ids": seq, "labels": list(seq), "_full_length": len(full)})
         return out
 
     def collate(self, examples):
@@ -70,12 +74,45 @@ ALPACA_PROMPT = (
 )
 
 
+# The chat template for tokenizers that bring none: role headers, and each assistant turn
+# closed by the EOS token (trained, so the model learns to stop). It is stored with the
+# exported tokenizer, so `apply_chat_template` at inference formats prompts the same way.
+DEFAULT_CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "{{ '<|' + message['role'] + '|>\\n' + message['content'] }}"
+    "{% if message['role'] == 'assistant' %}{{ eos_token }}{% endif %}{{ '\\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|assistant|>\\n' }}{% endif %}"
+)
+TEMPLATES = ("alpaca", "chat")
+
+
 class InstructionTask(CausalLMTask):
-    """Supervised fine-tuning on instruction/input/output records with the Alpaca
-    template. With task.mask_prompt (default) the loss covers only the response and its
-    EOS token; the EOS is always a target so the model learns to stop."""
+    """Supervised fine-tuning on prompt/response pairs.
+
+    task.template=alpaca: instruction/input/output records in the Alpaca template.
+    task.template=chat: `messages` records ({role, content}) in the tokenizer's chat
+    template (DEFAULT_CHAT_TEMPLATE when it has none); every assistant turn is a target.
+    With task.mask_prompt (default) the loss covers only the responses; the EOS (or the
+    template's end-of-turn token) that closes a response is always a target."""
 
     name = "instruction"
+
+    def __init__(self, cfg, data_cfg, tokenizer):
+        super().__init__(cfg, data_cfg, tokenizer)
+        if cfg.template not in TEMPLATES:
+            raise ConfigError(f"task.template={cfg.template!r}: choose one of {list(TEMPLATES)}")
+        if cfg.template == "chat" and not getattr(tokenizer, "chat_template", None):
+            tokenizer.chat_template = DEFAULT_CHAT_TEMPLATE
+
+    def text_fields(self):
+        d = self.data_cfg
+        return [d.messages_field] if self.cfg.template == "chat" else [d.instruction_field, d.output_field]
+
+    def key_fields(self):
+        d = self.data_cfg
+        return [d.messages_field] if self.cfg.template == "chat" else [d.instruction_field, d.input_field,
+                                                                       d.output_field]
 
     def prompt(self, instruction: str, inp: str) -> str:
         if inp.strip():
@@ -87,27 +124,62 @@ class InstructionTask(CausalLMTask):
         return ALPACA_PROMPT.format(ctx="", instruction=instruction, input_block="")
 
     def encode(self, records):
+        pairs = self._encode_chat(records) if self.cfg.template == "chat" else self._encode_alpaca(records)
+        out: List[Dict] = []
+        max_length = self.data_cfg.max_length
+        for seq, labels in pairs:
+            ex = {"input_ids": seq[:max_length], "labels": labels[:max_length], "_full_length": len(seq)}
+            if all(x == IGNORE for x in ex["labels"][1:]):
+                ex["_drop"] = "prompt_too_long"  # nothing of the response fits in max_length
+            out.append(ex)
+        return out
+
+    def _encode_alpaca(self, records):
         d = self.data_cfg
         prompts, responses = [], []
         for r in records:
             instruction = require_text(r, d.instruction_field)
-            inp = require_text(r, d.input_field, allow_empty=True) if d.input_field in r else ""
+            inp = require_text(r, d.input_field, allow_empty=True) if r.get(d.input_field) is not None else ""
             prompts.append(self.prompt(instruction, inp))
             responses.append(require_text(r, d.output_field))
         p_ids = self.tokenizer(prompts, add_special_tokens=False)["input_ids"]
         r_ids = self.tokenizer(responses, add_special_tokens=False)["input_ids"]
         eos = self.tokenizer.eos_token_id
-        out: List[Dict] = []
-        for record, p, r in zip(records, p_ids, r_ids):
-            seq = (p + r + [eos])[: d.max_length]
-            n_prompt = min(len(p), len(seq))
-            labels = list(seq)
-            if self.cfg.mask_prompt:
-                labels[:n_prompt] = [IGNORE] * n_prompt
-            if all(x == IGNORE for x in labels[1:]):
-                raise DataError(
-                    f"{record.get('_file', '<generated>')}:{record.get('_line', '?')}: the prompt fills "
-                    f"data.max_length={d.max_length} tokens, leaving no response to train on"
-                )
-            out.append({"input_ids": seq, "labels": labels})
-        return out
+        for p, r in zip(p_ids, r_ids):
+            seq = p + r + [eos]
+            labels = [IGNORE] * len(p) + r + [eos] if self.cfg.mask_prompt else list(seq)
+            yield seq, labels
+
+    def _encode_chat(self, records):
+        """Render each conversation with the chat template and find the characters of each
+        assistant turn: they run from the end of the conversation-so-far rendered with a
+        generation prompt to the end of the conversation rendered through that turn. Tokens
+        starting inside those spans are targets (found through the tokenizer's offsets,
+        so no token boundary is guessed)."""
+        tok = self.tokenizer
+        eos = tok.eos_token_id
+        for r in records:
+            msgs = require_messages(r, self.data_cfg.messages_field)
+            text = tok.apply_chat_template(msgs, tokenize=False)
+            spans = []
+            for i, m in enumerate(msgs):
+                if m["role"] != "assistant":
+                    continue
+                before = tok.apply_chat_template(msgs[:i], tokenize=False, add_generation_prompt=True) if i else ""
+                through = tok.apply_chat_template(msgs[: i + 1], tokenize=False)
+                if not (text.startswith(through) and through.startswith(before)):
+                    raise DataError(f"{where(r)}: the chat template does not render a conversation as the "
+                                    "concatenation of its turns, so the response tokens cannot be located")
+                spans.append((len(before), len(through)))
+            enc = tok(text, add_special_tokens=False, return_offsets_mapping=True)
+            seq = list(enc["input_ids"])
+            labels = [IGNORE] * len(seq)
+            for j, (start, _end) in enumerate(enc["offset_mapping"]):
+                if not self.cfg.mask_prompt or any(a <= start < b for a, b in spans):
+                    labels[j] = seq[j]
+            if eos not in [x for x in labels if x != IGNORE]:
+                # A template that closes turns without the EOS: add one, trained, so
+                # generation stops.
+                seq.append(eos)
+                labels.append(eos)
+            yield seq, labels

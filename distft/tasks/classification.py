@@ -26,11 +26,24 @@ class ClassificationTask(Task):
                     f"(task.num_labels={num_labels})"
                 )
 
+    def text_fields(self):
+        return [self.data_cfg.text_field]
+
+    def key_fields(self):
+        return [self.data_cfg.text_field, self.data_cfg.label_field]
+
     def encode(self, records):
         texts = [require_text(r, self.data_cfg.text_field) for r in records]
         labels = self.labels_of(records)
-        ids = self.tokenizer(texts, truncation=True, max_length=self.data_cfg.max_length)["input_ids"]
-        return [{"input_ids": x, "label": y} for x, y in zip(ids, labels)]
+        max_length = self.data_cfg.max_length
+        ids = self.tokenizer(texts)["input_ids"]
+        full = [len(x) for x in ids]
+        long = [i for i, n in enumerate(full) if n > max_length]
+        if long:  # re-tokenise those with truncation, which keeps the closing special tokens
+            cut = self.tokenizer([texts[i] for i in long], truncation=True, max_length=max_length)["input_ids"]
+            for i, x in zip(long, cut):
+                ids[i] = x
+        return [{"input_ids": x, "label": y, "_full_length": n} for x, y, n in zip(ids, labels, full)]
 
     def collate(self, examples):
         input_ids = pad([e["input_ids"] for e in examples], self.tokenizer.pad_token_id)
