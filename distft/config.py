@@ -52,6 +52,9 @@ class DataConfig:
     min_tokens: int = 0  # drop examples with fewer tokens
     dedup: bool = False  # drop exact duplicates (same mapped fields), keeping the first
     drop_empty: bool = False  # drop examples with an empty text field instead of stopping
+    # causal_lm / instruction: pack training examples into rows of max_length tokens
+    # (no attention across examples; trainer.batch_size then counts rows)
+    packing: bool = False
     # Held-out share of train used for validation when no validation file is given.
     validation_split: float = 0.1
     max_train_examples: Optional[int] = None

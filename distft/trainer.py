@@ -96,6 +96,9 @@ def check_config(cfg) -> None:
     if cfg.task.metric not in task_cls.metrics:
         raise ConfigError(f"task.metric={cfg.task.metric!r} is not computed by task={cfg.task.name}; "
                           f"choose one of {list(task_cls.metrics)}")
+    if cfg.data.packing and cfg.task.name not in ("causal_lm", "instruction"):
+        raise ConfigError(f"data.packing=true needs task=causal_lm or task=instruction (task={cfg.task.name} "
+                          "predicts one label per example)")
     strategy = build_strategy(cfg.strategy)
     strategy.check(TaskInfo(cfg.task.name, cfg.task.num_labels))
 
@@ -236,7 +239,7 @@ class Trainer:
         return torch.autocast(device_type=self.device.type, dtype=dtype)
 
     def _forward(self, batch):
-        inputs = {k: batch[k] for k in self.task.model_inputs}
+        inputs = self.task.model_kwargs(batch)
         with self._autocast():
             return self.model(**inputs).logits
 
@@ -261,7 +264,8 @@ class Trainer:
             # large batch.
             local_targets = sum(self.task.count_targets(mb) for mb in micro)
             local_tokens = sum(int(mb["attention_mask"].sum()) for mb in micro)
-            n_targets, tokens = self.backend.all_reduce_sum([local_targets, local_tokens])
+            local_padded = sum(mb["input_ids"].numel() for mb in micro)
+            n_targets, tokens, padded = self.backend.all_reduce_sum([local_targets, local_tokens, local_padded])
             n_targets = max(n_targets, 1.0)
             loss_sum = torch.zeros((), device=self.device)
             for i, mb in enumerate(micro):
@@ -281,6 +285,7 @@ class Trainer:
 
             loss_value = self.backend.all_reduce_sum([float(loss_sum)])[0] / n_targets
             event = {"step": self.step, "loss": loss_value, "lr": lr, "grad_norm": grad_norm, "step_seconds": step_seconds,
+                     "tokens": int(tokens), "padded_tokens": int(padded),
                      "epoch": self.state["epoch"] + self.state["batch"] / self.batches.per_epoch}
             if self.step % cfg.logger.log_every == 0 or self.step == self.max_steps:
                 self.metrics.log(event)

@@ -4,6 +4,7 @@ from __future__ import annotations
 from typing import Dict, List, Optional, Tuple
 
 from distft.data import load_records
+from distft.data.packing import pack, packing_stats
 from distft.data.clean import SplitReport, check_clean_config, clean_records, fit_lengths, overlap
 from distft.errors import ConfigError
 
@@ -31,9 +32,17 @@ def prepare(data_cfg, task, seed: int) -> Tuple[List[Dict], List[Dict], Optional
 
     train = fit_lengths(task.encode(train_records), train_records, data_cfg, reports["train"])
     val = fit_lengths(task.encode(val_records), val_records, data_cfg, reports["validation"])
+    packed = None
+    if data_cfg.packing:
+        # Training rows only; validation stays one example per row, so its metrics are
+        # those of an unpacked run.
+        rows = pack(train, data_cfg.max_length, seed)
+        packed = packing_stats(train, rows, data_cfg.max_length)
+        train = rows
     report = {
         **{k: r.to_dict() for k, r in reports.items()},
         "validation_also_in_train": overlap(train_records, val_records, task.key_fields()),
+        "packing": packed,
         "settings": {"max_length": data_cfg.max_length, "too_long": data_cfg.too_long,
                      "min_tokens": data_cfg.min_tokens, "dedup": data_cfg.dedup, "drop_empty": data_cfg.drop_empty},
     }
@@ -48,4 +57,6 @@ def summary_line(report: Dict) -> str:
         parts.append(f"{split} {r['kept']}/{r['read']} kept" + (f" (dropped {dropped})" if dropped else "")
                      + (f", {r['truncated']} truncated" if r["truncated"] else ""))
     leak = report.get("validation_also_in_train")
-    return "; ".join(parts) + (f"; {leak} validation example(s) also in train" if leak else "")
+    packed = report.get("packing")
+    return ("; ".join(parts) + (f"; {leak} validation example(s) also in train" if leak else "")
+            + (f"; packed into {packed['rows']} rows ({packed['fill']:.0%} full)" if packed else ""))

@@ -47,6 +47,10 @@ class Task:
     def collate(self, examples: List[Dict]) -> Dict[str, torch.Tensor]:
         raise NotImplementedError
 
+    def model_kwargs(self, batch) -> Dict[str, torch.Tensor]:
+        """The keyword arguments of the model's forward for a collated batch."""
+        return {k: batch[k] for k in self.model_inputs}
+
     def count_targets(self, batch) -> int:
         """How many loss terms a batch contributes (tokens or examples), so accumulated
         micro-batches are normalised by the total over the whole optimizer step."""

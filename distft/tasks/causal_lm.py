@@ -40,7 +40,21 @@ class CausalLMTask(Task):
         mask = torch.zeros_like(input_ids)
         for i, n in enumerate(lengths):
             mask[i, :n] = 1
-        return {"input_ids": input_ids, "attention_mask": mask, "labels": labels}
+        batch = {"input_ids": input_ids, "attention_mask": mask, "labels": labels}
+        if "position_ids" in examples[0]:
+            # Packed rows: the padding after a row's last example gets positions from 0, so
+            # it is a sequence of its own that no real token attends to.
+            width = input_ids.shape[1]
+            batch["position_ids"] = torch.tensor(
+                [e["position_ids"] + list(range(width - len(e["position_ids"]))) for e in examples], dtype=torch.long)
+        return batch
+
+    def model_kwargs(self, batch):
+        if "position_ids" in batch:
+            # No attention_mask: transformers then reads the restarts in position_ids as
+            # separate sequences (and a KV cache would hide them, so none is made).
+            return {"input_ids": batch["input_ids"], "position_ids": batch["position_ids"], "use_cache": False}
+        return super().model_kwargs(batch)
 
     def count_targets(self, batch):
         return int((batch["labels"][:, 1:] != IGNORE).sum())
