@@ -65,6 +65,11 @@ class DataConfig:
     # synthetic data only
     num_train: int = 2000
     num_validation: int = 200
+    # mixture only: NAME -> {data: {...}, task: {...}, weight: w}, each merged over the
+    # settings above / the top-level task; and how the tasks are sampled.
+    tasks: Dict[str, Any] = field(default_factory=dict)
+    sampler: str = "proportional"  # proportional | temperature | uniform | weights
+    temperature: float = 2.0  # sampler=temperature: p ~ size^(1/T)
 
 
 @dataclass
@@ -73,6 +78,9 @@ class TaskConfig:
     num_labels: Optional[int] = None  # classification: inferred from the training labels if unset
     mask_prompt: bool = True  # instruction: loss only on the response tokens
     template: str = "alpaca"  # instruction: alpaca (instruction/input/output) | chat (messages)
+    # classification mixtures: each task's head reads the encoder's pooled features
+    pooling: str = "mean"  # mean | first | last
+    head_dropout: float = 0.1
     metric: str = "loss"  # the eval metric that early stopping and best-checkpoint use
     greater_is_better: bool = False
 

@@ -24,6 +24,7 @@ from tqdm.auto import tqdm
 from distft import checkpoint as ckpt
 from distft.backends import build_backend
 from distft.config import validate_schema
+from distft import multitask as mt
 from distft.data.prepare import prepare, summary_line
 from distft.data.cache import cache_key, prepared_once
 from distft.errors import ConfigError, DistftError
@@ -55,8 +56,12 @@ class EpochBatches:
     the same global batch. A last global batch too small to give every rank an example
     is dropped."""
 
-    def __init__(self, n: int, batch_size: int, seed: int, rank: int = 0, world_size: int = 1):
+    def __init__(self, n: int, batch_size: int, seed: int, rank: int = 0, world_size: int = 1, order_fn=None):
         self.n, self.seed, self.rank, self.world = n, seed, rank, world_size
+        # order_fn(epoch) -> the epoch's example indices (a mixture sampler); default a
+        # seeded permutation
+        self.order_fn = order_fn or (
+            lambda epoch: torch.randperm(n, generator=torch.Generator().manual_seed(seed + epoch)).tolist())
         self.global_size = batch_size * world_size
         full, rest = divmod(n, self.global_size)
         self.per_epoch = full + (1 if rest >= world_size else 0)
@@ -65,7 +70,7 @@ class EpochBatches:
 
     def from_position(self, epoch: int, batch: int) -> Iterator[tuple[int, int, List[int]]]:
         while True:
-            order = torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed + epoch)).tolist()
+            order = self.order_fn(epoch)
             for b in range(batch, self.per_epoch):
                 chunk = order[b * self.global_size : (b + 1) * self.global_size]
                 yield epoch, b, chunk[self.rank :: self.world]
@@ -93,14 +98,24 @@ def check_config(cfg) -> None:
     task_cls = TASKS.get(cfg.task.name)
     if task_cls is None:
         raise ConfigError(f"task={cfg.task.name!r} is unknown; choose one of {sorted(TASKS)}")
-    if cfg.task.metric not in task_cls.metrics:
+    metrics = list(task_cls.metrics)
+    if cfg.data.name == "mixture":
+        members = mt.members(cfg)
+        metrics += [f"{m.name}/{k}" for m in members for k in task_cls.metrics]
+        if cfg.backend.name not in ("single", "ddp"):
+            raise ConfigError(f"data=mixture runs on backend=single or ddp for now (backend={cfg.backend.name}: "
+                              "its gathered export does not yet know the per-task heads)")
+    if cfg.task.metric not in metrics:
         raise ConfigError(f"task.metric={cfg.task.metric!r} is not computed by task={cfg.task.name}; "
-                          f"choose one of {list(task_cls.metrics)}")
+                          f"choose one of {metrics}")
     if cfg.data.packing and cfg.task.name not in ("causal_lm", "instruction"):
         raise ConfigError(f"data.packing=true needs task=causal_lm or task=instruction (task={cfg.task.name} "
                           "predicts one label per example)")
     strategy = build_strategy(cfg.strategy)
-    strategy.check(TaskInfo(cfg.task.name, cfg.task.num_labels))
+    if cfg.data.name != "mixture" or cfg.task.name != "classification":
+        strategy.check(TaskInfo(cfg.task.name, cfg.task.num_labels))
+    elif cfg.strategy.name not in ("full", "bitfit", "lora", "partial"):
+        raise ConfigError(f"strategy={cfg.strategy.name} is not available for a classification mixture")
 
 
 class Trainer:
@@ -145,23 +160,40 @@ class Trainer:
 
         # Data first: a bad file stops the run before minutes of model loading.
         self.tokenizer = load_tokenizer(cfg.model, resolve_model_path(cfg.model))
-        self.task = build_task(cfg.task, cfg.data, self.tokenizer)
+        self.mixture = cfg.data.name == "mixture"
+        if self.mixture:
+            self.members = mt.members(cfg)
+            self.task = mt.MixtureTask(cfg, self.members, self.tokenizer)
+            make = lambda: mt.prepare_mixture(cfg, self.task, cfg.seed)  # noqa: E731
+        else:
+            self.task = build_task(cfg.task, cfg.data, self.tokenizer)
+            make = lambda: prepare(cfg.data, self.task, cfg.seed)  # noqa: E731
         folder = None
         if cfg.data.cache_dir:
             folder = Path(cfg.data.cache_dir).expanduser() / cache_key(cfg.data, cfg.task, self.tokenizer, cfg.seed)
-        (self.train_examples, self.val_examples, num_labels, report), hit = prepared_once(
-            folder, lambda: prepare(cfg.data, self.task, cfg.seed), self.backend)
+        (self.train_examples, self.val_examples, num_labels, report), hit = prepared_once(folder, make, self.backend)
         self.num_labels = num_labels
-        log.info("data: %s%s", summary_line(report), f" (cached in {folder})" if hit else "")
+        cached = f" (cached in {folder})" if hit else ""
+        if self.mixture:
+            self.task.num_labels = num_labels
+            for m in self.members:
+                log.info("data %s: %s%s", m.name, summary_line(report[m.name]), cached)
+        else:
+            log.info("data: %s%s", summary_line(report), cached)
         if self.main:
             (self.run_dir / "data_report.json").write_text(json.dumps(report, indent=2))
 
         # Model, then the strategy decides what trains.
-        task_info = TaskInfo(cfg.task.name, num_labels)
         self.strategy = build_strategy(cfg.strategy)
-        model = load_model(cfg.model, cfg.task.name, self.tokenizer, num_labels, seed=cfg.seed)
-        self.base_dir = self._save_base_if_needed(model)
-        model = self.strategy.apply(model, task_info)
+        if self.mixture and self.task.kind == "classification":
+            model = mt.build_classifier(cfg.model, self.tokenizer, num_labels, cfg.task, cfg.strategy, cfg.seed)
+            self.base_dir = None
+        else:
+            lm_labels = None if self.mixture else num_labels
+            task_info = TaskInfo(self.task.tasks[0].name if self.mixture else cfg.task.name, lm_labels)
+            model = load_model(cfg.model, task_info.name, self.tokenizer, lm_labels, seed=cfg.seed)
+            self.base_dir = self._save_base_if_needed(model)
+            model = self.strategy.apply(model, task_info)
         if t.activation_checkpointing:
             _enable_activation_checkpointing(model)
         self.trainable, self.total = count_parameters(model)
@@ -172,8 +204,11 @@ class Trainer:
         model.to(self.device)
 
         # Optimizer and schedule.
+        order = None
+        if self.mixture:
+            order = mt.mixture_order(cfg, self.members, report["mixture"]["sizes"], cfg.seed)
         self.batches = EpochBatches(len(self.train_examples), t.batch_size, cfg.seed,
-                                    self.backend.rank, self.backend.world_size)
+                                    self.backend.rank, self.backend.world_size, order)
         steps_per_epoch = math.ceil(self.batches.per_epoch / t.grad_accum)
         self.max_steps = t.max_steps if t.max_steps > 0 else max(1, math.ceil(t.epochs * steps_per_epoch))
         if resume_from is not None:
@@ -411,8 +446,11 @@ class Trainer:
                 model = self._unsharded_replica(full_state)
             tmp = ckpt.atomic_dir(out)
             model.eval()
-            for folder in self.strategy.export(model, str(tmp), self.base_dir):
-                self.tokenizer.save_pretrained(folder)
+            if self.mixture and self.task.kind == "classification":
+                mt.export_classifier(model, self.members, str(tmp), self.tokenizer, self.tokenizer.pad_token_id)
+            else:
+                for folder in self.strategy.export(model, str(tmp), self.base_dir):
+                    self.tokenizer.save_pretrained(folder)
             ckpt.commit_dir(tmp, out)
         peaks = self.backend.gather_object(round(self.peak_memory_mb, 1))
         secs = self.state["train_seconds"]

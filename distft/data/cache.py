@@ -54,6 +54,8 @@ def cache_key(data_cfg, task_cfg, tokenizer, seed: int) -> str:
         "seed": seed,
         "train_file": _file_digest(data_cfg.train),
         "validation_file": _file_digest(data_cfg.validation),
+        "member_files": {name: [_file_digest((spec.get("data") or {}).get(k)) for k in ("train", "validation")]
+                         for name, spec in OmegaConf.to_container(data_cfg.tasks, resolve=True).items()},
         "tokenizer": _tokenizer_digest(tokenizer),
     }
     parts["data"].pop("cache_dir", None)

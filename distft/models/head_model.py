@@ -15,8 +15,12 @@ from transformers.modeling_outputs import SequenceClassifierOutput
 class MlpHeadConfig(PretrainedConfig):
     model_type = "distft_mlp_head"
 
-    def __init__(self, backbone=None, head_hidden=(256,), head_dropout=0.1, pooling="mean", num_labels=2, **kwargs):
-        super().__init__(num_labels=num_labels, **kwargs)
+    def __init__(self, backbone=None, head_hidden=(256,), head_dropout=0.1, pooling="mean", num_labels=None, **kwargs):
+        # A saved config carries id2label, not num_labels: passing a default here would
+        # override the label count read back from disk.
+        if num_labels is not None:
+            kwargs["num_labels"] = num_labels
+        super().__init__(**kwargs)
         if isinstance(backbone, PretrainedConfig):
             backbone = backbone.to_dict()
         self.backbone = backbone or {}

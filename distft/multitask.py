@@ -1,0 +1,306 @@
+"""Multi-task learning: several datasets in one run (`data=mixture`).
+
+Each member of `data.tasks` names its own data (merged over the top-level data settings),
+its own task settings (merged over the top-level task) and a weight. Classification
+members with different label sets share one encoder and get one head each; language-model
+members (causal_lm / instruction) share the model's own LM head. The training order comes
+from a mixture sampler (proportional to size, temperature-scaled, uniform, or explicit
+weights), a pure function of (seed, epoch), so runs are deterministic and resume
+mid-epoch; with several processes each global batch is split across ranks as for a single
+dataset. Eval metrics are reported per task (`<task>/accuracy`) and as their mean.
+"""
+from __future__ import annotations
+
+import logging
+from typing import Dict, List, Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+from omegaconf import OmegaConf
+from torch import nn
+from transformers.modeling_outputs import SequenceClassifierOutput
+
+from distft.config import DataConfig, TaskConfig
+from distft.errors import ConfigError
+from distft.tasks import TASKS, Task, build_task
+
+log = logging.getLogger(__name__)
+
+SAMPLERS = ("proportional", "temperature", "uniform", "weights")
+LM_TASKS = ("causal_lm", "instruction")
+_MIXTURE_KEYS = ("tasks", "sampler", "temperature")
+
+
+class Member:
+    def __init__(self, name: str, data_cfg, task_cfg, weight: float):
+        self.name, self.data_cfg, self.task_cfg, self.weight = name, data_cfg, task_cfg, weight
+
+
+def members(cfg) -> List[Member]:
+    """The mixture's members with their data and task configs merged over the top level's."""
+    if not cfg.data.tasks:
+        raise ConfigError("data=mixture: data.tasks is empty; give each task as "
+                          "data.tasks.NAME.data.train=... (see conf/data/mixture_example.yaml)")
+    top_data = {k: v for k, v in OmegaConf.to_container(cfg.data, resolve=True).items() if k not in _MIXTURE_KEYS}
+    top_task = OmegaConf.to_container(cfg.task, resolve=True)
+    out = []
+    for name, spec in cfg.data.tasks.items():
+        spec = OmegaConf.to_container(spec, resolve=True) if not isinstance(spec, dict) else spec
+        unknown = set(spec) - {"data", "task", "weight"}
+        if unknown:
+            raise ConfigError(f"data.tasks.{name}: unknown key(s) {sorted(unknown)}; use data, task and weight")
+        data = {**top_data, "name": "files", **(spec.get("data") or {})}
+        task = {**top_task, **(spec.get("task") or {})}
+        try:
+            data_cfg = OmegaConf.merge(OmegaConf.structured(DataConfig), data)
+            task_cfg = OmegaConf.merge(OmegaConf.structured(TaskConfig), task)
+        except Exception as e:
+            raise ConfigError(f"data.tasks.{name}: {e}".splitlines()[0]) from None
+        if data_cfg.name == "mixture":
+            raise ConfigError(f"data.tasks.{name}: a mixture cannot hold another mixture")
+        weight = float(spec.get("weight", 1.0))
+        if weight <= 0:
+            raise ConfigError(f"data.tasks.{name}.weight={weight}: weights must be > 0")
+        out.append(Member(str(name), data_cfg, task_cfg, weight))
+    kinds = {m.task_cfg.name for m in out}
+    if len(kinds) > 1 and not kinds <= set(LM_TASKS):
+        raise ConfigError(f"data=mixture: the tasks {sorted(kinds)} need different model heads; a mixture is "
+                          "either all classification (one head per task) or all causal_lm/instruction")
+    for m in out:
+        if m.task_cfg.name not in TASKS:
+            raise ConfigError(f"data.tasks.{m.name}.task.name={m.task_cfg.name!r} is unknown")
+        if m.data_cfg.packing:
+            raise ConfigError(f"data.tasks.{m.name}: packing is not available inside a mixture")
+    if cfg.data.sampler not in SAMPLERS:
+        raise ConfigError(f"data.sampler={cfg.data.sampler!r}: choose one of {list(SAMPLERS)}")
+    if cfg.data.sampler == "temperature" and cfg.data.temperature <= 0:
+        raise ConfigError("data.temperature must be > 0")
+    return out
+
+
+def task_probabilities(sizes: Sequence[int], weights: Sequence[float], sampler: str, temperature: float):
+    sizes_t = torch.tensor(sizes, dtype=torch.float64)
+    if sampler == "proportional":
+        p = sizes_t
+    elif sampler == "temperature":  # T=1 proportional, T->inf uniform
+        p = sizes_t ** (1.0 / temperature)
+    elif sampler == "uniform":
+        p = torch.ones_like(sizes_t)
+    else:
+        p = torch.tensor(weights, dtype=torch.float64)
+    return (p / p.sum()).tolist()
+
+
+class MixtureOrder:
+    """The example order of each epoch: an epoch has as many draws as there are examples in
+    all tasks; each draw picks a task with the sampler's probabilities and takes that
+    task's next example from its own reshuffled stream (restarting it when used up, so an
+    up-weighted small task repeats). Everything is seeded by (seed, epoch)."""
+
+    def __init__(self, offsets: Sequence[int], sizes: Sequence[int], probs: Sequence[float], seed: int):
+        self.offsets, self.sizes, self.probs, self.seed = list(offsets), list(sizes), list(probs), seed
+        self.total = sum(sizes)
+
+    def __call__(self, epoch: int) -> List[int]:
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+        picks = torch.multinomial(torch.tensor(self.probs), self.total, replacement=True, generator=g).tolist()
+        streams: Dict[int, List[int]] = {}
+        used = [0] * len(self.sizes)
+        out = []
+        for t in picks:
+            if used[t] % self.sizes[t] == 0:
+                streams[t] = torch.randperm(self.sizes[t], generator=g).tolist()
+            out.append(self.offsets[t] + streams[t][used[t] % self.sizes[t]])
+            used[t] += 1
+        return out
+
+
+class MixtureTask(Task):
+    """Batches of examples from several tasks; the loss is each member task's own."""
+
+    name = "mixture"
+
+    def __init__(self, cfg, members_: List[Member], tokenizer):
+        super().__init__(cfg.task, cfg.data, tokenizer)
+        self.members = members_
+        self.tasks: List[Task] = [build_task(m.task_cfg, m.data_cfg, tokenizer) for m in members_]
+        self.kind = "classification" if self.tasks[0].name == "classification" else "lm"
+        self.num_labels: List[Optional[int]] = [None] * len(members_)
+        base = self.tasks[0].eval_stats_keys
+        self.eval_stats_keys = tuple(f"{m.name}/{k}" for m in members_ for k in base)
+        per_task = [f"{m.name}/{k}" for m in members_ for k in type(self.tasks[0]).metrics]
+        self.metrics = tuple(type(self.tasks[0]).metrics) + tuple(per_task)
+
+    @property
+    def model_inputs(self):
+        return ("input_ids", "attention_mask", "task_ids") if self.kind == "classification" else \
+            ("input_ids", "attention_mask")
+
+    def collate(self, examples):
+        batch = self.tasks[0].collate(examples)  # same fields for every member of a kind
+        batch["task_ids"] = torch.tensor([e["task"] for e in examples], dtype=torch.long)
+        return batch
+
+    def count_targets(self, batch):
+        return self.tasks[0].count_targets(batch)
+
+    def loss_sum(self, logits, batch):
+        return self.tasks[0].loss_sum(logits, batch)
+
+    def eval_stats(self, logits, batch):
+        out = {}
+        for i, m in enumerate(self.members):
+            rows = (batch["task_ids"] == i).nonzero().flatten()
+            if rows.numel() == 0:
+                continue
+            sub = {k: v[rows] for k, v in batch.items()}
+            for k, v in self.tasks[i].eval_stats(logits[rows], sub).items():
+                out[f"{m.name}/{k}"] = v
+        return out
+
+    def finish_eval(self, sums):
+        metrics: Dict[str, float] = {}
+        per_task = []
+        for i, m in enumerate(self.members):
+            own = {k.split("/", 1)[1]: v for k, v in sums.items() if k.startswith(f"{m.name}/")}
+            res = self.tasks[i].finish_eval(own)
+            per_task.append(res)
+            metrics.update({f"{m.name}/{k}": v for k, v in res.items()})
+        for k in per_task[0]:  # the unweighted mean over tasks: each task counts the same
+            metrics[k] = sum(r[k] for r in per_task) / len(per_task)
+        return metrics
+
+
+class MultiHeadClassifier(nn.Module):
+    """One shared encoder, one head per task (dropout + linear on pooled features). The
+    logits of a batch are padded to the largest label set; the classes a task does not
+    have get -inf-like logits, so softmax, cross-entropy and argmax see only its own."""
+
+    def __init__(self, backbone: nn.Module, num_labels: Sequence[int], dropout: float, pooling: str):
+        super().__init__()
+        self.backbone = backbone
+        self.config = backbone.config
+        self.pooling = pooling
+        width = backbone.config.hidden_size
+        self.heads = nn.ModuleList([nn.Sequential(nn.Dropout(dropout), nn.Linear(width, n)) for n in num_labels])
+        for head in self.heads:
+            nn.init.normal_(head[1].weight, std=0.02)
+            nn.init.zeros_(head[1].bias)
+        self.num_labels = list(num_labels)
+
+    def pool(self, hidden, attention_mask):
+        mask = attention_mask.to(hidden.dtype).unsqueeze(-1)
+        if self.pooling == "mean":
+            return (hidden * mask).sum(1) / mask.sum(1).clamp(min=1.0)
+        if self.pooling == "first":
+            return hidden[:, 0]
+        last = attention_mask.sum(1).long() - 1
+        return hidden[torch.arange(hidden.size(0), device=hidden.device), last]
+
+    def forward(self, input_ids, attention_mask, task_ids):
+        hidden = self.backbone(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        pooled = self.pool(hidden, attention_mask)
+        logits = pooled.new_full((pooled.size(0), max(self.num_labels)), -1e4)
+        for t, head in enumerate(self.heads):
+            # Every head runs, on its rows or on none: a head absent from a batch still
+            # joins the graph (with zero gradient), as DDP expects of every parameter.
+            rows = (task_ids == t).nonzero().flatten()
+            logits[rows, : self.num_labels[t]] = head(pooled[rows]).to(logits.dtype)
+        return SequenceClassifierOutput(logits=logits)
+
+
+def apply_strategy(model: MultiHeadClassifier, strategy_cfg) -> MultiHeadClassifier:
+    """Which parameters train in a multi-head model: the heads always; of the encoder, all
+    (full), its biases (bitfit), LoRA adapters (lora) or its top layers (partial)."""
+    from distft.strategies.base import find_layer_stack, freeze_all
+
+    name = strategy_cfg.name
+    if name == "full":
+        pass
+    elif name == "bitfit":
+        freeze_all(model)
+        for n, p in model.backbone.named_parameters():
+            if n.endswith(".bias"):
+                p.requires_grad_(True)
+    elif name == "lora":
+        from peft import LoraConfig, TaskType, get_peft_model
+
+        targets = list(strategy_cfg.target_modules) if strategy_cfg.target_modules is not None else None
+        model.backbone = get_peft_model(model.backbone, LoraConfig(
+            r=strategy_cfg.r, lora_alpha=strategy_cfg.alpha, lora_dropout=strategy_cfg.dropout,
+            target_modules="all-linear" if targets == ["all-linear"] else targets,
+            task_type=TaskType.FEATURE_EXTRACTION))
+    elif name == "partial":
+        freeze_all(model)
+        n_top = strategy_cfg.unfreeze_top_layers
+        if n_top:
+            for block in list(find_layer_stack(model.backbone))[-n_top:]:
+                block.requires_grad_(True)
+    else:
+        raise ConfigError(f"strategy={name} is not available for a classification mixture; "
+                          "use full, bitfit, lora or partial")
+    for head in model.heads:
+        head.requires_grad_(True)
+    return model
+
+
+def build_classifier(model_cfg, tokenizer, num_labels: Sequence[int], task_cfg, strategy_cfg, seed: int):
+    """A shared pretrained encoder (the model's base, without its own head) and new heads."""
+    from distft.models.loading import load_model
+
+    base = load_model(model_cfg, "classification", tokenizer, num_labels[0], seed=seed).base_model
+    torch.manual_seed(seed + 1)
+    model = MultiHeadClassifier(base, num_labels, task_cfg.head_dropout, task_cfg.pooling)
+    return apply_strategy(model, strategy_cfg)
+
+
+def export_classifier(model: MultiHeadClassifier, members_: List[Member], out_dir, tokenizer, pad_token_id) -> list:
+    """One model per task in final/<task>/, each a plain backbone + its head that loads with
+    AutoModelForSequenceClassification (trust_remote_code: the head is distft's MlpHead)."""
+    import copy
+    import os
+
+    from distft.models.head_model import MlpHeadConfig, MlpHeadForSequenceClassification
+
+    backbone = model.backbone
+    if hasattr(backbone, "merge_and_unload"):  # LoRA: fold the adapters into a copy
+        backbone = copy.deepcopy(backbone).merge_and_unload()
+    written = []
+    for m, head, n in zip(members_, model.heads, model.num_labels):
+        config = MlpHeadConfig(backbone=backbone.config, head_hidden=[], head_dropout=head[0].p,
+                               pooling=model.pooling, num_labels=n, pad_token_id=pad_token_id)
+        single = MlpHeadForSequenceClassification(config, backbone=backbone)
+        single.head.load_state_dict(head.state_dict())
+        folder = os.path.join(out_dir, m.name)
+        single.save_pretrained(folder, safe_serialization=True)
+        tokenizer.save_pretrained(folder)
+        written.append(folder)
+    return written
+
+
+def prepare_mixture(cfg, mixture: MixtureTask, seed: int):
+    """Every member prepared as a run of its own would be; examples tagged with their task."""
+    from distft.data.prepare import prepare
+
+    train, val, reports = [], [], {}
+    sizes = []
+    for i, (m, task) in enumerate(zip(mixture.members, mixture.tasks)):
+        tr, va, n_labels, report = prepare(m.data_cfg, task, seed)
+        for e in tr:
+            e["task"] = i
+        for e in va:
+            e["task"] = i
+        mixture.num_labels[i] = n_labels
+        sizes.append(len(tr))
+        train += tr
+        val += va
+        reports[m.name] = report
+    reports["mixture"] = {"sizes": sizes, "num_labels": mixture.num_labels}
+    return train, val, mixture.num_labels, reports
+
+
+def mixture_order(cfg, members_: List[Member], sizes: Sequence[int], seed: int) -> MixtureOrder:
+    probs = task_probabilities(sizes, [m.weight for m in members_], cfg.data.sampler, cfg.data.temperature)
+    offsets = [sum(sizes[:i]) for i in range(len(sizes))]
+    log.info("mixture: %s", ", ".join(f"{m.name} {n} examples, p={p:.3f}" for m, n, p in zip(members_, sizes, probs)))
+    return MixtureOrder(offsets, sizes, probs, seed)

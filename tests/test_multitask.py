@@ -1,0 +1,106 @@
+"""Multi-task mixtures: the samplers, per-task heads and metrics, export per task, resume."""
+import json
+import random
+from collections import Counter
+
+import pytest
+import torch
+from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+from conftest import TINY, losses, read_metrics, run_cli
+from distft.multitask import MixtureOrder, task_probabilities
+from distft.trainer import EpochBatches
+
+
+def test_sampler_probabilities():
+    sizes = [900, 100]
+    assert task_probabilities(sizes, [1, 1], "proportional", 2.0) == pytest.approx([0.9, 0.1])
+    assert task_probabilities(sizes, [1, 1], "temperature", 2.0) == pytest.approx([0.75, 0.25])  # 30:10
+    assert task_probabilities(sizes, [1, 1], "uniform", 2.0) == pytest.approx([0.5, 0.5])
+    assert task_probabilities(sizes, [1, 3], "weights", 2.0) == pytest.approx([0.25, 0.75])
+
+
+def test_mixture_order_follows_the_probabilities_and_is_seeded():
+    order = MixtureOrder([0, 900], [900, 100], [0.5, 0.5], seed=1)
+    epoch0 = order(0)
+    assert len(epoch0) == 1000 and epoch0 == order(0) and epoch0 != order(1)
+    share = sum(1 for i in epoch0 if i >= 900) / 1000
+    assert share == pytest.approx(0.5, abs=0.05)
+    small = Counter(i for i in epoch0 if i >= 900)
+    assert len(small) == 100 and max(small.values()) - min(small.values()) <= 1, "the small task cycles evenly"
+
+
+def test_mixture_batches_split_across_ranks_without_overlap():
+    order = MixtureOrder([0, 50], [50, 30], [0.6, 0.4], seed=3)
+    one = EpochBatches(80, 8, 3, 0, 1, order)
+    ranks = [EpochBatches(80, 4, 3, r, 2, order) for r in range(2)]
+    for (e1, b1, idx), *per_rank in zip(one.from_position(0, 0), *(r.from_position(0, 0) for r in ranks)):
+        assert sorted(idx) == sorted(per_rank[0][2] + per_rank[1][2])
+        assert not set(per_rank[0][2]) & set(per_rank[1][2])
+        if e1 == 1:
+            break
+
+
+def write_tasks(tmp_path):
+    rng = random.Random(0)
+    colors = ["red", "green", "blue"]
+    for split, n in (("train", 120), ("val", 30)):
+        with open(tmp_path / f"sent_{split}.jsonl", "w") as f:
+            for _ in range(n):
+                y = rng.randint(0, 1)
+                f.write(json.dumps({"text": f"it was {'good' if y else 'bad'} {rng.randint(0, 99)}", "label": y}) + "\n")
+        with open(tmp_path / f"color_{split}.jsonl", "w") as f:
+            for _ in range(n):
+                y = rng.randint(0, 2)
+                f.write(json.dumps({"sentence": f"the sky is {colors[y]} {rng.randint(0, 99)}", "label": y}) + "\n")
+    return [
+        "task=classification", "data=mixture",
+        f"+data.tasks.sent.data.train={tmp_path / 'sent_train.jsonl'}",
+        f"+data.tasks.sent.data.validation={tmp_path / 'sent_val.jsonl'}",
+        f"+data.tasks.color.data.train={tmp_path / 'color_train.jsonl'}",
+        f"+data.tasks.color.data.validation={tmp_path / 'color_val.jsonl'}",
+        "+data.tasks.color.data.text_field=sentence",
+    ]
+
+
+def test_two_classification_tasks_one_encoder_two_heads(tmp_path):
+    args = [*TINY, *write_tasks(tmp_path), "trainer.max_steps=40", "trainer.eval_every=20", "trainer.lr=3e-3"]
+    run = tmp_path / "run"
+    run_cli(*args, f"run_dir={run}")
+    last = [e for e in read_metrics(run) if "eval/accuracy" in e][-1]
+    assert last["eval/sent/accuracy"] > 0.8 and last["eval/color/accuracy"] > 0.6
+    assert last["eval/accuracy"] == pytest.approx((last["eval/sent/accuracy"] + last["eval/color/accuracy"]) / 2)
+
+    # Each task's model loads with plain transformers and scores its own validation set
+    # as the run reported.
+    for name, field, n_labels in (("sent", "text", 2), ("color", "sentence", 3)):
+        folder = run / "final" / name
+        model = AutoModelForSequenceClassification.from_pretrained(folder, trust_remote_code=True).eval()
+        tok = AutoTokenizer.from_pretrained(folder)
+        rows = [json.loads(line) for line in (tmp_path / f"{name}_val.jsonl").read_text().splitlines()]
+        correct = 0
+        with torch.no_grad():
+            for r in rows:
+                logits = model(**tok(r[field], return_tensors="pt")).logits
+                assert logits.shape[-1] == n_labels
+                correct += int(logits.argmax(-1).item() == r["label"])
+        assert correct / len(rows) == pytest.approx(last[f"eval/{name}/accuracy"])
+
+    # Resumed from a mid-run checkpoint, the mixture continues with the same losses.
+    again = tmp_path / "again"
+    run_cli(*args, "trainer.save_every=10", "trainer.keep_checkpoints=0", f"run_dir={tmp_path / 'ref'}")
+    run_cli(*args, f"resume={tmp_path / 'ref' / 'checkpoints' / 'step-20'}", f"run_dir={again}")
+    ref, got = losses(tmp_path / "ref"), losses(again)
+    assert sorted(got) == list(range(21, 41))
+    for step in got:
+        assert got[step] == pytest.approx(ref[step], rel=1e-5)
+
+
+def test_mixture_refusals(tmp_path):
+    args = [*TINY, *write_tasks(tmp_path), f"run_dir={tmp_path / 'r'}"]
+    proc = run_cli(*args, "data.sampler=bogus", check=False)
+    assert proc.returncode == 2 and "data.sampler='bogus'" in proc.stderr
+    proc = run_cli(*args, "+data.tasks.color.task.name=causal_lm", check=False)
+    assert proc.returncode == 2 and "need different model heads" in proc.stderr
+    proc = run_cli(*TINY, "task=classification", "data=mixture", f"run_dir={tmp_path / 'r2'}", check=False)
+    assert proc.returncode == 2 and "data.tasks is empty" in proc.stderr
