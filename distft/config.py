@@ -187,6 +187,13 @@ class TrainerConfig:
 
 
 @dataclass
+class ExperimentConfig:
+    name: str = "single"  # single | sequential
+    # sequential: one entry per stage, each {name, data: {...}, task: {...}, overrides: [k=v, ...]}
+    stages: List[Any] = field(default_factory=list)
+
+
+@dataclass
 class TrainConfig:
     model: ModelConfig = MISSING
     data: DataConfig = MISSING
@@ -198,6 +205,10 @@ class TrainConfig:
     run_dir: str = MISSING
     seed: int = 42
     resume: str = "auto"  # auto | never | a checkpoint folder
+    # Start from the weights of an earlier run: a folder holding weights.safetensors (one of
+    # its checkpoints, or best/). New parameters (e.g. a new task head) keep their init.
+    init_from: Optional[str] = None
+    experiment: ExperimentConfig = field(default_factory=ExperimentConfig)
 
 
 STRATEGY_SCHEMAS = {
@@ -216,6 +227,7 @@ def register_configs() -> None:
     cs.store(group="task", name="task_schema", node=TaskConfig)
     cs.store(group="backend", name="backend_schema", node=BackendConfig)
     cs.store(group="logger", name="logger_schema", node=LoggerConfig)
+    cs.store(group="experiment", name="experiment_schema", node=ExperimentConfig)
     for name, node in STRATEGY_SCHEMAS.items():
         cs.store(group="strategy", name=f"{name}_schema", node=node)
 

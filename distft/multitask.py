@@ -46,9 +46,9 @@ def members(cfg) -> List[Member]:
     out = []
     for name, spec in cfg.data.tasks.items():
         spec = OmegaConf.to_container(spec, resolve=True) if not isinstance(spec, dict) else spec
-        unknown = set(spec) - {"data", "task", "weight"}
+        unknown = set(spec) - {"data", "task", "weight", "train"}
         if unknown:
-            raise ConfigError(f"data.tasks.{name}: unknown key(s) {sorted(unknown)}; use data, task and weight")
+            raise ConfigError(f"data.tasks.{name}: unknown key(s) {sorted(unknown)}; use data, task, weight, train")
         data = {**top_data, "name": "files", **(spec.get("data") or {})}
         task = {**top_task, **(spec.get("task") or {})}
         try:
@@ -61,7 +61,13 @@ def members(cfg) -> List[Member]:
         weight = float(spec.get("weight", 1.0))
         if weight <= 0:
             raise ConfigError(f"data.tasks.{name}.weight={weight}: weights must be > 0")
-        out.append(Member(str(name), data_cfg, task_cfg, weight))
+        member = Member(str(name), data_cfg, task_cfg, weight)
+        # train=false: the task is evaluated (and keeps its head) but not trained on, as
+        # earlier stages are in sequential fine-tuning; a replay stage would set it true.
+        member.train = bool(spec.get("train", True))
+        out.append(member)
+    if not any(m.train for m in out):
+        raise ConfigError("data=mixture: every task has train=false; nothing to train on")
     kinds = {m.task_cfg.name for m in out}
     if len(kinds) > 1 and not kinds <= set(LM_TASKS):
         raise ConfigError(f"data=mixture: the tasks {sorted(kinds)} need different model heads; a mixture is "
@@ -291,8 +297,9 @@ def prepare_mixture(cfg, mixture: MixtureTask, seed: int):
         for e in va:
             e["task"] = i
         mixture.num_labels[i] = n_labels
-        sizes.append(len(tr))
-        train += tr
+        sizes.append(len(tr) if m.train else 0)
+        if m.train:
+            train += tr
         val += va
         reports[m.name] = report
     reports["mixture"] = {"sizes": sizes, "num_labels": mixture.num_labels}
@@ -300,7 +307,9 @@ def prepare_mixture(cfg, mixture: MixtureTask, seed: int):
 
 
 def mixture_order(cfg, members_: List[Member], sizes: Sequence[int], seed: int) -> MixtureOrder:
-    probs = task_probabilities(sizes, [m.weight for m in members_], cfg.data.sampler, cfg.data.temperature)
-    offsets = [sum(sizes[:i]) for i in range(len(sizes))]
-    log.info("mixture: %s", ", ".join(f"{m.name} {n} examples, p={p:.3f}" for m, n, p in zip(members_, sizes, probs)))
-    return MixtureOrder(offsets, sizes, probs, seed)
+    """The sampler over the trained members (sizes 0 are evaluation-only members)."""
+    trained = [(m, n, sum(sizes[:i])) for i, (m, n) in enumerate(zip(members_, sizes)) if m.train]
+    probs = task_probabilities([n for _, n, _ in trained], [m.weight for m, _, _ in trained],
+                               cfg.data.sampler, cfg.data.temperature)
+    log.info("mixture: %s", ", ".join(f"{m.name} {n} examples, p={p:.3f}" for (m, n, _), p in zip(trained, probs)))
+    return MixtureOrder([o for _, _, o in trained], [n for _, n, _ in trained], probs, seed)

@@ -24,6 +24,14 @@ def run(cfg: DictConfig) -> dict:
     """Train with a composed config and return the run summary."""
     from distft.trainer import Trainer
 
+    if cfg.experiment.name == "sequential":
+        from distft.sequential import run_sequential
+
+        return run_sequential(cfg)
+    if cfg.experiment.name != "single":
+        from distft.errors import ConfigError
+
+        raise ConfigError(f"experiment.name={cfg.experiment.name!r}: choose single or sequential")
     return Trainer(cfg).setup().train()
 
 
@@ -42,8 +50,11 @@ def _main(cfg: DictConfig) -> None:
         f"done: {summary['steps']} steps, eval/{metric}="
         + (f"{value:.4f}" if value is not None else "n/a")
         + f" (best at step {summary['best_step']}); model in {summary['final_dir']}; "
-        f"metrics in {os.path.join(cfg.run_dir, 'metrics.jsonl')}"
+        f"metrics in {os.path.join(summary.get('run_dir', cfg.run_dir), 'metrics.jsonl')}"
     )
+    if "forgetting" in summary:
+        print(f"stage-by-task {summary['forgetting']['metric']} matrix in "
+              f"{os.path.join(cfg.run_dir, 'forgetting.json')} and forgetting.png")
 
 
 def _strip_local_rank(argv: list[str]) -> list[str]:

@@ -118,9 +118,33 @@ def check_config(cfg) -> None:
         raise ConfigError(f"strategy={cfg.strategy.name} is not available for a classification mixture")
 
 
+def _init_from(model, folder: str) -> None:
+    """Load an earlier run's trainable weights into `model` by name; parameters the file
+    lacks (a new head) keep their fresh init, and anything that does not fit is an error."""
+    path = Path(folder) / "weights.safetensors"
+    if not path.is_file():
+        raise ConfigError(f"init_from={folder}: no weights.safetensors there (give a checkpoint folder or best/)")
+    weights = load_file(str(path))
+    params = dict(model.named_parameters())
+    for name, tensor in weights.items():
+        if name not in params:
+            raise ConfigError(f"init_from={folder}: {name} is not a parameter of this model "
+                              "(another model or strategy?)")
+        if params[name].shape != tensor.shape:
+            raise ConfigError(f"init_from={folder}: {name} has shape {tuple(tensor.shape)}, "
+                              f"this model's is {tuple(params[name].shape)}")
+    with torch.no_grad():
+        for name, tensor in weights.items():
+            params[name].copy_(tensor)
+    fresh = [n for n, p in params.items() if p.requires_grad and n not in weights]
+    log.info("init_from %s: %d tensors loaded; %d trainable tensors start fresh%s", folder, len(weights), len(fresh),
+             f" ({', '.join(fresh[:4])}{', ...' if len(fresh) > 4 else ''})" if fresh else "")
+
+
 class Trainer:
-    def __init__(self, cfg):
+    def __init__(self, cfg, teardown: bool = True):
         self.cfg = cfg
+        self.teardown = teardown  # False keeps the process group for a next stage
         self.run_dir = Path(cfg.run_dir)
         self.ckpt_root = self.run_dir / "checkpoints"
         self.last_eval: Optional[tuple[int, Dict[str, float]]] = None
@@ -194,6 +218,8 @@ class Trainer:
             model = load_model(cfg.model, task_info.name, self.tokenizer, lm_labels, seed=cfg.seed)
             self.base_dir = self._save_base_if_needed(model)
             model = self.strategy.apply(model, task_info)
+        if cfg.init_from:
+            _init_from(model, cfg.init_from)
         if t.activation_checkpointing:
             _enable_activation_checkpointing(model)
         self.trainable, self.total = count_parameters(model)
@@ -471,13 +497,15 @@ class Trainer:
             "backend": self.backend.name,
             "processes": self.backend.world_size,
             "final_dir": str(out),
+            "run_dir": str(self.run_dir),
         }
         if self.main:
             tmp = self.run_dir / "summary.json.tmp"
             tmp.write_text(json.dumps(summary, indent=2))
             os.replace(tmp, self.run_dir / "summary.json")
         self.metrics.finish(summary)
-        self.backend.teardown()
+        if self.teardown:
+            self.backend.teardown()
         return summary
 
 

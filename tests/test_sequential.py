@@ -1,0 +1,57 @@
+"""Sequential fine-tuning: stages start from the previous stage's weights, and every
+earlier task is evaluated after each stage (the forgetting matrix)."""
+import json
+
+import pytest
+from safetensors.torch import load_file
+
+from conftest import TINY, read_metrics, run_cli
+from test_multitask import write_tasks
+
+
+def stages_args(tmp_path):
+    write_tasks(tmp_path)
+    return [
+        "experiment=sequential", "task=classification",
+        f"experiment.stages=[{{name: sent, data: {{train: {tmp_path / 'sent_train.jsonl'}, "
+        f"validation: {tmp_path / 'sent_val.jsonl'}}}}}, "
+        f"{{name: color, data: {{train: {tmp_path / 'color_train.jsonl'}, "
+        f"validation: {tmp_path / 'color_val.jsonl'}, text_field: sentence}}, overrides: ['trainer.lr=2e-3']}}]",
+    ]
+
+
+def test_two_stages_report_the_forgetting_matrix(tmp_path):
+    run = tmp_path / "run"
+    proc = run_cli(*TINY, *stages_args(tmp_path), "trainer.max_steps=30", "trainer.lr=3e-3",
+                   f"run_dir={run}")
+    result = json.loads((run / "forgetting.json").read_text())
+    assert result["tasks"] == ["sent", "color"] and result["metric"] == "accuracy"
+    (a11, a12), (a21, a22) = result["matrix"]
+    assert a12 is None and None not in (a11, a21, a22)
+    assert a11 > 0.8, "stage 1 learns its task"
+    assert result["forgetting"]["sent"] == pytest.approx(a11 - a21)
+    assert (run / "forgetting.png").stat().st_size > 1000
+    assert "forgetting matrix" in proc.stdout + proc.stderr
+
+    stage1, stage2 = run / "stages" / "1-sent", run / "stages" / "2-color"
+    # Stage 2 trained only on its own data, evaluated both, and started from stage 1's
+    # encoder: its first step's weights are not a fresh init.
+    ev = [e for e in read_metrics(stage2) if "eval/accuracy" in e][-1]
+    assert ev["eval/sent/accuracy"] == pytest.approx(a21) and ev["eval/color/accuracy"] == pytest.approx(a22)
+    report = json.loads((stage2 / "data_report.json").read_text())
+    assert report["mixture"]["sizes"] == [0, 120]
+    cfg2 = (stage2 / "config.yaml").read_text()
+    assert "init_from: " + str(stage1) in cfg2 and "lr: 0.002" in cfg2
+    first = load_file(str(stage1 / "checkpoints" / "step-30" / "weights.safetensors"))
+    assert any(k.startswith("heads.0") for k in first) and not any(k.startswith("heads.1") for k in first)
+    assert (stage2 / "final" / "sent" / "config.json").is_file() and (stage2 / "final" / "color").is_dir()
+
+    # Run again: finished stages are not trained again.
+    again = run_cli(*TINY, *stages_args(tmp_path), "trainer.max_steps=30", "trainer.lr=3e-3",
+                    f"run_dir={run}")
+    assert "already finished" in again.stdout + again.stderr
+
+
+def test_empty_stages_refused(tmp_path):
+    proc = run_cli(*TINY, "experiment=sequential", "task=classification", f"run_dir={tmp_path / 'r'}", check=False)
+    assert proc.returncode == 2 and "experiment.stages is empty" in proc.stderr
