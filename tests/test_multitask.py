@@ -104,3 +104,18 @@ def test_mixture_refusals(tmp_path):
     assert proc.returncode == 2 and "need different model heads" in proc.stderr
     proc = run_cli(*TINY, "task=classification", "data=mixture", f"run_dir={tmp_path / 'r2'}", check=False)
     assert proc.returncode == 2 and "data.tasks is empty" in proc.stderr
+
+
+def test_language_model_mixture_reports_each_task(tmp_path):
+    for name, word in (("plus", "plus"), ("minus", "minus")):
+        with open(tmp_path / f"{name}.jsonl", "w") as f:
+            for i in range(60):
+                f.write(json.dumps({"text": f"{i} {word} 1 is {i + 1 if word == 'plus' else i - 1}."}) + "\n")
+    run = tmp_path / "run"
+    run_cli(*TINY, "task=causal_lm", "data=mixture", "data.sampler=weights", "trainer.max_steps=6",
+            f"+data.tasks.plus.data.train={tmp_path / 'plus.jsonl'}", "+data.tasks.plus.weight=3",
+            f"+data.tasks.minus.data.train={tmp_path / 'minus.jsonl'}", f"run_dir={run}")
+    last = [e for e in read_metrics(run) if "eval/loss" in e][-1]
+    assert {"eval/plus/loss", "eval/minus/loss", "eval/plus/perplexity"} <= set(last)
+    assert last["eval/loss"] == pytest.approx((last["eval/plus/loss"] + last["eval/minus/loss"]) / 2)
+    assert (run / "final" / "model.safetensors").is_file()
