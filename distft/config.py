@@ -177,6 +177,7 @@ class TrainerConfig:
     warmup_steps: int = 0  # used when > 0, else warmup_ratio * total steps
     max_grad_norm: float = 1.0  # <= 0 disables clipping
     eval_every: int = 0  # 0 = only at the end
+    eval_before_training: bool = False  # also evaluate the starting weights (logged as step 0)
     save_every: int = 0  # 0 = only at the end
     keep_checkpoints: int = 2
     precision: str = "fp32"  # fp32 | bf16 (autocast)

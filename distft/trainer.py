@@ -310,6 +310,12 @@ class Trainer:
         bar = tqdm(total=self.max_steps, initial=self.step, disable=not (self.main and cfg.logger.progress_bar),
                    desc="train", dynamic_ncols=True)
         stopped_early = False
+        if t.eval_before_training and self.step == 0 and self.val_examples:
+            # The starting point, for a "before" number beside the "after" ones.
+            metrics = self.evaluate()
+            self.metrics.log({"step": 0, **{f"eval/{k}": v for k, v in metrics.items()}})
+            if self.main:
+                bar.write("step 0: " + "  ".join(f"eval/{k}={v:.4f}" for k, v in metrics.items()))
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)  # training's peak, not loading's
         self.model.train()
