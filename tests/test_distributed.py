@@ -184,3 +184,18 @@ def test_local_rank_flag_is_stripped():
     from distft.train import _strip_local_rank
 
     assert _strip_local_rank(["prog", "--local_rank=1", "a=1", "--local_rank", "0", "b=2"]) == ["prog", "a=1", "b=2"]
+
+
+def test_mixture_on_two_processes_matches_one(tmp_path):
+    """A classification mixture (two heads) under DDP: each rank its share of the sampler's
+    global batches, the same losses as one process (a head absent from a rank's batch still
+    joins the graph, as DDP requires)."""
+    from test_multitask import write_tasks
+
+    args = [*COMMON, *write_tasks(tmp_path), "task.head_dropout=0.0"]  # one RNG stream vs two
+    run_cli(*args, "trainer.batch_size=8", f"run_dir={tmp_path / 'one'}")
+    torchrun(2, *args, "backend=ddp", "trainer.batch_size=4", f"run_dir={tmp_path / 'two'}")
+    ref, got = losses(tmp_path / "one"), losses(tmp_path / "two")
+    assert sorted(got) == list(range(1, STEPS + 1))
+    for step in ref:
+        assert got[step] == pytest.approx(ref[step], rel=1e-4), f"step {step}"
