@@ -22,6 +22,7 @@ ROOT = Path(__file__).resolve().parent.parent
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--resume", action="store_true", help="keep finished stages of an interrupted run")
     ap.add_argument("--out", default=str(ROOT / "bench" / "results"))
     args = ap.parse_args()
     if not (ROOT.parent / "shared" / "data" / "agnews").is_dir():
@@ -29,7 +30,8 @@ def main() -> int:
         return 1
     out = Path(args.out)
     run_dir = out / "runs" / "sequential"
-    shutil.rmtree(run_dir, ignore_errors=True)
+    if not args.resume:
+        shutil.rmtree(run_dir, ignore_errors=True)
     cmd = [sys.executable, "-m", "distft.train", "experiment=sequential_sst2_agnews", "model=minilm",
            "task=classification", "strategy=lora", "strategy.r=16", "strategy.alpha=32", "strategy.dropout=0.0",
            "strategy.target_modules=[query,key,value,dense]", "trainer.lr=1e-3", "trainer.batch_size=32",
