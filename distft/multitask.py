@@ -15,7 +15,6 @@ import logging
 from typing import Dict, List, Optional, Sequence
 
 import torch
-import torch.nn.functional as F
 from omegaconf import OmegaConf
 from torch import nn
 from transformers.modeling_outputs import SequenceClassifierOutput
