@@ -185,6 +185,9 @@ class TrainerConfig:
     early_stopping: EarlyStoppingConfig = field(default_factory=EarlyStoppingConfig)
     export_best: bool = True  # export the weights of the best eval, when there was an eval
     threads: Optional[int] = None  # torch intra-op threads on CPU
+    # Signals that stop the run after the current step with a checkpoint (SLURM's warning
+    # signal, the scheduler's or launcher's SIGTERM); resume=auto continues from it.
+    stop_signals: List[str] = field(default_factory=lambda: ["SIGUSR1", "SIGTERM"])
 
 
 @dataclass

@@ -23,6 +23,7 @@ from typing import Dict, List, Optional
 from omegaconf import OmegaConf, open_dict
 
 from distft import checkpoint as ckpt
+from distft import preemption
 from distft.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -92,6 +93,8 @@ def run_sequential(cfg) -> Dict:
     matrix: List[List[Optional[float]]] = []
     init_from = cfg.init_from
     summary: Dict = {}
+    if _is_main():
+        preemption.clear_marker(Path(cfg.run_dir))
     for k, name in enumerate(names):
         stage = stage_config(cfg, k, init_from)
         run_dir = Path(stage.run_dir)
@@ -101,7 +104,17 @@ def run_sequential(cfg) -> Dict:
             log.info("stage %d (%s) already finished: %s", k + 1, name, run_dir)
         else:
             log.info("stage %d/%d: %s%s", k + 1, len(names), name, f" from {init_from}" if init_from else "")
-            summary = Trainer(stage, teardown=k == len(names) - 1).setup().train()
+            trainer = Trainer(stage, teardown=k == len(names) - 1).setup()
+            summary = trainer.train()
+            if summary.get("preempted"):
+                # Stopped by a signal: the stage resumes from its checkpoint when the same
+                # command runs again; the marker goes where the launcher looks for it.
+                if _is_main():
+                    preemption.write_marker(Path(cfg.run_dir), summary["steps"], summary["signal"],
+                                            Path(summary["checkpoint"]))
+                if k != len(names) - 1:
+                    trainer.backend.teardown()
+                return {**summary, "stage": name}
         matrix.append([summary.get(f"eval/{names[i]}/{metric}") if i <= k else None for i in range(len(names))])
         init_from = _weights_of(run_dir, summary)
     result = forgetting_report(names, metric, matrix)

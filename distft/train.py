@@ -58,6 +58,14 @@ def _main(cfg: DictConfig) -> None:
     if int(os.environ.get("RANK", "0") or 0) != 0:
         _exit_cleanly_if_distributed()
         return  # rank 0 reports for everyone
+    if summary.get("preempted"):
+        # A clean stop, not a failure: exit 0 so launchers do not tear the job down as a
+        # crash; preempted.json in run_dir tells schedulers (slurm/*.sbatch) to requeue.
+        print(f"stopped by {summary['signal']} after step {summary['steps']} of {summary['max_steps']}"
+              + (f" (stage {summary['stage']})" if "stage" in summary else "")
+              + f"; checkpoint in {summary['checkpoint']}. Run the same command again to resume.")
+        _exit_cleanly_if_distributed()
+        return
     metric = summary.get("metric")
     value = summary.get(f"eval/{metric}")
     print(

@@ -25,6 +25,7 @@ from distft import checkpoint as ckpt
 from distft.backends import build_backend
 from distft.config import validate_schema
 from distft import multitask as mt
+from distft import preemption
 from distft.data.prepare import prepare, summary_line
 from distft.data.cache import cache_key, prepared_once
 from distft.errors import ConfigError, DistftError
@@ -91,6 +92,7 @@ def check_config(cfg) -> None:
         raise ConfigError(f"trainer.precision={t.precision!r}: choose one of {list(PRECISIONS)}")
     if t.precision == "fp16" and not torch.cuda.is_available():
         raise ConfigError("trainer.precision=fp16 needs a GPU; use bf16 or fp32 on CPU")
+    preemption.parse_signals(list(t.stop_signals))
     if cfg.logger.wandb.mode not in ("offline", "online", "disabled"):
         raise ConfigError(f"logger.wandb.mode={cfg.logger.wandb.mode!r}: choose offline, online or disabled")
     if cfg.resume not in ("auto", "never") and not Path(cfg.resume).is_dir():
@@ -154,6 +156,9 @@ class Trainer:
     def setup(self) -> "Trainer":
         cfg, t = self.cfg, self.cfg.trainer
         check_config(cfg)
+        # From here on SIGUSR1/SIGTERM mean "stop after this step with a checkpoint"
+        # (a signal during setup stops the run after its first step).
+        self.stop = preemption.StopRequest(preemption.parse_signals(list(t.stop_signals))).install()
         if t.threads:
             torch.set_num_threads(t.threads)
         self.backend = build_backend(cfg.backend, t)
@@ -180,6 +185,9 @@ class Trainer:
             )
         resume_from = ckpt.find_resume_checkpoint(cfg.resume, self.ckpt_root)
         self.run_dir.mkdir(parents=True, exist_ok=True)
+        self.backend.barrier()  # every rank has looked for run_dir's state before it changes
+        if self.main:
+            preemption.clear_marker(self.run_dir)
         seed_everything(cfg.seed)
 
         # Data first: a bad file stops the run before minutes of model loading.
@@ -350,7 +358,10 @@ class Trainer:
             self.state["tokens"] += int(tokens)
             self.state["train_seconds"] += step_seconds
 
-            loss_value = self.backend.all_reduce_sum([float(loss_sum)])[0] / n_targets
+            # The stop request rides on the loss all-reduce: every rank learns of a signal
+            # any rank received at the same step.
+            loss_total, stop_votes = self.backend.all_reduce_sum([float(loss_sum), float(self.stop.received is not None)])
+            loss_value = loss_total / n_targets
             event = {"step": self.step, "loss": loss_value, "lr": lr, "grad_norm": grad_norm, "step_seconds": step_seconds,
                      "tokens": int(tokens), "padded_tokens": int(padded),
                      "epoch": self.state["epoch"] + self.state["batch"] / self.batches.per_epoch}
@@ -362,10 +373,32 @@ class Trainer:
             last = self.step == self.max_steps
             if (t.eval_every and self.step % t.eval_every == 0) or last:
                 stopped_early = self._eval_and_track(bar)
-            if (t.save_every and self.step % t.save_every == 0) or last or stopped_early:
+            preempted = stop_votes > 0 and not last and not stopped_early
+            if (t.save_every and self.step % t.save_every == 0) or last or stopped_early or preempted:
                 self.save_checkpoint()
+            if preempted:
+                bar.close()
+                return self.preempted()
         bar.close()
         return self.finish(stopped_early)
+
+    def preempted(self) -> Dict:
+        """Leave after a stop signal: the checkpoint of this step is written; say so in
+        preempted.json (the sbatch scripts requeue on it) and hand the process back."""
+        received = [name for name in self.backend.gather_object(self.stop.received) if name]  # every rank
+        signal_name = received[0] if received else "a stop signal"
+        checkpoint = ckpt.checkpoint_dir(self.ckpt_root, self.step)
+        summary = {"preempted": True, "signal": signal_name, "steps": self.step, "max_steps": self.max_steps,
+                   "checkpoint": str(checkpoint), "run_dir": str(self.run_dir)}
+        if self.main:
+            preemption.write_marker(self.run_dir, self.step, signal_name, checkpoint)
+            log.warning("stopped by %s after step %d of %d; checkpoint %s. Run the same command again "
+                        "(resume=auto) to continue.", signal_name, self.step, self.max_steps, checkpoint)
+        self.metrics.finish({"preempted_at_step": self.step})
+        self.stop.restore()
+        if self.teardown:
+            self.backend.teardown()
+        return summary
 
     def _sample_memory(self) -> None:
         """Peak memory of this process during training: on GPU the allocator's peak, on CPU
@@ -510,6 +543,7 @@ class Trainer:
             tmp.write_text(json.dumps(summary, indent=2))
             os.replace(tmp, self.run_dir / "summary.json")
         self.metrics.finish(summary)
+        self.stop.restore()
         if self.teardown:
             self.backend.teardown()
         return summary
