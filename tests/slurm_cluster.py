@@ -96,6 +96,8 @@ SlurmctldPort={_free_port()}
 SlurmUser=root
 SlurmdUser=root
 AuthType=auth/munge
+# A requeued job waits for its old credential to expire (default 120 s) before it starts again.
+AuthInfo=cred_expire=10
 StateSaveLocation={r}/state
 SlurmdSpoolDir={r}/spool-%n
 SlurmctldPidFile={r}/slurmctld.pid

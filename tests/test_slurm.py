@@ -69,20 +69,6 @@ def test_two_node_job_trains_like_one_process(cluster, tmp_path, script, backend
         assert got[step] == pytest.approx(reference[step], rel=1e-4), f"step {step}"
 
 
-def _start_now(cluster, job, timeout=60):
-    """A requeued job is held back (BeginTime about 120 s later); let it start now."""
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        info = cluster.job(job)
-        if info.get("JobState") == "PENDING":
-            if cluster.run(["scontrol", "update", f"JobId={job}", "StartTime=now"], check=False).returncode == 0:
-                return
-        elif info.get("JobState") in ("RUNNING", "COMPLETED"):
-            return
-        time.sleep(0.3)
-    raise TimeoutError(f"job {job} did not come back pending: {cluster.job(job)}")
-
-
 @pytest.mark.parametrize("script,backend", [("slurm/train.sbatch", "ddp"), ("slurm/deepspeed.sbatch", "zero2")])
 def test_usr1_checkpoints_requeues_and_resumes(cluster, tmp_path, script, backend):
     """`scancel --signal=USR1 --batch` (what --signal=B:USR1@N sends before a time limit):
@@ -103,7 +89,7 @@ def test_usr1_checkpoints_requeues_and_resumes(cluster, tmp_path, script, backen
         assert cluster.job(job).get("JobState") in ("PENDING", "RUNNING"), log.read_text()[-3000:]
         time.sleep(0.05)
     cluster.run(["scancel", "--signal=USR1", "--batch", str(job)])
-    _start_now(cluster, job)
+    # The requeued job starts again once its old credential expired (cred_expire, 10 s here).
     info, text = finished(cluster, job, log)
 
     assert info["Restarts"] == "1", text[-4000:]
@@ -121,6 +107,38 @@ def test_usr1_checkpoints_requeues_and_resumes(cluster, tmp_path, script, backen
     ref_summary = json.loads((tmp_path / "ref" / "summary.json").read_text())
     summary = json.loads((cut / "summary.json").read_text())
     assert summary["eval/loss"] == pytest.approx(ref_summary["eval/loss"], rel=1e-5)
+
+
+def test_cancelled_job_leaves_a_checkpoint_that_a_new_job_resumes(cluster, tmp_path):
+    """`scancel JOB` (or a time limit, or preemption without requeue): SLURM sends SIGTERM
+    to every process, they write a checkpoint before KillWait runs out, and submitting
+    the same command again continues it to the losses of an uninterrupted job."""
+    steps = 60
+    overrides = [*TINY, f"trainer.max_steps={steps}", "trainer.lr=3e-3", "model.dropout=0.1", "logger.log_every=1",
+                 "backend=ddp", "trainer.batch_size=4"]
+    ref_job, ref_log = submit(cluster, tmp_path, "slurm/train.sbatch", *overrides, f"run_dir={tmp_path / 'ref'}")
+    finished(cluster, ref_job, ref_log)
+
+    cut = tmp_path / "cut"
+    job, log = submit(cluster, tmp_path, "slurm/train.sbatch", *overrides, f"run_dir={cut}")
+    deadline = time.time() + 300
+    while time.time() < deadline:
+        if (cut / "metrics.jsonl").exists() and any(e.get("step", 0) >= 3 for e in read_metrics(cut)):
+            break
+        time.sleep(0.05)
+    cluster.run(["scancel", str(job)])
+    info = cluster.wait_finished(job, 120)
+    assert info["JobState"] == "CANCELLED" and info["Restarts"] == "0", info
+    marker = json.loads((cut / "preempted.json").read_text())
+    assert marker["signal"] == "SIGTERM" and 3 <= marker["step"] < steps, log.read_text()[-3000:]
+
+    again, again_log = submit(cluster, tmp_path, "slurm/train.sbatch", *overrides, f"run_dir={cut}")
+    _, text = finished(cluster, again, again_log)
+    assert f"resumed from {cut / 'checkpoints' / ('step-%d' % marker['step'])}" in text
+    reference, resumed = losses(tmp_path / "ref"), losses(cut)
+    assert sorted(resumed) == list(range(1, steps + 1))
+    for step in range(1, steps + 1):
+        assert resumed[step] == pytest.approx(reference[step], rel=1e-5), f"step {step}"
 
 
 def test_array_job_runs_one_config_per_task(cluster, tmp_path):
