@@ -88,3 +88,33 @@ def test_stop_signals_are_checked_at_config_time(tmp_path):
     proc = run_cli(*TINY, "trainer.max_steps=1", "trainer.stop_signals=[SIGKILL]", f"run_dir={tmp_path}", check=False)
     assert proc.returncode == 2
     assert "trainer.stop_signals: 'SIGKILL' is not a signal a process can catch" in proc.stdout + proc.stderr
+
+
+def test_sequential_experiment_stops_in_a_stage_and_resumes_there(tmp_path):
+    from test_sequential import stages_args
+
+    args = [*TINY, *stages_args(tmp_path), "trainer.max_steps=30", "trainer.lr=3e-3", "logger.log_every=1"]
+    ref, cut = tmp_path / "ref", tmp_path / "cut"
+    run_cli(*args, f"run_dir={ref}")
+    proc = subprocess.Popen([sys.executable, "-m", "distft.train", *args, f"run_dir={cut}"], cwd=ROOT,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    _signal_when(proc, cut / "stages" / "2-color", signal.SIGTERM)
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, err[-3000:]
+    assert "(stage color)" in out
+    marker = json.loads((cut / "preempted.json").read_text())  # where a launcher looks
+    assert "2-color" in marker["checkpoint"]
+    assert (cut / "stages" / "1-sent" / "summary.json").is_file()
+    assert not (cut / "forgetting.json").exists()
+
+    again = run_cli(*args, f"run_dir={cut}")
+    assert "already finished" in again.stdout + again.stderr
+    assert not (cut / "preempted.json").exists()
+    expected = json.loads((ref / "forgetting.json").read_text())["matrix"]
+    got = json.loads((cut / "forgetting.json").read_text())["matrix"]
+    for row, ref_row in zip(got, expected):
+        for v, e in zip(row, ref_row):
+            assert (v is None and e is None) or v == pytest.approx(e, rel=1e-6), (got, expected)
+    stage2_ref, stage2 = losses(ref / "stages" / "2-color"), losses(cut / "stages" / "2-color")
+    assert sorted(stage2) == list(range(1, 31))
+    assert [stage2[k] for k in sorted(stage2)] == pytest.approx([stage2_ref[k] for k in sorted(stage2_ref)], rel=1e-5)
