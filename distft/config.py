@@ -185,6 +185,9 @@ class TrainerConfig:
     early_stopping: EarlyStoppingConfig = field(default_factory=EarlyStoppingConfig)
     export_best: bool = True  # export the weights of the best eval, when there was an eval
     threads: Optional[int] = None  # torch intra-op threads on CPU
+    # Language-model loss over chunks of this many target tokens, without the full logits
+    # tensor (distft/chunked_loss.py); 0 computes all logits at once.
+    loss_chunk_size: int = 1024
     # Signals that stop the run after the current step with a checkpoint (SLURM's warning
     # signal, the scheduler's or launcher's SIGTERM); resume=auto continues from it.
     stop_signals: List[str] = field(default_factory=lambda: ["SIGUSR1", "SIGTERM"])

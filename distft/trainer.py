@@ -22,6 +22,7 @@ from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from distft import checkpoint as ckpt
+from distft import chunked_loss
 from distft.backends import build_backend
 from distft.config import validate_schema
 from distft import multitask as mt
@@ -88,6 +89,8 @@ def check_config(cfg) -> None:
         raise ConfigError("trainer.max_steps must be > 0, or -1 with trainer.epochs > 0")
     if t.scheduler not in SCHEDULERS:
         raise ConfigError(f"trainer.scheduler={t.scheduler!r}: choose one of {list(SCHEDULERS)}")
+    if t.loss_chunk_size < 0:
+        raise ConfigError("trainer.loss_chunk_size must be >= 0 (0 computes all logits at once)")
     if t.precision not in PRECISIONS:
         raise ConfigError(f"trainer.precision={t.precision!r}: choose one of {list(PRECISIONS)}")
     if t.precision == "fp16" and not torch.cuda.is_available():
@@ -255,6 +258,7 @@ class Trainer:
         self.model, self.optimizer = self.backend.wrap(model, lambda m: torch.optim.AdamW(
             _param_groups(m, t.weight_decay), lr=t.lr, betas=tuple(t.adam_betas), eps=t.adam_eps))
         self.scheduler = _scheduler(self.backend.scheduled_optimizer(self.optimizer), t, self.max_steps)
+        self.tap = self._chunked_loss_tap()
 
         # Where we are: a fresh start or a checkpoint.
         self.state = {"epoch": 0, "batch": 0, "best_metric": None, "best_step": None, "bad_evals": 0,
@@ -279,6 +283,17 @@ class Trainer:
             (self.run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
         self.metrics.start(self.step if resume_from is not None else None)
         return self
+
+    def _chunked_loss_tap(self):
+        """The hidden-state tap of the chunked language-model loss, or None for full logits."""
+        if not self.cfg.trainer.loss_chunk_size or self.mixture or not hasattr(self.task, "loss_sum_hidden"):
+            return None
+        reason = chunked_loss.why_not(self.model, self.backend.name)
+        if reason:
+            log.info("loss from full logits: %s", reason)
+            return None
+        log.info("loss in chunks of %d target tokens, without full logits", self.cfg.trainer.loss_chunk_size)
+        return chunked_loss.HiddenStateTap(self.model)
 
     def _save_base_if_needed(self, model) -> Optional[str]:
         """Adapters need their base weights on disk to load without distft. A model built
@@ -311,6 +326,22 @@ class Trainer:
         inputs = self.task.model_kwargs(batch)
         with self._autocast():
             return self.model(**inputs).logits
+
+    def _loss_sum(self, batch) -> torch.Tensor:
+        if self.tap is None:
+            return self.task.loss_sum(self._forward(batch), batch)
+        with self._autocast():
+            # The model computes the logits of one position; the loss comes from the
+            # hidden states, a chunk of target rows at a time.
+            self.model(**self.task.model_kwargs(batch), logits_to_keep=1)
+            return self.task.loss_sum_hidden(self.tap.take(), self.tap.head, batch, self.cfg.trainer.loss_chunk_size)
+
+    def _eval_stats(self, batch) -> Dict[str, float]:
+        if self.tap is None:
+            return self.task.eval_stats(self._forward(batch), batch)
+        with self._autocast():
+            self.model(**self.task.model_kwargs(batch), logits_to_keep=1)
+            return self.task.eval_stats_hidden(self.tap.take(), self.tap.head, batch, self.cfg.trainer.loss_chunk_size)
 
     def train(self) -> Dict:
         cfg, t = self.cfg, self.cfg.trainer
@@ -345,7 +376,7 @@ class Trainer:
             loss_sum = torch.zeros((), device=self.device)
             for i, mb in enumerate(micro):
                 mb = self._to_device(mb)
-                loss = self.task.loss_sum(self._forward(mb), mb)
+                loss = self._loss_sum(mb)
                 self.backend.backward(loss / n_targets, sync=i == len(micro) - 1)
                 loss_sum += loss.detach()
             self._sample_memory()  # gradients are held now
@@ -444,7 +475,7 @@ class Trainer:
         mine = self.val_examples[self.backend.rank :: self.backend.world_size]
         for i in range(0, len(mine), bs):
             batch = self._to_device(self.task.collate(mine[i : i + bs]))
-            for k, v in self.task.eval_stats(self._forward(batch), batch).items():
+            for k, v in self._eval_stats(batch).items():
                 sums[k] = sums.get(k, 0.0) + v
         self.model.train()
         keys = sorted(self.task.eval_stats_keys)

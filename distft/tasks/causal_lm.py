@@ -4,6 +4,7 @@ from typing import Dict, List
 import torch
 import torch.nn.functional as F
 
+from distft import chunked_loss
 from distft.data.sources import require_messages, require_text, where
 from distft.errors import ConfigError, DataError
 from distft.tasks.base import IGNORE, Task, pad
@@ -67,6 +68,14 @@ class CausalLMTask(Task):
     def loss_sum(self, logits, batch):
         logits, targets = self._shifted(logits, batch)
         return F.cross_entropy(logits, targets, ignore_index=IGNORE, reduction="sum")
+
+    # From the decoder's hidden states and the output layer, a chunk of target rows at a
+    # time (distft/chunked_loss.py): the same sums without the full logits tensor.
+    def loss_sum_hidden(self, hidden, head, batch, chunk: int):
+        return chunked_loss.loss_sum(hidden, head, batch["labels"], chunk)
+
+    def eval_stats_hidden(self, hidden, head, batch, chunk: int) -> Dict[str, float]:
+        return chunked_loss.eval_sums(hidden, head, batch["labels"], chunk)
 
     def eval_stats(self, logits, batch) -> Dict[str, float]:
         logits, targets = self._shifted(logits, batch)

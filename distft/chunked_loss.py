@@ -1,0 +1,117 @@
+"""Next-token loss without the full logits tensor.
+
+With a large vocabulary the logits are the largest tensor of a step: SmolLM2's 49,152
+tokens make a batch of 8 x 256 hold 100M floats (400 MB in fp32, and as much again for
+their gradient). Here the model is asked for the logits of one position only
+(`logits_to_keep=1`), the decoder's final hidden states are taken from a forward hook, and
+the output layer is applied to the target positions alone, a chunk of rows at a time.
+Each chunk runs under non-reentrant activation checkpointing, so only one chunk's logits
+exist at any moment, in forward and in backward. Positions that are not targets (prompt
+tokens under task.mask_prompt, padding) never reach the output layer at all.
+
+Written here because the libraries that do this either need Triton kernels on a GPU
+(Liger's fused linear cross-entropy) or come with their own trainer (torchtune's chunked
+loss); this one is plain PyTorch, runs on CPU and GPU, and sits behind transformers'
+`logits_to_keep`.
+"""
+from __future__ import annotations
+
+import inspect
+import logging
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+log = logging.getLogger(__name__)
+
+IGNORE = -100
+# Backends whose output-layer weight is whole on every rank outside the forward pass.
+# FSDP2 and ZeRO-3 shard it and gather it only inside the model's forward.
+BACKENDS = ("single", "ddp", "zero1", "zero2")
+
+
+def _causal_lm(model):
+    """The transformers model under the PEFT/backend wrappers (DDP and DeepSpeed keep it in
+    .module, PEFT in .base_model.model)."""
+    from transformers import PreTrainedModel
+
+    seen = model
+    for _ in range(8):
+        if isinstance(seen, PreTrainedModel) and seen.get_output_embeddings() is not None:
+            return seen
+        # .model before .base_model: on a transformers model .base_model is the decoder.
+        seen = getattr(seen, "module", None) or getattr(seen, "model", None) or getattr(seen, "base_model", None)
+        if seen is None:
+            break
+    return None
+
+
+class HiddenStateTap:
+    """Keeps the decoder's last output (after its final norm) from each forward."""
+
+    def __init__(self, model):
+        hf = _causal_lm(model)
+        self.head = hf.get_output_embeddings()
+        self.hidden: Optional[torch.Tensor] = None
+        self._handle = hf.get_decoder().register_forward_hook(self._keep)
+
+    def _keep(self, module, args, output):
+        self.hidden = output.last_hidden_state if hasattr(output, "last_hidden_state") else output[0]
+
+    def take(self) -> torch.Tensor:
+        hidden, self.hidden = self.hidden, None
+        if hidden is None:
+            raise RuntimeError("the decoder's forward hook saw no hidden states")
+        return hidden
+
+    def remove(self) -> None:
+        self._handle.remove()
+
+
+def why_not(model, backend: str) -> Optional[str]:
+    """None when the chunked loss can run on this model and backend, else the reason."""
+    if backend not in BACKENDS:
+        return f"backend={backend} shards the output layer outside the forward pass"
+    hf = _causal_lm(model)
+    if hf is None:
+        return "the model is not a transformers causal LM"
+    if "logits_to_keep" not in inspect.signature(hf.forward).parameters:
+        return f"{type(hf).__name__}.forward has no logits_to_keep"
+    head = hf.get_output_embeddings()
+    if not isinstance(head, torch.nn.Linear):
+        return f"its output layer is a {type(head).__name__}, not a Linear"
+    return None
+
+
+def _chunk_loss(hidden, weight, bias, targets):
+    logits = F.linear(hidden, weight, bias).float()
+    return F.cross_entropy(logits, targets, reduction="sum")
+
+
+def _targets(hidden: torch.Tensor, labels: torch.Tensor):
+    """The hidden state of each position whose next token is a target, and that token."""
+    targets = labels[:, 1:]
+    keep = targets != IGNORE
+    return hidden[:, :-1][keep], targets[keep]
+
+
+def loss_sum(hidden: torch.Tensor, head: torch.nn.Linear, labels: torch.Tensor, chunk: int) -> torch.Tensor:
+    rows, targets = _targets(hidden, labels)
+    total = hidden.new_zeros((), dtype=torch.float32)
+    for i in range(0, rows.shape[0], chunk):
+        total = total + checkpoint(_chunk_loss, rows[i:i + chunk], head.weight, head.bias, targets[i:i + chunk],
+                                   use_reentrant=False)
+    return total
+
+
+@torch.no_grad()
+def eval_sums(hidden: torch.Tensor, head: torch.nn.Linear, labels: torch.Tensor, chunk: int):
+    rows, targets = _targets(hidden, labels)
+    loss, correct = 0.0, 0
+    for i in range(0, rows.shape[0], chunk):
+        logits = F.linear(rows[i:i + chunk], head.weight, head.bias).float()
+        loss += float(F.cross_entropy(logits, targets[i:i + chunk], reduction="sum"))
+        correct += int((logits.argmax(-1) == targets[i:i + chunk]).sum())
+    return {"loss_sum": loss, "correct": float(correct), "count": float(targets.numel())}

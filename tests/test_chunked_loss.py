@@ -1,0 +1,100 @@
+"""The chunked language-model loss (distft/chunked_loss.py) gives the loss, the gradients
+and the eval statistics of the full-logits loss, on a plain model and under PEFT LoRA."""
+import pytest
+import torch
+import torch.nn.functional as F
+from peft import LoraConfig, get_peft_model
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from conftest import TINY, losses, read_metrics, run_cli
+from distft import chunked_loss
+from distft.tasks.base import IGNORE
+
+
+def tiny_llama(tied: bool):
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=300, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                      num_key_value_heads=1, tie_word_embeddings=tied)
+    return LlamaForCausalLM(cfg)
+
+
+def batch():
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(0, 300, (3, 17), generator=g)
+    labels = ids.clone()
+    labels[0, :5] = IGNORE     # a masked prompt
+    labels[2, 11:] = IGNORE    # padding
+    mask = torch.ones_like(ids)
+    mask[2, 11:] = 0
+    return ids, mask, labels
+
+
+def full_loss(model, ids, mask, labels):
+    logits = model(input_ids=ids, attention_mask=mask).logits
+    return F.cross_entropy(logits[:, :-1].reshape(-1, logits.size(-1)).float(), labels[:, 1:].reshape(-1),
+                           ignore_index=IGNORE, reduction="sum")
+
+
+def grads(model):
+    return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize("tied", [True, False])
+@pytest.mark.parametrize("lora", [False, True])
+def test_same_loss_gradients_and_eval_as_full_logits(tied, lora):
+    model = tiny_llama(tied)
+    if lora:
+        model = get_peft_model(model, LoraConfig(r=4, target_modules=["q_proj", "v_proj"], lora_dropout=0.0))
+        for n, p in model.named_parameters():  # LoRA B starts at zero: make it matter
+            if "lora_B" in n:
+                torch.nn.init.normal_(p, std=0.1)
+    assert chunked_loss.why_not(model, "single") is None
+    ids, mask, labels = batch()
+
+    expected = full_loss(model, ids, mask, labels)
+    expected.backward()
+    expected_grads = grads(model)
+    model.zero_grad(set_to_none=True)
+
+    tap = chunked_loss.HiddenStateTap(model)
+    out = model(input_ids=ids, attention_mask=mask, logits_to_keep=1)
+    assert out.logits.shape[1] == 1, "the model computed one position's logits only"
+    got = chunked_loss.loss_sum(tap.take(), tap.head, labels, chunk=7)
+    got.backward()
+    assert float(got.detach()) == pytest.approx(float(expected.detach()), rel=1e-6)
+    got_grads = grads(model)
+    assert got_grads.keys() == expected_grads.keys() and got_grads
+    for name in expected_grads:
+        # Float sums in another order: within a millionth of the gradient's scale.
+        scale = float(expected_grads[name].abs().max())
+        torch.testing.assert_close(got_grads[name], expected_grads[name], rtol=1e-4, atol=1e-6 * scale, msg=name)
+
+    with torch.no_grad():
+        model(input_ids=ids, attention_mask=mask, logits_to_keep=1)
+        sums = chunked_loss.eval_sums(tap.take(), tap.head, labels, chunk=5)
+        logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1]
+    keep = labels[:, 1:] != IGNORE
+    assert sums["count"] == int(keep.sum())
+    assert sums["loss_sum"] == pytest.approx(float(expected), rel=1e-6)
+    assert sums["correct"] == int((logits.argmax(-1)[keep] == labels[:, 1:][keep]).sum())
+    tap.remove()
+
+
+def test_refused_where_the_output_layer_is_sharded():
+    assert "shards the output layer" in chunked_loss.why_not(tiny_llama(True), "fsdp")
+    assert "shards the output layer" in chunked_loss.why_not(tiny_llama(True), "zero3")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("extra", [[], ["task=instruction", "data.packing=true"]], ids=["causal_lm", "instruction-packed"])
+def test_training_run_matches_full_logits(tmp_path, extra):
+    common = [*TINY, "trainer.max_steps=6", "trainer.lr=3e-3", "logger.log_every=1", *extra]
+    run_cli(*common, "trainer.loss_chunk_size=0", f"run_dir={tmp_path / 'full'}")
+    proc = run_cli(*common, "trainer.loss_chunk_size=16", f"run_dir={tmp_path / 'chunked'}")
+    assert "loss in chunks of 16 target tokens" in proc.stdout + proc.stderr
+    full, chunked = losses(tmp_path / "full"), losses(tmp_path / "chunked")
+    assert sorted(chunked) == list(range(1, 7))
+    for step in full:
+        assert chunked[step] == pytest.approx(full[step], rel=1e-5), step
+    ev = lambda d: [e["eval/loss"] for e in read_metrics(d) if "eval/loss" in e][-1]  # noqa: E731
+    assert ev(tmp_path / "chunked") == pytest.approx(ev(tmp_path / "full"), rel=1e-5)
