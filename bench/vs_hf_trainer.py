@@ -266,6 +266,11 @@ def ratios(mean, models):
 
     mem = "peak_cuda_mb" if any(m["peak_cuda_mb"] for m in mean.values()) else "peak_rss_mb"
     out = []
+
+    def speed_and_loss(what, a, b, target):
+        if a and b:
+            out.append((f"{what} tokens/s", a["tokens_per_second"] / b["tokens_per_second"], target))
+            out.append((f"{what} held-out loss", a["heldout_loss"] / b["heldout_loss"], "within 2%"))
     for model in models:
         for precision in ("fp32", "bf16"):
             hf, d = get("hf", model, "lora", "padded", precision), get("distft", model, "lora", "padded", precision)
@@ -277,18 +282,10 @@ def ratios(mean, models):
                 if mem == "peak_rss_mb":
                     out.append((f"{model} LoRA, padded, {precision}: distft / HF memory added by training",
                                 d["added_rss_mb"] / hf["added_rss_mb"], "(<= 0.6)"))
-            p = get("distft", model, "lora", "packed", precision)
-            if hf and p:
-                out.append((f"{model} LoRA, {precision}: distft packed / HF padded tokens/s",
-                            p["tokens_per_second"] / hf["tokens_per_second"], ">= 1.6"))
-                out.append((f"{model} LoRA, {precision}: held-out loss, distft packed / HF padded",
-                            p["heldout_loss"] / hf["heldout_loss"], "within 2%"))
-        hf32, best = get("hf", model, "lora", "padded", "fp32"), get("distft", model, "lora", "packed", "bf16")
-        if hf32 and best:
-            out.append((f"{model} LoRA: distft packed bf16 / HF padded fp32 tokens/s",
-                        best["tokens_per_second"] / hf32["tokens_per_second"], ">= 3.0"))
-            out.append((f"{model} LoRA: held-out loss, distft packed bf16 / HF padded fp32",
-                        best["heldout_loss"] / hf32["heldout_loss"], "within 2%"))
+            speed_and_loss(f"{model} LoRA, {precision}: distft packed / HF padded",
+                           get("distft", model, "lora", "packed", precision), hf, ">= 1.6")
+        speed_and_loss(f"{model} LoRA: distft packed bf16 / HF padded fp32",
+                       get("distft", model, "lora", "packed", "bf16"), get("hf", model, "lora", "padded", "fp32"), ">= 3.0")
         full, lora = get("distft", model, "full", "padded", "fp32"), get("distft", model, "lora", "padded", "fp32")
         if full and lora:
             out.append((f"{model}: distft LoRA / full fine-tuning peak memory", lora[mem] / full[mem], "<= 0.6"))

@@ -22,15 +22,15 @@ def test_vs_hf_trainer_quick(tmp_path):
     for name, m in mean.items():
         assert m["tokens_per_second"] > 0 and m["peak_rss_mb"] > 0, name
     runs = {r["name"]: r for r in data["runs"]}
-    # The same examples and steps: the padded runs see the same number of rows and
-    # padding, and end at the same held-out loss.
+    # The same examples and steps: both runners train on the same rows and end at the
+    # same held-out loss.
     for strategy in ("lora", "full"):
         hf, d = runs[f"hf-tiny-{strategy}-padded-fp32"], runs[f"distft-tiny-{strategy}-padded-fp32"]
-        assert hf["rows"] == d["rows"] == 64
+        assert hf["rows"] == d["rows"] >= 60  # of 64 read; cleaning drops the same ones
         assert d["heldout_loss"] == pytest.approx(hf["heldout_loss"], rel=0.01)
-    packed = runs["distft-tiny-lora-packed-fp32"]
-    assert packed["padded_tokens"] - packed["tokens"] < runs["distft-tiny-lora-padded-fp32"]["padded_tokens"] - \
-        runs["distft-tiny-lora-padded-fp32"]["tokens"], "packing leaves less padding"
+    share = lambda r: 1 - r["tokens"] / r["padded_tokens"]  # noqa: E731
+    assert share(runs["distft-tiny-lora-packed-fp32"]) < share(runs["distft-tiny-lora-padded-fp32"]), \
+        "packed rows hold less padding"
     md = (tmp_path / "BENCHMARKS.md").read_text()
     assert "distft LoRA / full fine-tuning peak memory" in md and "python bench/vs_hf_trainer.py --quick" in md
     assert (tmp_path / "vs_hf_trainer.png").stat().st_size > 5000
