@@ -48,33 +48,23 @@ def matmul_peak(dtype, seconds: float = 2.0, n: int = 2048) -> float:
 
 
 def model_shape(model_name: str) -> dict:
-    """Matmul parameters, layers, width of the model as distft loads it."""
-    import torch
-
-    cfg = vs.compose({"model": model_name, "strategy": "full", "train": "x", "heldout": "x", "max_length": 8,
-                      "layout": "padded", "batch": 1, "steps": 1, "precision": "fp32", "seed": 0}, Path("/tmp/mfu"))
-    from distft.models import load_model, load_tokenizer
-    from distft.models.loading import resolve_model_path
-
-    model = load_model(cfg.model, "instruction", load_tokenizer(cfg.model, resolve_model_path(cfg.model)), None)
-    linear = sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Linear))
-    c = model.config
-    return {"matmul_params": linear, "layers": c.num_hidden_layers, "hidden": c.hidden_size}
-
-
-def lora_adapter_params(model_name: str) -> int:
+    """Matmul parameters, layers and width of the model as distft loads it, and the
+    parameters of the LoRA adapters the benchmark trains on it (one model load)."""
     import torch
     from peft import LoraConfig, get_peft_model
 
-    cfg = vs.compose({"model": model_name, "strategy": "lora", "train": "x", "heldout": "x", "max_length": 8,
-                      "layout": "padded", "batch": 1, "steps": 1, "precision": "fp32", "seed": 0}, Path("/tmp/mfu"))
     from distft.models import load_model, load_tokenizer
     from distft.models.loading import resolve_model_path
 
+    cfg = vs.compose({"model": model_name, "strategy": "lora", "train": "x", "heldout": "x", "max_length": 8,
+                      "layout": "padded", "batch": 1, "steps": 1, "precision": "fp32", "seed": 0}, Path("/tmp/mfu"))
     model = load_model(cfg.model, "instruction", load_tokenizer(cfg.model, resolve_model_path(cfg.model)), None)
+    linear = sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Linear))
+    c = model.config
     s = cfg.strategy
-    model = get_peft_model(model, LoraConfig(r=s.r, lora_alpha=s.alpha, target_modules=list(s.target_modules)))
-    return sum(p.numel() for p in model.parameters() if p.requires_grad and p.dim() > 1)
+    lora = get_peft_model(model, LoraConfig(r=s.r, lora_alpha=s.alpha, target_modules=list(s.target_modules)))
+    adapters = sum(p.numel() for p in lora.parameters() if p.requires_grad and p.dim() > 1)
+    return {"matmul_params": linear, "layers": c.num_hidden_layers, "hidden": c.hidden_size, "adapter_params": adapters}
 
 
 def main() -> int:
@@ -117,7 +107,7 @@ def main() -> int:
     peak = {"fp32": matmul_peak(torch.float32), "bf16": matmul_peak(torch.bfloat16)}
 
     shape = model_shape(args.model)
-    adapters = lora_adapter_params(args.model)
+    adapters = shape["adapter_params"]
     rows = []
     # Attention context: the mean example length, from the padded run (one example per row).
     padded = runs[0]

@@ -17,16 +17,14 @@ loss); this one is plain PyTorch, runs on CPU and GPU, and sits behind transform
 from __future__ import annotations
 
 import inspect
-import logging
 from typing import Optional
 
 import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-log = logging.getLogger(__name__)
+from distft.tasks.base import IGNORE
 
-IGNORE = -100
 # Backends whose output-layer weight is whole on every rank outside the forward pass.
 # FSDP2 and ZeRO-3 shard it and gather it only inside the model's forward.
 BACKENDS = ("single", "ddp", "zero1", "zero2")

@@ -6,7 +6,6 @@ CI=true that is a failure instead."""
 import json
 import os
 import re
-import subprocess
 import sys
 import time
 from pathlib import Path
