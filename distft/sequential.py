@@ -113,7 +113,7 @@ def run_sequential(cfg) -> Dict:
                     preemption.write_marker(Path(cfg.run_dir), summary["steps"], summary["signal"],
                                             Path(summary["checkpoint"]))
                 if k != len(names) - 1:
-                    trainer.backend.teardown()
+                    trainer.backend.teardown(keep=(trainer.model, trainer.optimizer))
                 return {**summary, "stage": name}
         matrix.append([summary.get(f"eval/{names[i]}/{metric}") if i <= k else None for i in range(len(names))])
         init_from = _weights_of(run_dir, summary)

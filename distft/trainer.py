@@ -428,7 +428,7 @@ class Trainer:
         self.metrics.finish({"preempted_at_step": self.step})
         self.stop.restore()
         if self.teardown:
-            self.backend.teardown()
+            self.backend.teardown(keep=(self.model, self.optimizer))
         return summary
 
     def _sample_memory(self) -> None:
@@ -576,7 +576,7 @@ class Trainer:
         self.metrics.finish(summary)
         self.stop.restore()
         if self.teardown:
-            self.backend.teardown()
+            self.backend.teardown(keep=(self.model, self.optimizer))
         return summary
 
 

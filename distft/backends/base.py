@@ -104,5 +104,6 @@ class Backend:
     def barrier(self) -> None:
         pass
 
-    def teardown(self) -> None:
-        """Release process groups."""
+    def teardown(self, keep=()) -> None:
+        """Release process groups. `keep`: objects that still refer to them (the wrapped
+        model, the optimizer), to be held until the process exits."""

@@ -9,6 +9,9 @@ from distft.backends.base import Backend
 from distft.errors import ConfigError
 
 
+_KEPT_UNTIL_EXIT: list = []
+
+
 class DDPBackend(Backend):
     """torch DistributedDataParallel: every rank holds the whole model and a slice of each
     global batch; gradients are averaged in backward. NCCL on GPU, gloo on CPU.
@@ -74,7 +77,14 @@ class DDPBackend(Backend):
     def barrier(self):
         dist.barrier()
 
-    def teardown(self):
+    def teardown(self, keep=()):
         if dist.is_initialized():
             dist.barrier()
             dist.destroy_process_group()
+        # DDP's Reducer (like FSDP's mesh and a DeepSpeed engine) still holds the gloo
+        # process group. Freeing it later runs ProcessGroupGloo's destructor on this thread
+        # with the GIL held; that destructor joins gloo's worker thread, which may itself be
+        # waiting for the GIL to free a finished collective's tensor: a deadlock, seen here
+        # about once in 30 two-process runs. So these objects live until the process ends
+        # (train.py ends launcher-started processes with os._exit, without finalizers).
+        _KEPT_UNTIL_EXIT.extend(keep)
