@@ -48,6 +48,9 @@ STRATEGIES = {
     "full": ["strategy=full"],
 }
 LR = {"lora": 2e-4, "full": 2e-5}
+# A case's variant "ac" turns on activation checkpointing (distft:
+# trainer.activation_checkpointing=true; the HF Trainer: gradient_checkpointing=True,
+# non-reentrant), for the memory targets.
 
 
 # ----------------------------------------------------------------------------- one run
@@ -72,9 +75,13 @@ class PeakRSS:
         self._thread.start()
         return self
 
+    def stop(self):
+        if not self._stop.is_set():
+            self._stop.set()
+            self._thread.join()
+
     def __exit__(self, *exc):
-        self._stop.set()
-        self._thread.join()
+        self.stop()
 
 
 def compose(case, run_dir: Path):
@@ -91,7 +98,8 @@ def compose(case, run_dir: Path):
                  f"trainer.max_steps={case['steps']}", f"trainer.precision={case['precision']}",
                  "trainer.eval_every=0", "trainer.save_every=0", "trainer.warmup_steps=0", "trainer.export_best=false",
                  "logger=csv", "logger.progress_bar=false", "logger.plots=false", "data.cache_dir=null",
-                 f"seed={case['seed']}", f"run_dir={run_dir}", "resume=never"]
+                 f"seed={case['seed']}", f"run_dir={run_dir}", "resume=never",
+                 f"trainer.activation_checkpointing={str(case['variant'] == 'ac').lower()}"]
     GlobalHydra.instance().clear()
     with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
         return hydra_compose(config_name="train", overrides=overrides)
@@ -125,6 +133,17 @@ def run_distft(case, run_dir: Path) -> dict:
     if trainer.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
     with PeakRSS() as rss:
+        # The peak of the training loop, as for the HF Trainer: distft's final evaluation
+        # and export (which HF's train() does not do) come after the sampling stops.
+        finish = trainer.finish
+
+        def finish_unsampled(stopped_early):
+            rss.stop()
+            peak_cuda = torch.cuda.max_memory_allocated() / 2**20 if trainer.device.type == "cuda" else None
+            trainer.bench_peak_cuda_mb = peak_cuda
+            return finish(stopped_early)
+
+        trainer.finish = finish_unsampled
         trainer.train()
     events = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     steps = [e for e in events if "step_seconds" in e]
@@ -134,7 +153,7 @@ def run_distft(case, run_dir: Path) -> dict:
             "padded_tokens": sum(e["padded_tokens"] for e in timed), "timed_steps": len(timed),
             "train_loss": [e["loss"] for e in steps],
             "peak_rss_mb": rss.peak / 2**20, "added_rss_mb": (rss.peak - rss.start) / 2**20,
-            "peak_cuda_mb": torch.cuda.max_memory_allocated() / 2**20 if trainer.device.type == "cuda" else None,
+            "peak_cuda_mb": trainer.bench_peak_cuda_mb,
             "heldout_loss": heldout_loss(model, trainer.task, trainer.val_examples, trainer.device),
             "rows": len(trainer.train_examples)}
 
@@ -167,7 +186,8 @@ def run_hf(case, run_dir: Path) -> dict:
         adam_beta1=t.adam_betas[0], adam_beta2=t.adam_betas[1], adam_epsilon=t.adam_eps, max_grad_norm=t.max_grad_norm,
         bf16=case["precision"] == "bf16", use_cpu=not cuda, seed=case["seed"], data_seed=case["seed"],
         logging_steps=1, save_strategy="no", eval_strategy="no", report_to=[], disable_tqdm=True,
-        dataloader_num_workers=0, remove_unused_columns=False)
+        dataloader_num_workers=0, remove_unused_columns=False, gradient_checkpointing=case["variant"] == "ac",
+        gradient_checkpointing_kwargs={"use_reentrant": False} if case["variant"] == "ac" else None)
     rows = [{"input_ids": e["input_ids"], "labels": e["labels"]} for e in train]
     collator = DataCollatorForSeq2Seq(tokenizer, padding="longest", label_pad_token_id=-100)
     record = {"start": [], "end": [], "tokens": [], "padded": []}
@@ -213,22 +233,36 @@ def one(case) -> dict:
     result = (run_hf if case["runner"] == "hf" else run_distft)(case, run_dir)
     result["tokens_per_second"] = result["tokens"] / result["seconds"]
     result["steps_per_second"] = result["timed_steps"] / result["seconds"]
-    return {**{k: case[k] for k in ("name", "runner", "model", "strategy", "layout", "precision", "repeat")}, **result}
+    return {**{k: case[k] for k in ("name", "runner", "model", "strategy", "layout", "precision", "variant", "repeat")},
+            **result}
 
 
 # ----------------------------------------------------------------------------- the matrix
 def cases_for(models, quick: bool):
+    """(runner, model, strategy, layout, precision, variant) of each run."""
     out = []
     for model in models:
         for strategy in ("lora", "full"):
             for precision in ("fp32", "bf16"):
                 if strategy == "full" and precision == "bf16" and not quick:
                     continue  # full fine-tuning is there for the memory ratio and MFU
-                out.append(("hf", model, strategy, "padded", precision))
-                out.append(("distft", model, strategy, "padded", precision))
+                out.append(("hf", model, strategy, "padded", precision, ""))
+                out.append(("distft", model, strategy, "padded", precision, ""))
                 if strategy == "lora":
-                    out.append(("distft", model, strategy, "packed", precision))
+                    out.append(("distft", model, strategy, "packed", precision, ""))
+                if precision == "fp32":
+                    # Activation checkpointing on both sides for the same-precision memory
+                    # ratio, and on full fine-tuning for LoRA / full with both checkpointed.
+                    out.append(("distft", model, strategy, "padded", precision, "ac"))
+                    if strategy == "lora":
+                        out.append(("hf", model, strategy, "padded", precision, "ac"))
+                elif strategy == "lora":
+                    out.append(("distft", model, strategy, "packed", precision, "ac"))  # the lean setting
     return out
+
+
+def case_name(runner, model, strategy, layout, precision, variant="") -> str:
+    return f"{runner}-{model}-{strategy}-{layout}-{precision}" + (f"-{variant}" if variant else "")
 
 
 def split_data(out: Path, rows: int) -> tuple[Path, Path]:
@@ -250,6 +284,7 @@ def summarize(results):
     mean = {}
     for name, rs in by.items():
         m = {k: rs[0][k] for k in ("runner", "model", "strategy", "layout", "precision")}
+        m["variant"] = rs[0].get("variant", "")
         for k in ("tokens_per_second", "steps_per_second", "peak_rss_mb", "added_rss_mb", "heldout_loss"):
             m[k] = sum(r[k] for r in rs) / len(rs)
         cuda = [r["peak_cuda_mb"] for r in rs if r.get("peak_cuda_mb") is not None]
@@ -260,8 +295,8 @@ def summarize(results):
 
 
 def ratios(mean, models):
-    def get(runner, model, strategy, layout, precision):
-        return mean.get(f"{runner}-{model}-{strategy}-{layout}-{precision}")
+    def get(runner, model, strategy, layout, precision, variant=""):
+        return mean.get(case_name(runner, model, strategy, layout, precision, variant))
 
     mem = "peak_cuda_mb" if any(m["peak_cuda_mb"] for m in mean.values()) else "peak_rss_mb"
     out = []
@@ -286,11 +321,31 @@ def ratios(mean, models):
         speed_and_loss(f"{model} LoRA: distft packed bf16 / HF padded fp32",
                        get("distft", model, "lora", "packed", "bf16"), get("hf", model, "lora", "padded", "fp32"), ">= 3.0")
         full, lora = get("distft", model, "full", "padded", "fp32"), get("distft", model, "lora", "padded", "fp32")
-        if full and lora:
+        if full and lora:  # neither checkpointed
             out.append((f"{model}: distft LoRA / full fine-tuning peak memory", lora[mem] / full[mem], "<= 0.6"))
             if mem == "peak_rss_mb":
                 out.append((f"{model}: distft LoRA / full fine-tuning memory added by training",
                             lora["added_rss_mb"] / full["added_rss_mb"], "(<= 0.6)"))
+        # Activation checkpointing: distft's leanest against the HF Trainer's default and
+        # against the HF Trainer checkpointed too (what the chunked loss saves on its own).
+        hf = get("hf", model, "lora", "padded", "fp32")
+        for label, d in (("padded fp32", get("distft", model, "lora", "padded", "fp32", "ac")),
+                         ("packed bf16", get("distft", model, "lora", "packed", "bf16", "ac"))):
+            if d and hf:
+                out.append((f"{model} LoRA: distft {label} + activation checkpointing / HF padded fp32 peak memory",
+                            d[mem] / hf[mem], "<= 0.6"))
+                out.append((f"{model} LoRA: distft {label} + activation checkpointing / HF padded fp32 tokens/s",
+                            d["tokens_per_second"] / hf["tokens_per_second"], "(cost of checkpointing)"))
+        d, h = get("distft", model, "lora", "padded", "fp32", "ac"), get("hf", model, "lora", "padded", "fp32", "ac")
+        if d and h:
+            out.append((f"{model} LoRA, padded, fp32, both with activation checkpointing: distft / HF peak memory",
+                        d[mem] / h[mem], "(<= 0.6)"))
+            out.append((f"{model} LoRA, padded, fp32, both with activation checkpointing: distft / HF tokens/s",
+                        d["tokens_per_second"] / h["tokens_per_second"], "(>= 1.0)"))
+        full, lora = get("distft", model, "full", "padded", "fp32", "ac"), get("distft", model, "lora", "padded", "fp32", "ac")
+        if full and lora:
+            out.append((f"{model}: distft LoRA / full fine-tuning peak memory, both with activation checkpointing",
+                        lora[mem] / full[mem], "<= 0.6"))
         hf_full = get("hf", model, "full", "padded", "fp32")
         if full and hf_full:
             out.append((f"{model} full, padded, fp32: distft / HF tokens/s",
@@ -305,9 +360,9 @@ def chart(mean, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     names = sorted(mean, key=lambda n: (mean[n]["model"], mean[n]["strategy"], mean[n]["precision"],
-                                        mean[n]["runner"] != "hf", mean[n]["layout"]))
+                                        mean[n].get("variant", ""), mean[n]["runner"] != "hf", mean[n]["layout"]))
     labels = [f"{mean[n]['runner']} {mean[n]['model']} {mean[n]['strategy']}\n{mean[n]['layout']} {mean[n]['precision']}"
-              for n in names]
+              + (" +AC" if mean[n].get("variant") == "ac" else "") for n in names]
     colors = ["#888888" if mean[n]["runner"] == "hf" else "#1f77b4" for n in names]
     fig, axes = plt.subplots(1, 2, figsize=(max(8, 1.1 * len(names)), 4.5))
     axes[0].bar(range(len(names)), [mean[n]["tokens_per_second"] for n in names], color=colors)
@@ -349,10 +404,10 @@ def main() -> int:
     train, heldout = split_data(out, args.rows)
     results = []
     for repeat in range(args.repeats):  # A B A B: machine drift hits every case alike
-        for runner, model, strategy, layout, precision in cases_for(models, args.quick):
-            name = f"{runner}-{model}-{strategy}-{layout}-{precision}"
+        for runner, model, strategy, layout, precision, variant in cases_for(models, args.quick):
+            name = case_name(runner, model, strategy, layout, precision, variant)
             case = {"name": name, "runner": runner, "model": model, "strategy": strategy, "layout": layout,
-                    "precision": precision, "repeat": repeat, "steps": args.steps, "batch": args.batch,
+                    "precision": precision, "variant": variant, "repeat": repeat, "steps": args.steps, "batch": args.batch,
                     "max_length": args.max_length, "seed": 0, "threads": args.threads, "train": str(train),
                     "heldout": str(heldout), "out": str(out)}
             print(f"[{repeat}] {name}", flush=True)
