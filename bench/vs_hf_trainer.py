@@ -99,7 +99,7 @@ def compose(case, run_dir: Path):
                  "trainer.eval_every=0", "trainer.save_every=0", "trainer.warmup_steps=0", "trainer.export_best=false",
                  "logger=csv", "logger.progress_bar=false", "logger.plots=false", "data.cache_dir=null",
                  f"seed={case['seed']}", f"run_dir={run_dir}", "resume=never",
-                 f"trainer.activation_checkpointing={str(case['variant'] == 'ac').lower()}"]
+                 f"trainer.activation_checkpointing={str(case.get('variant') == 'ac').lower()}"]
     GlobalHydra.instance().clear()
     with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
         return hydra_compose(config_name="train", overrides=overrides)
@@ -186,8 +186,8 @@ def run_hf(case, run_dir: Path) -> dict:
         adam_beta1=t.adam_betas[0], adam_beta2=t.adam_betas[1], adam_epsilon=t.adam_eps, max_grad_norm=t.max_grad_norm,
         bf16=case["precision"] == "bf16", use_cpu=not cuda, seed=case["seed"], data_seed=case["seed"],
         logging_steps=1, save_strategy="no", eval_strategy="no", report_to=[], disable_tqdm=True,
-        dataloader_num_workers=0, remove_unused_columns=False, gradient_checkpointing=case["variant"] == "ac",
-        gradient_checkpointing_kwargs={"use_reentrant": False} if case["variant"] == "ac" else None)
+        dataloader_num_workers=0, remove_unused_columns=False, gradient_checkpointing=case.get("variant") == "ac",
+        gradient_checkpointing_kwargs={"use_reentrant": False} if case.get("variant") == "ac" else None)
     rows = [{"input_ids": e["input_ids"], "labels": e["labels"]} for e in train]
     collator = DataCollatorForSeq2Seq(tokenizer, padding="longest", label_pad_token_id=-100)
     record = {"start": [], "end": [], "tokens": [], "padded": []}
@@ -233,7 +233,8 @@ def one(case) -> dict:
     result = (run_hf if case["runner"] == "hf" else run_distft)(case, run_dir)
     result["tokens_per_second"] = result["tokens"] / result["seconds"]
     result["steps_per_second"] = result["timed_steps"] / result["seconds"]
-    return {**{k: case[k] for k in ("name", "runner", "model", "strategy", "layout", "precision", "variant", "repeat")},
+    return {**{k: case[k] for k in ("name", "runner", "model", "strategy", "layout", "precision", "repeat")},
+            "variant": case.get("variant", ""),
             **result}
 
 
