@@ -306,6 +306,12 @@ def ratios(mean, models):
         if a and b:
             out.append((f"{what} tokens/s", a["tokens_per_second"] / b["tokens_per_second"], target))
             out.append((f"{what} held-out loss", a["heldout_loss"] / b["heldout_loss"], "within 2%"))
+
+    def memory_and_speed(what, a, b, mem_target, speed_target):
+        if a and b:
+            out.append((f"{what} peak memory", a[mem] / b[mem], mem_target))
+            out.append((f"{what} tokens/s", a["tokens_per_second"] / b["tokens_per_second"], speed_target))
+
     for model in models:
         for precision in ("fp32", "bf16"):
             hf, d = get("hf", model, "lora", "padded", precision), get("distft", model, "lora", "padded", precision)
@@ -329,24 +335,19 @@ def ratios(mean, models):
                             lora["added_rss_mb"] / full["added_rss_mb"], "(<= 0.6)"))
         # Activation checkpointing: distft's leanest against the HF Trainer's default and
         # against the HF Trainer checkpointed too (what the chunked loss saves on its own).
+        ac = " + activation checkpointing"
         hf = get("hf", model, "lora", "padded", "fp32")
         for label, d in (("padded fp32", get("distft", model, "lora", "padded", "fp32", "ac")),
                          ("packed bf16", get("distft", model, "lora", "packed", "bf16", "ac"))):
-            if d and hf:
-                out.append((f"{model} LoRA: distft {label} + activation checkpointing / HF padded fp32 peak memory",
-                            d[mem] / hf[mem], "<= 0.6"))
-                out.append((f"{model} LoRA: distft {label} + activation checkpointing / HF padded fp32 tokens/s",
-                            d["tokens_per_second"] / hf["tokens_per_second"], "(cost of checkpointing)"))
-        d, h = get("distft", model, "lora", "padded", "fp32", "ac"), get("hf", model, "lora", "padded", "fp32", "ac")
-        if d and h:
-            out.append((f"{model} LoRA, padded, fp32, both with activation checkpointing: distft / HF peak memory",
-                        d[mem] / h[mem], "(<= 0.6)"))
-            out.append((f"{model} LoRA, padded, fp32, both with activation checkpointing: distft / HF tokens/s",
-                        d["tokens_per_second"] / h["tokens_per_second"], "(>= 1.0)"))
-        full, lora = get("distft", model, "full", "padded", "fp32", "ac"), get("distft", model, "lora", "padded", "fp32", "ac")
-        if full and lora:
+            memory_and_speed(f"{model} LoRA: distft {label}{ac} / HF padded fp32", d, hf,
+                             "<= 0.6", "(cost of checkpointing)")
+        memory_and_speed(f"{model} LoRA, padded, fp32, both{ac}: distft / HF",
+                         get("distft", model, "lora", "padded", "fp32", "ac"),
+                         get("hf", model, "lora", "padded", "fp32", "ac"), "(<= 0.6)", "(>= 1.0)")
+        full_ac, lora_ac = get("distft", model, "full", "padded", "fp32", "ac"), get("distft", model, "lora", "padded", "fp32", "ac")
+        if full_ac and lora_ac:
             out.append((f"{model}: distft LoRA / full fine-tuning peak memory, both with activation checkpointing",
-                        lora[mem] / full[mem], "<= 0.6"))
+                        lora_ac[mem] / full_ac[mem], "<= 0.6"))
         hf_full = get("hf", model, "full", "padded", "fp32")
         if full and hf_full:
             out.append((f"{model} full, padded, fp32: distft / HF tokens/s",
