@@ -34,6 +34,7 @@ from distft.metrics import MetricsLogger
 from distft.models import load_model, load_tokenizer
 from distft.models.loading import resolve_model_path
 from distft.strategies import TaskInfo, build_strategy, count_parameters
+from distft.strategies.base import find_layer_stack
 from distft.tasks import TASKS, build_task
 
 log = logging.getLogger("distft")
@@ -95,6 +96,10 @@ def check_config(cfg) -> None:
         raise ConfigError(f"trainer.precision={t.precision!r}: choose one of {list(PRECISIONS)}")
     if t.precision == "fp16" and not torch.cuda.is_available():
         raise ConfigError("trainer.precision=fp16 needs a GPU; use bf16 or fp32 on CPU")
+    if t.compile and cfg.backend.name == "zero3":
+        raise ConfigError("trainer.compile=true with backend=zero3: ZeRO-3 gathers each block's parameters in "
+                          "hooks that make compiled blocks recompile until torch gives up and runs them eager; "
+                          "use backend=fsdp or zero2 with compile, or zero3 without it")
     preemption.parse_signals(list(t.stop_signals))
     if cfg.logger.wandb.mode not in ("offline", "online", "disabled"):
         raise ConfigError(f"logger.wandb.mode={cfg.logger.wandb.mode!r}: choose offline, online or disabled")
@@ -168,6 +173,8 @@ class Trainer:
         self.backend.setup()
         self.device = self.backend.device
         self.main = self.backend.is_main
+        if self.main:
+            log.info("memory allocator: %s", allocator_in_use())
         # Each rank composed its own config; a default run_dir holds a timestamp that may
         # differ between ranks, so all take rank 0's.
         cfg.run_dir = self.backend.broadcast_object(str(cfg.run_dir))
@@ -233,6 +240,8 @@ class Trainer:
             _init_from(model, cfg.init_from)
         if t.activation_checkpointing:
             _enable_activation_checkpointing(model)
+        if t.compile:
+            _compile_blocks(model)
         self.trainable, self.total = count_parameters(model)
         log.info(
             "strategy %s: %s of %s parameters trainable (%.2f%%)",
@@ -586,7 +595,35 @@ def _enable_activation_checkpointing(model) -> None:
     target = getattr(model, "backbone", model)
     if not getattr(target, "supports_gradient_checkpointing", False):
         raise ConfigError(f"trainer.activation_checkpointing: {type(target).__name__} does not support it")
-    target.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    kwargs = {"use_reentrant": False}
+    if hasattr(target, "activation_checkpointing_enable"):  # the name from transformers 5.x on
+        target.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        target.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+
+
+def allocator_in_use() -> str:
+    """tcmalloc or jemalloc when one is loaded into this process (DISTFT_MALLOC in the
+    launchers puts it in LD_PRELOAD), else the system's malloc."""
+    try:
+        maps = Path("/proc/self/maps").read_text()
+    except OSError:
+        return "unknown"
+    for name in ("tcmalloc", "jemalloc"):
+        if f"lib{name}" in maps:
+            return name
+    return "system"
+
+
+def _compile_blocks(model) -> None:
+    # Regional compilation (torch's recommended way for transformer stacks): each block is
+    # compiled in place with nn.Module.compile, so every block reuses one compiled graph,
+    # compile time does not grow with depth, and state_dict names are unchanged for
+    # checkpoints, export and every backend's wrapping.
+    blocks = find_layer_stack(getattr(model, "backbone", model))
+    for block in blocks:
+        block.compile()
+    log.info("torch.compile: %d blocks compiled in place", len(blocks))
 
 
 def _param_groups(model, weight_decay: float):

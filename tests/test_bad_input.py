@@ -97,6 +97,12 @@ def test_impossible_combination_is_refused_before_any_work(cfg_for, tmp_path):
     assert not (tmp_path / "run").exists(), "a refused run must not create its run_dir"
 
 
+def test_compile_on_zero3_is_refused_with_the_reason(cfg_for, tmp_path):
+    with pytest.raises(ConfigError, match="trainer.compile=true with backend=zero3: ZeRO-3 gathers"):
+        setup_with(cfg_for, "backend=zero3", "trainer.compile=true")
+    assert not (tmp_path / "run").exists()
+
+
 def test_unknown_eval_metric_is_refused_before_any_work(cfg_for):
     with pytest.raises(ConfigError, match="task.metric='f1' is not computed by task=classification"):
         setup_with(cfg_for, "task=classification", "task.metric=f1")

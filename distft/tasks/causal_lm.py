@@ -51,11 +51,13 @@ class CausalLMTask(Task):
         return batch
 
     def model_kwargs(self, batch):
+        # Training and evaluation never decode, so no KV cache is built (it would also hide
+        # the sequence restarts of packed rows, and make compiled blocks recompile).
         if "position_ids" in batch:
             # No attention_mask: transformers then reads the restarts in position_ids as
-            # separate sequences (and a KV cache would hide them, so none is made).
+            # separate sequences.
             return {"input_ids": batch["input_ids"], "position_ids": batch["position_ids"], "use_cache": False}
-        return super().model_kwargs(batch)
+        return {**super().model_kwargs(batch), "use_cache": False}
 
     def count_targets(self, batch):
         return int((batch["labels"][:, 1:] != IGNORE).sum())
