@@ -99,7 +99,8 @@ def compose(case, run_dir: Path):
                  "trainer.eval_every=0", "trainer.save_every=0", "trainer.warmup_steps=0", "trainer.export_best=false",
                  "logger=csv", "logger.progress_bar=false", "logger.plots=false", "data.cache_dir=null",
                  f"seed={case['seed']}", f"run_dir={run_dir}", "resume=never",
-                 f"trainer.activation_checkpointing={str(case.get('variant') == 'ac').lower()}"]
+                 f"trainer.activation_checkpointing={str(case.get('variant') == 'ac').lower()}",
+                 *case.get("overrides", [])]
     GlobalHydra.instance().clear()
     with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
         return hydra_compose(config_name="train", overrides=overrides)
@@ -231,6 +232,9 @@ def one(case) -> dict:
     shutil.rmtree(run_dir, ignore_errors=True)
     run_dir.mkdir(parents=True)
     result = (run_hf if case["runner"] == "hf" else run_distft)(case, run_dir)
+    from distft.trainer import allocator_in_use
+
+    result["allocator"] = allocator_in_use()
     result["tokens_per_second"] = result["tokens"] / result["seconds"]
     result["steps_per_second"] = result["timed_steps"] / result["seconds"]
     return {**{k: case[k] for k in ("name", "runner", "model", "strategy", "layout", "precision", "repeat")},
@@ -391,6 +395,8 @@ def main() -> int:
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     ap.add_argument("--quick", action="store_true", help="the tiny model, 5 steps, 64 rows: a smoke run")
     ap.add_argument("--out", default=str(ROOT / "bench" / "results"))
+    ap.add_argument("--malloc", default=os.environ.get("DISTFT_MALLOC", "system"),
+                    help="allocator of every run, both runners alike: system, tcmalloc, jemalloc (launch/malloc.sh)")
     ap.add_argument("--one", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.one:
@@ -413,8 +419,12 @@ def main() -> int:
                     "max_length": args.max_length, "seed": 0, "threads": args.threads, "train": str(train),
                     "heldout": str(heldout), "out": str(out)}
             print(f"[{repeat}] {name}", flush=True)
-            proc = subprocess.run([sys.executable, __file__, "--one", json.dumps(case)], cwd=ROOT, text=True,
-                                  capture_output=True, env={**os.environ, "WANDB_SILENT": "true"})
+            # Each run in its own process, started through launch/malloc.sh as distft's
+            # launchers start training, so both runners get the same allocator.
+            cmd = ["bash", "-c", 'source launch/malloc.sh && exec "$@"', "malloc",
+                   sys.executable, __file__, "--one", json.dumps(case)]
+            proc = subprocess.run(cmd, cwd=ROOT, text=True, capture_output=True,
+                                  env={**os.environ, "WANDB_SILENT": "true", "DISTFT_MALLOC": args.malloc})
             line = [x for x in proc.stdout.splitlines() if x.startswith("RESULT ")]
             if proc.returncode != 0 or not line:
                 print(proc.stdout[-3000:], proc.stderr[-5000:], file=sys.stderr)
@@ -431,7 +441,8 @@ def main() -> int:
     mean = summarize(results)
     table, mem = ratios(mean, models)
     machine = (f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPU cores ({args.threads} threads), "
-               f"torch {torch.__version__}, transformers {transformers.__version__}, peft {peft.__version__}"
+               f"torch {torch.__version__}, transformers {transformers.__version__}, peft {peft.__version__}, "
+               f"allocator {args.malloc}"
                + (f", GPU {torch.cuda.get_device_name()}" if torch.cuda.is_available() else ""))
     command = "python bench/vs_hf_trainer.py " + " ".join(sys.argv[1:])
     out.mkdir(parents=True, exist_ok=True)

@@ -1,13 +1,16 @@
 #!/usr/bin/env bash
 # Install what tests/test_slurm.py needs for its localhost SLURM cluster: Debian's
-# slurmctld, slurmd, slurm-client and munge (about 13 MB, no daemons are started here).
+# slurmctld, slurmd, slurm-client and munge (about 13 MB, no daemons are started here),
+# and the allocators DISTFT_MALLOC can choose (tests/test_malloc.py): libtcmalloc-minimal4,
+# libjemalloc2 (under 1 MB).
 #   bash scripts/install_slurm.sh              # best effort: says why when it cannot
 #   bash scripts/install_slurm.sh --required   # CI: fail when it cannot
 set -uo pipefail
-PKGS=(slurmctld slurmd slurm-client munge)
+PKGS=(slurmctld slurmd slurm-client munge libtcmalloc-minimal4 libjemalloc2)
 required=${1:-}
 if command -v slurmctld >/dev/null && command -v slurmd >/dev/null && command -v sbatch >/dev/null \
-   && command -v munged >/dev/null; then
+   && command -v munged >/dev/null && ldconfig -p | grep -q libtcmalloc_minimal.so.4 \
+   && ldconfig -p | grep -q libjemalloc.so.2; then
   exit 0
 fi
 why=""
@@ -20,7 +23,7 @@ if [ -z "$why" ]; then
     || why="apt-get install ${PKGS[*]} failed"
 fi
 if [ -n "$why" ]; then
-  echo "SLURM packages not installed ($why): the SLURM tests will skip" >&2
+  echo "SLURM and allocator packages not installed ($why): the SLURM and allocator tests will skip" >&2
   [ "$required" = --required ] && exit 1
 fi
 exit 0

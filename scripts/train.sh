@@ -5,4 +5,5 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
+source launch/malloc.sh  # DISTFT_MALLOC=tcmalloc|jemalloc: see there
 exec .venv/bin/distft-train "$@"
