@@ -9,15 +9,22 @@ cd "$(dirname "$0")/.."
 PY=${PYTHON:-.venv/bin/python}
 NGPU=$("$PY" -c "import torch; print(torch.cuda.device_count())")
 echo "== devices: $NGPU"; nvidia-smi -L || true
+OUT=${OUT:-/tmp/distft-gpu-check}
+rm -rf "$OUT" "$OUT-auto"
 "$PY" - <<'PY'
 import importlib.util, torch
 print("torch", torch.__version__, "cuda", torch.version.cuda, "bf16", torch.cuda.is_bf16_supported())
 print("flash_attn installed:", importlib.util.find_spec("flash_attn") is not None)
 from distft.models import choose_attn_implementation
 print("attention for bf16:", choose_attn_implementation("auto", torch.bfloat16))
+from distft import precision
+p = precision.resolve("auto")
+print("precision auto ->", p.name, "(", p.reason, ")")
+assert p.name == ("bf16" if torch.cuda.is_bf16_supported(including_emulation=False) else "fp32"), p
 PY
-OUT=${OUT:-/tmp/distft-gpu-check}
-rm -rf "$OUT"
+# The default precision (auto) on the GPU: the log must say bf16 and why.
+"$PY" -m distft.train trainer.max_steps=2 logger=csv logger.progress_bar=false "run_dir=$OUT-auto" \
+  2>&1 | grep -h "precision auto ->" || echo "precision auto: no decision logged (FAILED)"
 for backend in single ddp fsdp zero1 zero2 zero3; do
   args=(task=instruction strategy=full model.dtype=bfloat16 trainer.precision=bf16 trainer.max_steps=30
         trainer.batch_size=16 trainer.eval_every=0 logger=csv logger.progress_bar=false

@@ -180,7 +180,9 @@ class TrainerConfig:
     eval_before_training: bool = False  # also evaluate the starting weights (logged as step 0)
     save_every: int = 0  # 0 = only at the end
     keep_checkpoints: int = 2
-    precision: str = "fp32"  # fp32 | bf16 (autocast)
+    # auto: bf16 autocast where the hardware has native bf16 matmuls (a bf16 GPU; a CPU
+    # with AVX512-BF16/AMX), else fp32 (distft/precision.py); fp32 | bf16 | fp16 (GPU only)
+    precision: str = "auto"
     activation_checkpointing: bool = False  # recompute block activations in backward (any backend)
     # torch.compile each transformer block in place (regional compilation: one compiled
     # block reused by all, parameter names unchanged); the first steps pay the compile time.

@@ -11,7 +11,6 @@ import math
 import os
 import random
 import time
-from contextlib import nullcontext
 from pathlib import Path
 from typing import Dict, Iterator, List, Optional
 
@@ -26,6 +25,7 @@ from distft import chunked_loss
 from distft.backends import build_backend
 from distft.config import validate_schema
 from distft import multitask as mt
+from distft import precision as precisions
 from distft import preemption
 from distft.data.prepare import prepare, summary_line
 from distft.data.cache import cache_key, prepared_once
@@ -40,7 +40,6 @@ from distft.tasks import TASKS, build_task
 log = logging.getLogger("distft")
 
 SCHEDULERS = ("cosine", "linear", "constant")
-PRECISIONS = ("fp32", "bf16", "fp16")
 
 
 def seed_everything(seed: int) -> None:
@@ -92,10 +91,7 @@ def check_config(cfg) -> None:
         raise ConfigError(f"trainer.scheduler={t.scheduler!r}: choose one of {list(SCHEDULERS)}")
     if t.loss_chunk_size < 0:
         raise ConfigError("trainer.loss_chunk_size must be >= 0 (0 computes all logits at once)")
-    if t.precision not in PRECISIONS:
-        raise ConfigError(f"trainer.precision={t.precision!r}: choose one of {list(PRECISIONS)}")
-    if t.precision == "fp16" and not torch.cuda.is_available():
-        raise ConfigError("trainer.precision=fp16 needs a GPU; use bf16 or fp32 on CPU")
+    precisions.resolve(t.precision)  # an unknown choice, or fp16 without a GPU, is refused here
     if t.compile and cfg.backend.name == "zero3":
         raise ConfigError("trainer.compile=true with backend=zero3: ZeRO-3 gathers each block's parameters in "
                           "hooks that make compiled blocks recompile until torch gives up and runs them eager; "
@@ -169,12 +165,15 @@ class Trainer:
         self.stop = preemption.StopRequest(preemption.parse_signals(list(t.stop_signals))).install()
         if t.threads:
             torch.set_num_threads(t.threads)
-        self.backend = build_backend(cfg.backend, t)
+        # Decided once; the loop's autocast and the backends' mixed precision follow it.
+        self.precision = precisions.resolve(t.precision)
+        self.backend = build_backend(cfg.backend, t, self.precision.name)
         self.backend.setup()
         self.device = self.backend.device
         self.main = self.backend.is_main
         if self.main:
             log.info("memory allocator: %s", allocator_in_use())
+            precisions.report(self.precision, self.device.type)
         # Each rank composed its own config; a default run_dir holds a timestamp that may
         # differ between ranks, so all take rank 0's.
         cfg.run_dir = self.backend.broadcast_object(str(cfg.run_dir))
@@ -325,11 +324,7 @@ class Trainer:
         return {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
 
     def _autocast(self):
-        p = self.cfg.trainer.precision
-        if p == "fp32":
-            return nullcontext()
-        dtype = torch.bfloat16 if p == "bf16" else torch.float16
-        return torch.autocast(device_type=self.device.type, dtype=dtype)
+        return self.precision.autocast(self.device.type)
 
     def _forward(self, batch):
         inputs = self.task.model_kwargs(batch)
@@ -570,6 +565,7 @@ class Trainer:
             "trainable_params": self.trainable,
             "total_params": self.total,
             "tokens_per_second": self.state["tokens"] / secs if secs else None,
+            "precision": self.precision.name,
             "train_seconds": secs,
             "peak_memory_mb_per_process": peaks,
             "memory_kind": "cuda_max_allocated" if self.device.type == "cuda" else "cpu_rss_sampled",

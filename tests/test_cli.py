@@ -15,6 +15,11 @@ def test_default_run_end_to_end(tmp_path):
     assert "train: 100%" in out, "a progress bar"
     assert "eval/loss=" in out and "loss=" in out
     assert f"model in {run_dir}/final" in out
+    # The default precision follows the hardware and says so (test_precision.py fakes both kinds).
+    from distft.precision import native_bf16_here
+
+    picked = "bf16" if native_bf16_here()[0] else "fp32"
+    assert f"precision auto -> {picked}: " in out
 
     for name in ("config.yaml", "metrics.jsonl", "summary.json", "plots/curves.png", "final/model.safetensors",
                  "final/tokenizer.json"):
@@ -30,12 +35,13 @@ def test_default_run_end_to_end(tmp_path):
     assert evals[-1] < evals[0]
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["trainable_params"] == summary["total_params"] > 0
-    assert summary["tokens_per_second"] > 0
+    assert summary["tokens_per_second"] > 0 and summary["precision"] == picked
 
 
 def test_csv_logger_and_lora_override(tmp_path):
     run_dir = tmp_path / "lora"
-    run_cli(f"run_dir={run_dir}", "strategy=lora", "logger=csv", "trainer.max_steps=5", "task=classification")
+    run_cli(f"run_dir={run_dir}", "strategy=lora", "logger=csv", "trainer.max_steps=5", "task=classification",
+            "trainer.precision=fp32")
     assert (run_dir / "metrics.csv").read_text().startswith("step,")
     assert not (run_dir / "wandb").exists()
     assert (run_dir / "final" / "adapter_config.json").is_file()

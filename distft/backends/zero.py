@@ -22,7 +22,7 @@ class ZeroBackend(DDPBackend):
     backend.config_file with those keys filled in. On CPU DeepSpeed runs with its CPU
     accelerator over gloo and our torch AdamW (its fused optimizers need CUDA)."""
 
-    def __init__(self, cfg, trainer_cfg):
+    def __init__(self, cfg, trainer_cfg, precision: str = "fp32"):
         super().__init__(cfg)
         if cfg.stage not in (1, 2, 3):
             raise ConfigError(f"backend.stage={cfg.stage}: ZeRO stages are 1, 2 and 3")
@@ -31,6 +31,7 @@ class ZeroBackend(DDPBackend):
         self.name = f"zero{cfg.stage}"
         self.state_format = self.name
         self.trainer_cfg = trainer_cfg
+        self.precision = precision
         self._load_from = None  # (folder, tag) of the DeepSpeed state to resume from
 
     def setup(self):
@@ -70,7 +71,7 @@ class ZeroBackend(DDPBackend):
             zero["offload_optimizer"] = {"device": "cpu"}
         if self.cfg.offload_param:
             zero["offload_param"] = {"device": "cpu"}
-        config.setdefault("bf16", {})["enabled"] = t.precision == "bf16"
+        config.setdefault("bf16", {})["enabled"] = self.precision == "bf16"
         config["zero_allow_untested_optimizer"] = True  # our torch AdamW
         config.setdefault("steps_per_print", 1 << 30)
         if self._load_from is not None and self._load_from[1] == _UNIVERSAL:

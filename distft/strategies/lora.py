@@ -1,8 +1,6 @@
 import copy
 import os
 
-from peft import LoraConfig, TaskType, get_peft_model
-
 from distft.strategies.base import Strategy, register_strategy
 
 
@@ -15,6 +13,10 @@ class LoraStrategy(Strategy):
     exports_adapter = True
 
     def apply(self, model, task):
+        # peft is imported here, not at the top: it imports a good part of transformers
+        # (seconds per process), which runs of the other strategies do not need.
+        from peft import LoraConfig, TaskType, get_peft_model
+
         targets = self.cfg.target_modules
         if targets is not None:
             targets = list(targets)

@@ -1,0 +1,87 @@
+"""trainer.precision=auto follows the hardware: bf16 where matmuls have a native bf16
+kernel, fp32 elsewhere; bf16 asked for on a CPU without it runs, with one measured
+warning. The capability is faked for the decision; a real AVX2-only CPU is emulated by
+limiting oneDNN and ATen to AVX2 (what CI runs on, whatever the machine)."""
+import json
+import subprocess
+import sys
+
+import pytest
+
+from conftest import ROOT, TINY, run_cli
+from distft import precision
+from distft.errors import ConfigError
+
+# What a CPU without AVX512-BF16/AMX looks like to torch (and bf16 matmuls really run
+# on oneDNN's slow path under it).
+AVX2_ONLY = {"ONEDNN_MAX_CPU_ISA": "AVX2", "ATEN_CPU_CAPABILITY": "avx2"}
+
+
+def native(answer):
+    return lambda: (answer, "faked capability")
+
+
+@pytest.mark.parametrize("on_gpu,has_bf16,expected", [
+    (False, False, "fp32"),  # AVX2-only CPU
+    (False, True, "bf16"),   # AVX512-BF16 / AMX CPU
+    (True, True, "bf16"),    # A100, H100
+    (True, False, "fp32"),   # a GPU without bf16 (V100, T4)
+])
+def test_auto_follows_the_hardware(on_gpu, has_bf16, expected):
+    p = precision.resolve("auto", on_gpu=on_gpu, native_bf16=native(has_bf16))
+    assert (p.name, p.requested, p.native_bf16) == (expected, "auto", has_bf16)
+    assert p.reason == "faked capability"
+
+
+def test_explicit_choices():
+    assert precision.resolve("fp32", on_gpu=False).name == "fp32"
+    # bf16 asked for runs even without the kernel (the warning says what it costs)
+    p = precision.resolve("bf16", on_gpu=False, native_bf16=native(False))
+    assert (p.name, p.native_bf16) == ("bf16", False)
+    assert precision.resolve("fp16", on_gpu=True).name == "fp16"
+    with pytest.raises(ConfigError, match="fp16 needs a GPU"):
+        precision.resolve("fp16", on_gpu=False)
+    with pytest.raises(ConfigError, match=r"trainer.precision='half': choose one of \['auto', 'fp32', 'bf16', 'fp16'\]"):
+        precision.resolve("half", on_gpu=False)
+
+
+def test_autocast_dtype():
+    import torch
+
+    with precision.Precision("bf16", "auto", "", True).autocast("cpu"):
+        assert (torch.ones(4, 4) @ torch.ones(4, 4)).dtype == torch.bfloat16
+    with precision.Precision("fp32", "auto", "", False).autocast("cpu"):
+        assert (torch.ones(4, 4) @ torch.ones(4, 4)).dtype == torch.float32
+
+
+def test_avx2_only_cpu_is_recognised():
+    """In a process limited to AVX2 the check says no, and measures bf16 far below fp32."""
+    code = ("from distft import precision; import torch, json; ok, why = precision.cpu_has_native_bf16(); "
+            "print(json.dumps({'ok': ok, 'why': why, 'cap': precision.cpu_capability(), "
+            "'bf16': precision.measured_matmul_gflops(torch.bfloat16), "
+            "'fp32': precision.measured_matmul_gflops(torch.float32)}))")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=120,
+                          env={**__import__("os").environ, **AVX2_ONLY})
+    assert proc.returncode == 0, proc.stderr
+    got = json.loads(proc.stdout)
+    assert got["ok"] is False and got["cap"].startswith("AVX2"), got
+    assert "bf16" in got["why"] and "AVX2" in got["why"], got
+    assert got["bf16"] > 0 and got["fp32"] > 0
+
+
+def test_runs_say_what_they_picked(tmp_path):
+    """On an AVX2-only CPU the default picks fp32 and says why; bf16 asked for runs,
+    warning once with the measured matmul rates."""
+    args = [a for a in TINY if not a.startswith("trainer.precision=")] + ["trainer.max_steps=2"]
+    proc = run_cli(*args, f"run_dir={tmp_path / 'auto'}", env=AVX2_ONLY)
+    log = proc.stdout + proc.stderr
+    # a real AVX2 CPU lacks the instructions; an emulated one has them switched off
+    assert ("precision auto -> fp32: this CPU (AVX2) has no AVX512-BF16 or AMX-BF16 matmul kernel" in log
+            or "precision auto -> fp32: oneDNN's bf16 kernels are switched off on this CPU (AVX2+" in log), log[-3000:]
+    assert json.loads((tmp_path / "auto" / "summary.json").read_text())["precision"] == "fp32"
+
+    proc = run_cli(*args, "trainer.precision=bf16", f"run_dir={tmp_path / 'bf16'}", env=AVX2_ONLY)
+    log = proc.stdout + proc.stderr
+    assert log.count("trainer.precision=bf16 on a CPU without native bf16") == 1, log[-3000:]
+    assert "GFLOP/s in bf16 against" in log
+    assert json.loads((tmp_path / "bf16" / "summary.json").read_text())["precision"] == "bf16"
