@@ -36,7 +36,7 @@ def run(model: str, backend: str, nproc: int, steps: int, out: Path) -> dict:
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
            "-m", "distft.train", *MODELS[model], f"backend={backend}", "task=instruction", "strategy=full",
            f"trainer.max_steps={steps}", "trainer.eval_every=0", "trainer.save_every=0", "data.num_train=256",
-           "data.num_validation=8", "trainer.lr=1e-4", "logger=csv", "logger.progress_bar=false",
+           "data.num_validation=8", "trainer.lr=1e-4", "logger=csv", "trainer.precision=fp32", "logger.progress_bar=false",
            f"run_dir={run_dir}", "resume=never"]
     env = {**os.environ, "OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 2) // nproc))}
     print("$", " ".join(cmd[3:]), flush=True)

@@ -44,7 +44,7 @@ def main() -> int:
              "data.drop_empty=true", "data.max_length=256", "data.packing=true", "trainer.batch_size=4",
              f"trainer.max_steps={steps}", "trainer.lr=5e-4", "trainer.warmup_steps=5",
              f"trainer.eval_every={max(1, steps // 2)}", "trainer.eval_before_training=true",
-             "trainer.eval_batch_size=8", "trainer.save_every=0", "logger=csv", "logger.progress_bar=false",
+             "trainer.eval_batch_size=8", "trainer.save_every=0", "logger=csv", "trainer.precision=fp32", "logger.progress_bar=false",
              f"run_dir={run_dir}", "resume=never"]
     print("$", " ".join(train[2:]), flush=True)
     subprocess.run(train, cwd=ROOT, check=True, stdout=subprocess.DEVNULL)

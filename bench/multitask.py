@@ -30,7 +30,7 @@ COMMON = ["model=minilm", "task=classification", "strategy=lora", "strategy.r=16
           "strategy.dropout=0.0", "strategy.target_modules=[query,key,value,dense]", "trainer.lr=1e-3",
           "trainer.batch_size=32", "trainer.max_steps=-1", "trainer.warmup_ratio=0.06", "trainer.eval_every=0",
           "trainer.save_every=0", "trainer.export_best=false", "data.max_length=96", "logger=csv",
-          "logger.progress_bar=false", "resume=never"]
+          "logger.progress_bar=false", "resume=never", "trainer.precision=fp32"]
 
 
 def run(name: str, args: list, out: Path) -> dict:

@@ -37,7 +37,7 @@ def run(model: str, packed: bool, steps: int, max_length: int, rows: int, out: P
            f"data.train={ALPACA}", f"data.max_train_examples={rows}", "data.validation_split=0.02", "data.drop_empty=true",
            f"data.max_length={max_length}", f"data.packing={str(packed).lower()}", "trainer.batch_size=8",
            f"trainer.max_steps={steps}", "trainer.eval_every=0", "trainer.save_every=0", "trainer.warmup_steps=0",
-           "trainer.export_best=false", "logger=csv", "logger.progress_bar=false", f"run_dir={run_dir}",
+           "trainer.export_best=false", "logger=csv", "trainer.precision=fp32", "logger.progress_bar=false", f"run_dir={run_dir}",
            "resume=never"]
     print("$", " ".join(cmd[2:]), flush=True)
     subprocess.run(cmd, cwd=ROOT, check=True, stdout=subprocess.DEVNULL)

@@ -30,6 +30,8 @@ def _vs_hf(data: dict, folder: Path) -> list[str]:
                      f"{'yes' if m.get('variant') == 'ac' else 'no'} | "
                      f"{m['tokens_per_second']:.1f} | {m['steps_per_second']:.3f} | {m['padding_share']:.0%} | "
                      f"{m[mem]:.0f} | {m.get('added_rss_mb', 0):.0f} | {m['heldout_loss']:.4f} |")
+    if data.get("skipped"):
+        lines += ["", f"{data['skipped']}."]
     lines += ["", "| ratio | value | target |", "|---|---|---|"]
     for r in data["ratios"]:
         lines.append(f"| {r['what']} | {r['value']:.2f} | {r['target']} |")
@@ -41,8 +43,9 @@ def _vs_hf(data: dict, folder: Path) -> list[str]:
 
 def _mfu(data: dict) -> list[str]:
     lines = ["## Model FLOPs utilisation", "", f"Machine: {data['machine']}", "", f"Command: `{data['command']}`", "",
-             f"Matmul peak measured in the same run: fp32 {data['peak_gflops']['fp32']:.0f} GFLOP/s, "
-             f"bf16 {data['peak_gflops']['bf16']:.0f} GFLOP/s.", "",
+             "Matmul peak measured in the same run: "
+             + ", ".join(f"{k} {v:.0f} GFLOP/s" for k, v in data["peak_gflops"].items()) + "."
+             + (f" {data['skipped']}." if data.get("skipped") else ""), "",
              "| case | non-pad tokens/s | model GFLOP/s | MFU |", "|---|---|---|---|"]
     for r in data["rows"]:
         lines.append(f"| {r['case']} | {r['tokens_per_second']:.1f} | {r['model_gflops']:.1f} | {r['mfu']:.1%} |")

@@ -36,7 +36,7 @@ def main() -> int:
            "task=classification", "strategy=lora", "strategy.r=16", "strategy.alpha=32", "strategy.dropout=0.0",
            "strategy.target_modules=[query,key,value,dense]", "trainer.lr=1e-3", "trainer.batch_size=32",
            "trainer.max_steps=-1", "trainer.epochs=1", "trainer.warmup_ratio=0.06", "trainer.save_every=0",
-           "trainer.export_best=false", "data.max_length=96", "logger=csv", "logger.progress_bar=false",
+           "trainer.export_best=false", "data.max_length=96", "logger=csv", "trainer.precision=fp32", "logger.progress_bar=false",
            f"run_dir={run_dir}"]
     if args.quick:
         cmd += ["data.max_train_examples=200", "data.max_validation_examples=100"]

@@ -26,7 +26,7 @@ COMMON = [
     "model=minilm", "task=classification", "data=files",
     f"data.train={DATA / 'train.jsonl'}", f"data.validation={DATA / 'validation.jsonl'}",
     "data.max_length=64", "trainer.max_steps=-1", "trainer.batch_size=32", "trainer.warmup_ratio=0.06",
-    "trainer.eval_every=0", "trainer.save_every=0", "logger=csv", "logger.progress_bar=false",
+    "trainer.eval_every=0", "trainer.save_every=0", "logger=csv", "trainer.precision=fp32", "logger.progress_bar=false",
 ]
 
 # strategy -> (overrides, target accuracy)

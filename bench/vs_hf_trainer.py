@@ -242,13 +242,40 @@ def one(case) -> dict:
             **result}
 
 
+def machine_line(threads: int) -> str:
+    """The processor, its vector capability (bf16 speed depends on it), cores and torch."""
+    import torch
+
+    from distft.precision import cpu_capability
+
+    name = torch.cpu.get_capabilities().get("cpu_name") if hasattr(torch.cpu, "get_capabilities") else None
+    return (f"{name or platform.processor() or platform.machine()} ({cpu_capability()}), {os.cpu_count()} CPU cores "
+            f"({threads} threads), torch {torch.__version__}"
+            + (f", GPU {torch.cuda.get_device_name()}" if torch.cuda.is_available() else ""))
+
+
+def one_in_a_fresh_process(case, malloc: str = "system"):
+    """One case in its own process, started through launch/malloc.sh as distft's launchers
+    start training, so both runners get the same allocator; None (output printed) if it failed."""
+    cmd = ["bash", "-c", 'source launch/malloc.sh && exec "$@"', "malloc",
+           sys.executable, __file__, "--one", json.dumps(case)]
+    proc = subprocess.run(cmd, cwd=ROOT, text=True, capture_output=True,
+                          env={**os.environ, "WANDB_SILENT": "true", "DISTFT_MALLOC": malloc})
+    line = [x for x in proc.stdout.splitlines() if x.startswith("RESULT ")]
+    if proc.returncode != 0 or not line:
+        print(proc.stdout[-3000:], proc.stderr[-5000:], file=sys.stderr)
+        return None
+    return json.loads(line[0][len("RESULT "):])
+
+
 # ----------------------------------------------------------------------------- the matrix
-def cases_for(models, quick: bool):
-    """(runner, model, strategy, layout, precision, variant) of each run."""
+def cases_for(models, quick: bool, bf16: bool = True):
+    """(runner, model, strategy, layout, precision, variant) of each run; without `bf16`
+    (hardware that emulates it) the bf16 cases are left out."""
     out = []
     for model in models:
         for strategy in ("lora", "full"):
-            for precision in ("fp32", "bf16"):
+            for precision in ("fp32", "bf16") if bf16 else ("fp32",):
                 if strategy == "full" and precision == "bf16" and not quick:
                     continue  # full fine-tuning is there for the memory ratio and MFU
                 out.append(("hf", model, strategy, "padded", precision, ""))
@@ -393,7 +420,11 @@ def main() -> int:
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--repeats", type=int, default=1)
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 1)
-    ap.add_argument("--quick", action="store_true", help="the tiny model, 5 steps, 64 rows: a smoke run")
+    ap.add_argument("--quick", action="store_true",
+                    help="the tiny model, 3 steps (one timed), 64 rows, every case in this process: a smoke run")
+    ap.add_argument("--same-process", action="store_true",
+                    help="run the cases in this process instead of a fresh one each (no allocator choice; "
+                         "memory figures then carry the earlier cases' leftovers)")
     ap.add_argument("--out", default=str(ROOT / "bench" / "results"))
     ap.add_argument("--malloc", default=os.environ.get("DISTFT_MALLOC", "system"),
                     help="allocator of every run, both runners alike: system, tcmalloc, jemalloc (launch/malloc.sh)")
@@ -406,49 +437,50 @@ def main() -> int:
         print(f"{ALPACA} not found: this benchmark needs ../shared/data beside the checkout", file=sys.stderr)
         return 1
     if args.quick:
-        args.models, args.steps, args.rows, args.max_length = "tiny", 5, 64, 512
+        args.models, args.steps, args.rows, args.max_length = "tiny", WARMUP + 1, 64, 512
+        args.same_process = True  # a smoke run: the interpreter start would be most of its time
+    if args.same_process and args.malloc != "system":
+        ap.error("--same-process runs on this process's allocator: drop --malloc (or DISTFT_MALLOC)")
     models = args.models.split(",")
     out = Path(args.out)
     train, heldout = split_data(out, args.rows)
+    # bf16 cases only where bf16 matmuls are native: emulated (an AVX2-only CPU) they run
+    # hundreds of times slower than fp32 and measure nothing worth a table row.
+    from distft.precision import native_bf16_here
+
+    bf16, why = native_bf16_here()
+    skipped = None if bf16 else f"bf16 cases skipped: {why}"
+    if skipped:
+        print(skipped, flush=True)
     results = []
     for repeat in range(args.repeats):  # A B A B: machine drift hits every case alike
-        for runner, model, strategy, layout, precision, variant in cases_for(models, args.quick):
+        for runner, model, strategy, layout, precision, variant in cases_for(models, args.quick, bf16):
             name = case_name(runner, model, strategy, layout, precision, variant)
             case = {"name": name, "runner": runner, "model": model, "strategy": strategy, "layout": layout,
                     "precision": precision, "variant": variant, "repeat": repeat, "steps": args.steps, "batch": args.batch,
                     "max_length": args.max_length, "seed": 0, "threads": args.threads, "train": str(train),
                     "heldout": str(heldout), "out": str(out)}
             print(f"[{repeat}] {name}", flush=True)
-            # Each run in its own process, started through launch/malloc.sh as distft's
-            # launchers start training, so both runners get the same allocator.
-            cmd = ["bash", "-c", 'source launch/malloc.sh && exec "$@"', "malloc",
-                   sys.executable, __file__, "--one", json.dumps(case)]
-            proc = subprocess.run(cmd, cwd=ROOT, text=True, capture_output=True,
-                                  env={**os.environ, "WANDB_SILENT": "true", "DISTFT_MALLOC": args.malloc})
-            line = [x for x in proc.stdout.splitlines() if x.startswith("RESULT ")]
-            if proc.returncode != 0 or not line:
-                print(proc.stdout[-3000:], proc.stderr[-5000:], file=sys.stderr)
+            r = one(case) if args.same_process else one_in_a_fresh_process(case, args.malloc)
+            if r is None:
                 return 1
-            r = json.loads(line[0][len("RESULT "):])
             print(f"    {r['tokens_per_second']:.1f} non-pad tok/s, peak RSS {r['peak_rss_mb']:.0f} MiB, "
                   f"held-out loss {r['heldout_loss']:.4f}", flush=True)
             results.append(r)
 
-    import torch
     import transformers
     import peft
 
     mean = summarize(results)
     table, mem = ratios(mean, models)
-    machine = (f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPU cores ({args.threads} threads), "
-               f"torch {torch.__version__}, transformers {transformers.__version__}, peft {peft.__version__}, "
-               f"allocator {args.malloc}"
-               + (f", GPU {torch.cuda.get_device_name()}" if torch.cuda.is_available() else ""))
+    machine = (f"{machine_line(args.threads)}, transformers {transformers.__version__}, peft {peft.__version__}, "
+               f"allocator {args.malloc}")
     command = "python bench/vs_hf_trainer.py " + " ".join(sys.argv[1:])
     out.mkdir(parents=True, exist_ok=True)
     (out / "vs_hf_trainer.json").write_text(json.dumps(
         {"machine": machine, "command": command, "args": vars(args), "runs": results, "mean": mean,
-         "ratios": [{"what": w, "value": v, "target": t} for w, v, t in table], "memory": mem}, indent=2))
+         "ratios": [{"what": w, "value": v, "target": t} for w, v, t in table], "memory": mem,
+         "skipped": skipped}, indent=2))
     chart(mean, out / "vs_hf_trainer.png")
     from bench.report import write_benchmarks_md
 

@@ -1,9 +1,21 @@
+import atexit
 import json
 import os
+import shutil
 import subprocess
 import tempfile
 import sys
 from pathlib import Path
+
+# Before anything imports the hub libraries, which read these once.
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("WANDB_SILENT", "true")
+# Nothing here comes from the hub: fail at once instead of waiting on connection timeouts.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# The tokenised-data cache of the test session, away from the user's own (removed at exit).
+if "DISTFT_DATA_CACHE" not in os.environ:
+    os.environ["DISTFT_DATA_CACHE"] = tempfile.mkdtemp(prefix="distft-test-cache-")
+    atexit.register(shutil.rmtree, os.environ["DISTFT_DATA_CACHE"], ignore_errors=True)
 
 import pytest
 from hydra import compose, initialize_config_dir
@@ -14,11 +26,6 @@ from distft.paths import CONF_DIR
 
 ROOT = Path(__file__).resolve().parent.parent
 SHARED_DATA = ROOT.parent / "shared" / "data"
-
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-os.environ.setdefault("WANDB_SILENT", "true")
-# The tokenised-data cache of the test session, away from the user's own.
-os.environ.setdefault("DISTFT_DATA_CACHE", tempfile.mkdtemp(prefix="distft-test-cache-"))
 
 # Small enough to train a few steps in well under a second.
 TINY = [
@@ -34,6 +41,9 @@ TINY = [
     "logger.plots=false",
     "trainer.batch_size=8",
     "trainer.warmup_steps=0",
+    # fp32 whatever the CPU: what a test asserts must not depend on the machine's bf16
+    # (precision=auto is tested on its own in test_precision.py).
+    "trainer.precision=fp32",
 ]
 
 
@@ -68,6 +78,44 @@ def run_cli(*args, check=True, timeout=600, env=None):
     if check and proc.returncode != 0:
         raise AssertionError(f"distft-train failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
     return proc
+
+
+def torchrun_cmd(nproc, *args):
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+            "-m", "distft.train", *args]
+
+
+def run_torchrun(nproc, *args, timeout=600):
+    proc = subprocess.run(torchrun_cmd(nproc, *args), cwd=ROOT, capture_output=True, text=True, timeout=timeout,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    if proc.returncode != 0:
+        raise AssertionError(f"torchrun failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
+    return proc
+
+
+@pytest.fixture(scope="session")
+def reference(tmp_path_factory):
+    """An uninterrupted run that several tests compare against, run once per session for
+    each distinct set of overrides: `reference(*overrides)` on one process (in this one:
+    the CLI's own Trainer, without paying a new interpreter's imports),
+    `reference(*overrides, nproc=2)` under torchrun. Returns its run_dir; read it, never
+    write to it."""
+    from distft.train import run as train
+
+    done = {}
+
+    def run(*overrides, nproc=1):
+        key = (nproc, tuple(overrides))
+        if key not in done:
+            run_dir = tmp_path_factory.mktemp("reference")
+            if nproc == 1:
+                train(compose_cfg(run_dir, overrides))
+            else:
+                run_torchrun(nproc, *overrides, f"run_dir={run_dir}")
+            done[key] = run_dir
+        return done[key]
+
+    return run
 
 
 def read_metrics(run_dir: Path):

@@ -87,14 +87,14 @@ def test_refused_where_the_output_layer_is_sharded():
 
 @pytest.mark.slow
 @pytest.mark.parametrize("extra", [[], ["task=instruction", "data.packing=true"]], ids=["causal_lm", "instruction-packed"])
-def test_training_run_matches_full_logits(tmp_path, extra):
+def test_training_run_matches_full_logits(tmp_path, reference, extra):
     common = [*TINY, "trainer.max_steps=6", "trainer.lr=3e-3", "logger.log_every=1", *extra]
-    run_cli(*common, "trainer.loss_chunk_size=0", f"run_dir={tmp_path / 'full'}")
+    full_dir = reference(*common, "trainer.loss_chunk_size=0")
     proc = run_cli(*common, "trainer.loss_chunk_size=16", f"run_dir={tmp_path / 'chunked'}")
     assert "loss in chunks of 16 target tokens" in proc.stdout + proc.stderr
-    full, chunked = losses(tmp_path / "full"), losses(tmp_path / "chunked")
+    full, chunked = losses(full_dir), losses(tmp_path / "chunked")
     assert sorted(chunked) == list(range(1, 7))
     for step in full:
         assert chunked[step] == pytest.approx(full[step], rel=1e-5), step
     ev = lambda d: [e["eval/loss"] for e in read_metrics(d) if "eval/loss" in e][-1]  # noqa: E731
-    assert ev(tmp_path / "chunked") == pytest.approx(ev(tmp_path / "full"), rel=1e-5)
+    assert ev(tmp_path / "chunked") == pytest.approx(ev(full_dir), rel=1e-5)

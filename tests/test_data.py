@@ -103,6 +103,15 @@ def test_validation_is_held_out_with_the_seed(cfg_for, tmp_path):
 
 
 def test_hub_without_network_names_the_dataset(cfg_for, tmp_path, monkeypatch):
+    # No network, as the hub libraries see it. datasets and huggingface_hub read the
+    # variables when imported (already done in this process), so set what they read;
+    # otherwise each request waits for its connection timeout and retries.
+    import datasets
+    import huggingface_hub.constants
+
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
     with pytest.raises(DataError, match=r"data.train=no-such-user/no-such-dataset \(split 'train'\): could not load"):
         Trainer(cfg_for("data=hub", "data.train=no-such-user/no-such-dataset", "data.cache_dir=null")).setup()

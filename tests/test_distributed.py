@@ -11,17 +11,12 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import ROOT, TINY, losses, read_metrics, run_cli
+from conftest import ROOT, TINY, losses, read_metrics, run_cli, torchrun_cmd
 
 pytestmark = pytest.mark.slow
 
 STEPS = 8
 COMMON = [*TINY, f"trainer.max_steps={STEPS}", "trainer.lr=3e-3", "trainer.eval_every=4", "trainer.save_every=2"]
-
-
-def torchrun_cmd(nproc, *args):
-    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-            "-m", "distft.train", *args]
 
 
 def children(pid):
@@ -49,14 +44,35 @@ def torchrun(nproc, *args, script=False):
 BACKENDS = ["ddp", "fsdp", "zero1", "zero2", "zero3"]
 
 
+def same_numbers(strategy):
+    """The settings of the parity runs. No dropout: N processes draw other dropout masks
+    than one process does."""
+    return [*COMMON, f"strategy={strategy}"] + (["strategy.dropout=0.0"] if strategy == "lora" else [])
+
+
+@pytest.fixture(scope="module")
+def two_process_run(tmp_path_factory):
+    """A 2-process run through launch/torchrun.sh as a user starts it, once per (backend,
+    strategy) in this module: the parity test checks it, the resume and refusal tests
+    continue from its checkpoints (all kept). Returns (run_dir, the launcher's output)."""
+    done = {}
+
+    def run(backend, strategy):
+        if (backend, strategy) not in done:
+            run_dir = tmp_path_factory.mktemp(f"two-{backend}-{strategy}") / "run"
+            proc = torchrun(2, *same_numbers(strategy), "trainer.keep_checkpoints=0", f"backend={backend}",
+                            "trainer.batch_size=4", f"run_dir={run_dir}", script=True)
+            done[(backend, strategy)] = (run_dir, proc)
+        return done[(backend, strategy)]
+
+    return run
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("strategy,weights", [("full", "model.safetensors"), ("lora", "adapter_model.safetensors")])
-def test_two_processes_match_one_process(tmp_path, backend, strategy, weights):
-    one, two = tmp_path / "one", tmp_path / "two"
-    # No dropout: N processes draw other dropout masks than one process does.
-    extra = [f"strategy={strategy}"] + (["strategy.dropout=0.0"] if strategy == "lora" else [])
-    run_cli(*COMMON, *extra, "trainer.batch_size=8", f"run_dir={one}")
-    proc = torchrun(2, *COMMON, *extra, f"backend={backend}", "trainer.batch_size=4", f"run_dir={two}", script=True)
+def test_two_processes_match_one_process(reference, two_process_run, backend, strategy, weights):
+    one = reference(*same_numbers(strategy), "trainer.batch_size=8")
+    two, proc = two_process_run(backend, strategy)
     assert proc.stdout.count("step 8: eval/") == 1, "only rank 0 reports"
     assert proc.stdout.count("done: 8 steps") == 1
 
@@ -115,38 +131,45 @@ def test_sigkill_then_resume(tmp_path, backend, strategy):
     ("zero2", "full", 2, 1),   # converted to a DeepSpeed universal checkpoint
     ("zero3", "lora", 1, 2),
 ])
-def test_resume_on_another_process_count(tmp_path, backend, strategy, before, after):
+def test_resume_on_another_process_count(tmp_path, reference, two_process_run, backend, strategy, before, after):
     """Checkpoint at step 4 on `before` processes, continue on `after` with the same global
     batch: steps 5-8 give the losses of one uninterrupted process. Step 5's loss depends
     only on the weights; steps 6-8 also on the optimizer moments, so a lost or mis-sharded
     optimizer state shows."""
-    extra = [*COMMON, f"strategy={strategy}", "trainer.keep_checkpoints=0"] + (
-        ["strategy.dropout=0.0"] if strategy == "lora" else [])
-    ref, first, second = tmp_path / "ref", tmp_path / "first", tmp_path / "second"
-    run_cli(*extra, "trainer.batch_size=8", f"run_dir={ref}")
-    torchrun(before, *extra, f"backend={backend}", f"trainer.batch_size={8 // before}", f"run_dir={first}")
+    same = same_numbers(strategy)
+    extra = [*same, "trainer.keep_checkpoints=0"]
+    second = tmp_path / "second"
+    ref = reference(*same, "trainer.batch_size=8")  # keep_checkpoints changes no number
+    if before == 2:
+        first, _ = two_process_run(backend, strategy)  # the parity test's run
+    else:
+        first = tmp_path / "first"
+        torchrun(before, *extra, f"backend={backend}", f"trainer.batch_size={8 // before}", f"run_dir={first}")
 
     resume = f"resume={first / 'checkpoints' / 'step-4'}"
-    # Another global batch would be another data order and schedule: refused, with the fix.
-    proc = subprocess.run(torchrun_cmd(after, *extra, f"backend={backend}", f"trainer.batch_size={16 // after}", resume,
-                                       f"run_dir={tmp_path / 'refused'}"),
-                          cwd=ROOT, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
-    assert proc.returncode != 0
-    assert f"set trainer.batch_size={8 // after} trainer.grad_accum=1" in proc.stderr + proc.stdout
+    if backend == "ddp":
+        # Another global batch would be another data order and schedule: refused, with the
+        # fix (distft checks the checkpoint's state before a backend loads it: the same code
+        # for every backend, so one shows it).
+        proc = subprocess.run(torchrun_cmd(after, *extra, f"backend={backend}", f"trainer.batch_size={16 // after}",
+                                           resume, f"run_dir={tmp_path / 'refused'}"),
+                              cwd=ROOT, capture_output=True, text=True, timeout=300,
+                              env={**os.environ, "OMP_NUM_THREADS": "1"})
+        assert proc.returncode != 0
+        assert f"set trainer.batch_size={8 // after} trainer.grad_accum=1" in proc.stderr + proc.stdout
 
     proc = torchrun(after, *extra, f"backend={backend}", f"trainer.batch_size={8 // after}", resume,
                     f"run_dir={second}")
     assert f"written by {before} process(es), continued on {after}" in proc.stdout + proc.stderr
-    reference, got = losses(ref), losses(second)
+    expected, got = losses(ref), losses(second)
     assert sorted(got) == [5, 6, 7, 8]
     for step in got:
-        assert got[step] == pytest.approx(reference[step], rel=1e-4), f"step {step}"
+        assert got[step] == pytest.approx(expected[step], rel=1e-4), f"step {step}"
     assert not list((second / "checkpoints").glob(".resharded-*")), "the converted copy is removed"
 
 
-def test_checkpoint_of_another_backend_is_refused(tmp_path):
-    run_dir = tmp_path / "run"
-    torchrun(2, *COMMON, "backend=fsdp", "trainer.batch_size=4", "trainer.max_steps=2", f"run_dir={run_dir}")
+def test_checkpoint_of_another_backend_is_refused(tmp_path, two_process_run):
+    run_dir, _ = two_process_run("fsdp", "full")
     proc = run_cli(*COMMON, "trainer.max_steps=4", f"resume={run_dir / 'checkpoints' / 'step-2'}",
                    f"run_dir={tmp_path / 'again'}", check=False)
     assert proc.returncode == 2
@@ -160,12 +183,12 @@ def test_ddp_without_a_launcher_says_how_to_start_it(tmp_path):
 
 
 @pytest.mark.parametrize("via_script", [True, False])
-def test_deepspeed_launcher(tmp_path, via_script):
+def test_deepspeed_launcher(tmp_path, reference, via_script):
     """The deepspeed launcher: through launch/deepspeed.sh, and raw without --no_local_rank
     (it then appends --local_rank=N, which distft strips before Hydra parses)."""
-    one, two = tmp_path / "one", tmp_path / "two"
+    two = tmp_path / "two"
     extra = ["strategy=lora", "strategy.dropout=0.0"]
-    run_cli(*COMMON, *extra, "trainer.batch_size=8", f"run_dir={one}")
+    one = reference(*COMMON, *extra, "trainer.batch_size=8")
     args = [*COMMON, *extra, "backend=zero3", "trainer.batch_size=4", f"run_dir={two}"]
     if via_script:
         cmd = ["bash", "launch/deepspeed.sh", *args]
@@ -202,12 +225,12 @@ def test_mixture_on_two_processes_matches_one(tmp_path):
 
 
 @pytest.mark.parametrize("backend", ["ddp", "fsdp", "zero2"])
-def test_compiled_blocks_on_two_processes(tmp_path, backend):
+def test_compiled_blocks_on_two_processes(tmp_path, reference, backend):
     """trainer.compile under each wrapping it supports (zero3 is refused at config time):
     the losses and the exported adapter of an eager one-process run."""
-    one, two = tmp_path / "one", tmp_path / "two"
+    two = tmp_path / "two"
     extra = [*TINY, "trainer.max_steps=4", "trainer.lr=3e-3", "strategy=lora", "strategy.dropout=0.0"]
-    run_cli(*extra, "trainer.batch_size=8", f"run_dir={one}")
+    one = reference(*extra, "trainer.batch_size=8")
     proc = torchrun(2, *extra, f"backend={backend}", "trainer.batch_size=4", "trainer.compile=true", f"run_dir={two}")
     assert "torch.compile: 2 blocks compiled in place" in proc.stdout + proc.stderr
     assert "recompile_limit" not in proc.stderr, "compiled blocks fell back to eager"

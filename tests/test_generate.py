@@ -17,7 +17,7 @@ def test_trained_chat_model_answers_in_the_trained_format(tmp_path):
     run = tmp_path / "run"
     # The default tiny model on generated chat arithmetic: answers are digits, then EOS.
     run_cli("task=instruction", "task.template=chat", "logger=csv", "logger.progress_bar=false",
-            "trainer.max_steps=120", f"run_dir={run}")
+            "trainer.max_steps=120", "trainer.precision=fp32", f"run_dir={run}")
     proc = generate(str(run / "final"), "--prompt", "Add 12 plus 30.", "--prompt", "Add 3 plus 4.", "--json",
                     "--max-new-tokens", "12")
     assert proc.returncode == 0, proc.stderr[-2000:]

@@ -96,14 +96,19 @@ def test_two_classification_tasks_one_encoder_two_heads(tmp_path):
         assert got[step] == pytest.approx(ref[step], rel=1e-5)
 
 
-def test_mixture_refusals(tmp_path):
-    args = [*TINY, *write_tasks(tmp_path), f"run_dir={tmp_path / 'r'}"]
-    proc = run_cli(*args, "data.sampler=bogus", check=False)
-    assert proc.returncode == 2 and "data.sampler='bogus'" in proc.stderr
-    proc = run_cli(*args, "+data.tasks.color.task.name=causal_lm", check=False)
-    assert proc.returncode == 2 and "need different model heads" in proc.stderr
-    proc = run_cli(*TINY, "task=classification", "data=mixture", f"run_dir={tmp_path / 'r2'}", check=False)
-    assert proc.returncode == 2 and "data.tasks is empty" in proc.stderr
+def test_mixture_refusals(tmp_path, cfg_for):
+    # Refused at config time, before any data or model (how the CLI turns such an error
+    # into one line and exit code 2 is tested in test_bad_input.py).
+    from distft.errors import ConfigError
+    from distft.trainer import check_config
+
+    args = write_tasks(tmp_path)
+    for extra, message in ((["data.sampler=bogus"], "data.sampler='bogus'"),
+                           (["+data.tasks.color.task.name=causal_lm"], "need different model heads")):
+        with pytest.raises(ConfigError, match=message):
+            check_config(cfg_for(*args, *extra))
+    with pytest.raises(ConfigError, match="data.tasks is empty"):
+        check_config(cfg_for("task=classification", "data=mixture"))
 
 
 def test_language_model_mixture_reports_each_task(tmp_path):

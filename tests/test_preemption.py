@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from conftest import ROOT, TINY, losses, read_metrics, run_cli
+from conftest import ROOT, TINY, losses, read_metrics, run_cli, torchrun_cmd
 
 pytestmark = pytest.mark.slow
 
@@ -40,9 +40,9 @@ def _same_as_reference(ref_dir, run_dir):
 
 
 @pytest.mark.parametrize("sig", [signal.SIGUSR1, signal.SIGTERM], ids=["SIGUSR1", "SIGTERM"])
-def test_signal_stops_with_a_checkpoint_and_the_same_command_resumes(tmp_path, sig):
-    ref, cut = tmp_path / "ref", tmp_path / "cut"
-    run_cli(*COMMON, f"run_dir={ref}")
+def test_signal_stops_with_a_checkpoint_and_the_same_command_resumes(tmp_path, reference, sig):
+    cut = tmp_path / "cut"
+    ref = reference(*COMMON)
     proc = subprocess.Popen([sys.executable, "-m", "distft.train", *COMMON, f"run_dir={cut}"], cwd=ROOT,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     _signal_when(proc, cut, sig)
@@ -61,15 +61,14 @@ def test_signal_stops_with_a_checkpoint_and_the_same_command_resumes(tmp_path, s
     _same_as_reference(ref, cut)
 
 
-def test_sigterm_to_torchrun_reaches_every_rank(tmp_path):
+def test_sigterm_to_torchrun_reaches_every_rank(tmp_path, reference):
     """A scheduler terminating the launcher: torchrun passes SIGTERM to its workers, which
     agree on one last step and write one checkpoint together."""
     overrides = [*COMMON, "backend=ddp", "trainer.batch_size=4"]
-    ref, cut = tmp_path / "ref", tmp_path / "cut"
+    cut = tmp_path / "cut"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "distft.train",
-           *overrides]
-    subprocess.run([*cmd, f"run_dir={ref}"], cwd=ROOT, env=env, check=True, capture_output=True, timeout=600)
+    cmd = torchrun_cmd(2, *overrides)
+    ref = reference(*overrides, nproc=2)
     proc = subprocess.Popen([*cmd, f"run_dir={cut}"], cwd=ROOT, env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
     _signal_when(proc, cut, signal.SIGTERM)
@@ -90,12 +89,12 @@ def test_stop_signals_are_checked_at_config_time(tmp_path):
     assert "trainer.stop_signals: 'SIGKILL' is not a signal a process can catch" in proc.stdout + proc.stderr
 
 
-def test_sequential_experiment_stops_in_a_stage_and_resumes_there(tmp_path):
+def test_sequential_experiment_stops_in_a_stage_and_resumes_there(tmp_path, reference):
     from test_sequential import stages_args
 
     args = [*TINY, *stages_args(tmp_path), "trainer.max_steps=30", "trainer.lr=3e-3", "logger.log_every=1"]
-    ref, cut = tmp_path / "ref", tmp_path / "cut"
-    run_cli(*args, f"run_dir={ref}")
+    cut = tmp_path / "cut"
+    ref = reference(*args)
     proc = subprocess.Popen([sys.executable, "-m", "distft.train", *args, f"run_dir={cut}"], cwd=ROOT,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     _signal_when(proc, cut / "stages" / "2-color", signal.SIGTERM)

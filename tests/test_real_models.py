@@ -24,7 +24,7 @@ def test_minilm_lora_on_real_sst2(cfg_for):
                   "data.max_train_examples=1024", "data.max_validation_examples=256", "data.max_length=64",
                   "trainer.batch_size=32", "trainer.max_steps=32", "trainer.lr=2e-3", "strategy.r=16",
                   "strategy.target_modules=[query,key,value,dense]", "trainer.warmup_steps=3",
-                  "logger=csv", "logger.progress_bar=false", tiny=False)
+                  "logger=csv", "logger.progress_bar=false", "trainer.precision=fp32", tiny=False)
     t = Trainer(cfg).setup()
     assert type(t.model.get_base_model()).__name__ == "BertForSequenceClassification"
     assert 20_000_000 < t.total < 25_000_000
@@ -38,7 +38,7 @@ def test_smollm2_gguf_instruction_lora(cfg_for):
     needs("gguf")
     cfg = cfg_for("model=smollm2", "task=instruction", "strategy=lora", "data.num_train=8", "data.num_validation=4",
                   "data.max_length=96", "trainer.batch_size=2", "trainer.max_steps=2", "trainer.eval_every=0",
-                  "logger=csv", "logger.progress_bar=false", tiny=False)
+                  "logger=csv", "logger.progress_bar=false", "trainer.precision=fp32", tiny=False)
     t = Trainer(cfg).setup()
     base = t.model.get_base_model()
     assert type(base).__name__ == "LlamaForCausalLM"

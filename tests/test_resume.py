@@ -35,10 +35,10 @@ def _kill_when_past(run_dir: Path, overrides, step: int) -> None:
 
 
 @pytest.mark.parametrize("strategy,kill_at", [("full", 7), ("lora", 17)])
-def test_sigkill_then_resume_gives_the_same_losses(tmp_path, strategy, kill_at):
+def test_sigkill_then_resume_gives_the_same_losses(tmp_path, reference, strategy, kill_at):
     overrides = [*COMMON, f"strategy={strategy}", "trainer.lr=3e-3"]
-    ref_dir, cut_dir = tmp_path / "uninterrupted", tmp_path / "killed"
-    run_cli(*overrides, f"run_dir={ref_dir}")
+    cut_dir = tmp_path / "killed"
+    ref_dir = reference(*overrides)
     reference = losses(ref_dir)
     assert sorted(reference) == list(range(1, STEPS + 1))
 

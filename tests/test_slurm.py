@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import ROOT, TINY, losses, read_metrics, run_cli
+from conftest import ROOT, TINY, losses, read_metrics
 from slurm_cluster import ClusterUnavailable, LocalSlurm
 
 pytestmark = pytest.mark.slow
@@ -46,38 +46,55 @@ def finished(cluster, job, log, timeout=400):
     return info, text
 
 
+_uninterrupted = {}
+
+
+def uninterrupted_job(cluster, tmp_path_factory, script, overrides):
+    """The reference job of the preemption tests, run once per (script, overrides)."""
+    key = (script, tuple(overrides))
+    if key not in _uninterrupted:
+        folder = tmp_path_factory.mktemp("uninterrupted")
+        job, log = submit(cluster, folder, script, *overrides, f"run_dir={folder / 'ref'}")
+        finished(cluster, job, log)
+        _uninterrupted[key] = folder / "ref"
+    return _uninterrupted[key]
+
+
+def preemption_overrides(backend):
+    return [*TINY, "trainer.max_steps=60", "trainer.lr=3e-3", "model.dropout=0.1", "trainer.eval_every=20",
+            "logger.log_every=1", f"backend={backend}", "trainer.batch_size=4"]
+
+
 def nodes_that_launched(text):
     return sorted(set(re.findall(r"\[distft\] (\S+) \(node \d\): starting the launcher", text)))
 
 
 @pytest.mark.parametrize("script,backend", [("slurm/train.sbatch", "ddp"), ("slurm/deepspeed.sbatch", "zero2")])
-def test_two_node_job_trains_like_one_process(cluster, tmp_path, script, backend):
+def test_two_node_job_trains_like_one_process(cluster, tmp_path, reference, script, backend):
     """2 nodes x 1 process through each script: the same losses as one process with the
     same global batch."""
     common = [*TINY, f"trainer.max_steps={STEPS}", "trainer.lr=3e-3"]
-    run_cli(*common, "trainer.batch_size=8", f"run_dir={tmp_path / 'one'}")
+    one = reference(*common, "trainer.batch_size=8")
     job, log = submit(cluster, tmp_path, script, *common, f"backend={backend}", "trainer.batch_size=4",
                       f"run_dir={tmp_path / 'job'}")
     info, text = finished(cluster, job, log)
     assert info["NumNodes"] == "2" and nodes_that_launched(text) == ["n1", "n2"], text[-3000:]
     summary = json.loads((tmp_path / "job" / "summary.json").read_text())
     assert summary["processes"] == 2 and summary["backend"] == backend
-    reference, got = losses(tmp_path / "one"), losses(tmp_path / "job")
+    expected, got = losses(one), losses(tmp_path / "job")
     assert sorted(got) == list(range(1, STEPS + 1))
-    for step in reference:
-        assert got[step] == pytest.approx(reference[step], rel=1e-4), f"step {step}"
+    for step in expected:
+        assert got[step] == pytest.approx(expected[step], rel=1e-4), f"step {step}"
 
 
 @pytest.mark.parametrize("script,backend", [("slurm/train.sbatch", "ddp"), ("slurm/deepspeed.sbatch", "zero2")])
-def test_usr1_checkpoints_requeues_and_resumes(cluster, tmp_path, script, backend):
+def test_usr1_checkpoints_requeues_and_resumes(cluster, tmp_path, tmp_path_factory, script, backend):
     """`scancel --signal=USR1 --batch` (what --signal=B:USR1@N sends before a time limit):
     every rank stops after the same step with a checkpoint, the job requeues itself and
     the second run resumes from it and ends with the losses of an uninterrupted job."""
     steps = 60
-    overrides = [*TINY, f"trainer.max_steps={steps}", "trainer.lr=3e-3", "model.dropout=0.1", "trainer.eval_every=20",
-                 "logger.log_every=1", f"backend={backend}", "trainer.batch_size=4"]
-    ref_job, ref_log = submit(cluster, tmp_path, script, *overrides, f"run_dir={tmp_path / 'ref'}")
-    finished(cluster, ref_job, ref_log)
+    overrides = preemption_overrides(backend)
+    ref = uninterrupted_job(cluster, tmp_path_factory, script, overrides)
 
     cut = tmp_path / "cut"
     job, log = submit(cluster, tmp_path, script, *overrides, f"run_dir={cut}")
@@ -99,24 +116,22 @@ def test_usr1_checkpoints_requeues_and_resumes(cluster, tmp_path, script, backen
     assert f"requeueing job {job}" in text
     assert f"resumed from {cut / 'checkpoints' / f'step-{at}'}" in text, text[-4000:]
     assert not (cut / "preempted.json").exists()
-    reference, resumed = losses(tmp_path / "ref"), losses(cut)
+    reference, resumed = losses(ref), losses(cut)
     assert sorted(resumed) == list(range(1, steps + 1))
     for step in range(1, steps + 1):
         assert resumed[step] == pytest.approx(reference[step], rel=1e-5), f"step {step}"
-    ref_summary = json.loads((tmp_path / "ref" / "summary.json").read_text())
+    ref_summary = json.loads((ref / "summary.json").read_text())
     summary = json.loads((cut / "summary.json").read_text())
     assert summary["eval/loss"] == pytest.approx(ref_summary["eval/loss"], rel=1e-5)
 
 
-def test_cancelled_job_leaves_a_checkpoint_that_a_new_job_resumes(cluster, tmp_path):
+def test_cancelled_job_leaves_a_checkpoint_that_a_new_job_resumes(cluster, tmp_path, tmp_path_factory):
     """`scancel JOB` (or a time limit, or preemption without requeue): SLURM sends SIGTERM
     to every process, they write a checkpoint before KillWait runs out, and submitting
     the same command again continues it to the losses of an uninterrupted job."""
     steps = 60
-    overrides = [*TINY, f"trainer.max_steps={steps}", "trainer.lr=3e-3", "model.dropout=0.1", "logger.log_every=1",
-                 "backend=ddp", "trainer.batch_size=4"]
-    ref_job, ref_log = submit(cluster, tmp_path, "slurm/train.sbatch", *overrides, f"run_dir={tmp_path / 'ref'}")
-    finished(cluster, ref_job, ref_log)
+    overrides = preemption_overrides("ddp")
+    ref = uninterrupted_job(cluster, tmp_path_factory, "slurm/train.sbatch", overrides)  # shared with the USR1 test
 
     cut = tmp_path / "cut"
     job, log = submit(cluster, tmp_path, "slurm/train.sbatch", *overrides, f"run_dir={cut}")
@@ -134,7 +149,7 @@ def test_cancelled_job_leaves_a_checkpoint_that_a_new_job_resumes(cluster, tmp_p
     again, again_log = submit(cluster, tmp_path, "slurm/train.sbatch", *overrides, f"run_dir={cut}")
     _, text = finished(cluster, again, again_log)
     assert f"resumed from {cut / 'checkpoints' / ('step-%d' % marker['step'])}" in text
-    reference, resumed = losses(tmp_path / "ref"), losses(cut)
+    reference, resumed = losses(ref), losses(cut)
     assert sorted(resumed) == list(range(1, steps + 1))
     for step in range(1, steps + 1):
         assert resumed[step] == pytest.approx(reference[step], rel=1e-5), f"step {step}"
