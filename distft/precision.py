@@ -45,9 +45,14 @@ class Precision:
         return torch.autocast(device_type=device_type, dtype=self.dtype)
 
 
+def _cpu_features() -> dict:
+    """What cpuinfo reports of this CPU (empty on torch releases without the call)."""
+    return dict(torch.cpu.get_capabilities()) if hasattr(torch.cpu, "get_capabilities") else {}
+
+
 def cpu_capability() -> str:
     """ATen's vector ISA (AVX2, AVX512, ...) with the bf16 extensions the CPU reports."""
-    caps = torch.cpu.get_capabilities() if hasattr(torch.cpu, "get_capabilities") else {}
+    caps = _cpu_features()
     extras = [name.upper() for name in ("avx512_bf16", "amx_bf16") if caps.get(name)]
     return "+".join([torch.backends.cpu.get_cpu_capability(), *extras])
 
@@ -60,7 +65,7 @@ def cpu_has_native_bf16() -> Tuple[bool, str]:
     (Arm's BF16 extension)."""
     cap = cpu_capability()
     onednn = bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-    caps = torch.cpu.get_capabilities() if hasattr(torch.cpu, "get_capabilities") else {}
+    caps = _cpu_features()
     if caps.get("architecture", "x86_64") in ("x86_64", "x86", "i386", "AMD64"):
         has_isa = bool(caps.get("avx512_bf16") or caps.get("amx_bf16"))
         if not has_isa:

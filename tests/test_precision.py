@@ -3,6 +3,7 @@ kernel, fp32 elsewhere; bf16 asked for on a CPU without it runs, with one measur
 warning. The capability is faked for the decision; a real AVX2-only CPU is emulated by
 limiting oneDNN and ATen to AVX2 (what CI runs on, whatever the machine)."""
 import json
+import os
 import subprocess
 import sys
 
@@ -61,7 +62,7 @@ def test_avx2_only_cpu_is_recognised():
             "'bf16': precision.measured_matmul_gflops(torch.bfloat16), "
             "'fp32': precision.measured_matmul_gflops(torch.float32)}))")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=120,
-                          env={**__import__("os").environ, **AVX2_ONLY})
+                          env={**os.environ, **AVX2_ONLY})
     assert proc.returncode == 0, proc.stderr
     got = json.loads(proc.stdout)
     assert got["ok"] is False and got["cap"].startswith("AVX2"), got
