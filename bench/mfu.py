@@ -62,7 +62,7 @@ def model_shape(model_name: str) -> dict:
 
     cfg = vs.compose({"model": model_name, "strategy": "lora", "train": "x", "heldout": "x", "max_length": 8,
                       "layout": "padded", "batch": 1, "steps": 1, "precision": "fp32", "seed": 0}, Path("/tmp/mfu"))
-    model = load_model(cfg.model, "instruction", load_tokenizer(cfg.model, resolve_model_path(cfg.model)), None)
+    model = load_model(cfg.model, "next_tokens", load_tokenizer(cfg.model, resolve_model_path(cfg.model)), None)
     linear = sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Linear))
     c = model.config
     s = cfg.strategy

@@ -172,7 +172,7 @@ def run_hf(case, run_dir: Path) -> dict:
     tokenizer = load_tokenizer(cfg.model, resolve_model_path(cfg.model))
     task = build_task(cfg.task, cfg.data, tokenizer)
     train, heldout, _, _ = prepare(cfg.data, task, cfg.seed)
-    model = load_model(cfg.model, "instruction", tokenizer, None, seed=cfg.seed)
+    model = load_model(cfg.model, "next_tokens", tokenizer, None, seed=cfg.seed)
     if case["strategy"] == "lora":
         from peft import LoraConfig, get_peft_model
 

@@ -25,10 +25,6 @@ from torch.utils.checkpoint import checkpoint
 
 from distft.tasks.base import IGNORE
 
-# Backends whose output-layer weight is whole on every rank outside the forward pass.
-# FSDP2 and ZeRO-3 shard it and gather it only inside the model's forward.
-BACKENDS = ("single", "ddp", "zero1", "zero2")
-
 
 def _causal_lm(model):
     """The transformers model under the PEFT/backend wrappers (DDP and DeepSpeed keep it in
@@ -70,7 +66,10 @@ class HiddenStateTap:
 
 def why_not(model, backend: str) -> Optional[str]:
     """None when the chunked loss can run on this model and backend, else the reason."""
-    if backend not in BACKENDS:
+    from distft.backends import supports
+
+    # FSDP2 and ZeRO-3 shard the output layer and gather it only inside the model's forward.
+    if not supports(backend, "chunked_loss"):
         return f"backend={backend} shards the output layer outside the forward pass"
     hf = _causal_lm(model)
     if hf is None:

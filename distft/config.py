@@ -125,6 +125,16 @@ class PartialStrategyConfig(StrategyConfig):
 
 
 @dataclass
+class RegularizerConfig:
+    name: str = "none"  # none (distft/regularizers/)
+
+
+@dataclass
+class PrivacyConfig:
+    name: str = "none"  # none (distft/privacy/)
+
+
+@dataclass
 class BackendConfig:
     name: str = "single"
     timeout_minutes: int = 30  # collective timeout (process group)
@@ -198,6 +208,9 @@ class TrainerConfig:
     # Signals that stop the run after the current step with a checkpoint (SLURM's warning
     # signal, the scheduler's or launcher's SIGTERM); resume=auto continues from it.
     stop_signals: List[str] = field(default_factory=lambda: ["SIGUSR1", "SIGTERM"])
+    # A step whose loss or gradient norm is not finite is skipped (weights and optimizer
+    # state untouched, counted as bad_steps in the metrics); this many in a row stop the run.
+    max_bad_steps: int = 5
 
 
 @dataclass
@@ -213,6 +226,11 @@ class TrainConfig:
     data: DataConfig = MISSING
     task: TaskConfig = MISSING
     strategy: Any = MISSING
+    # The optimizer class and its arguments (conf/optimizer/), built with
+    # hydra.utils.instantiate(optimizer, param_groups) through the backend.
+    optimizer: Any = MISSING
+    regularizer: Any = MISSING
+    privacy: Any = MISSING
     backend: BackendConfig = MISSING
     logger: LoggerConfig = MISSING
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
@@ -223,6 +241,9 @@ class TrainConfig:
     # its checkpoints, or best/). New parameters (e.g. a new task head) keep their init.
     init_from: Optional[str] = None
     experiment: ExperimentConfig = field(default_factory=ExperimentConfig)
+    # Python modules imported before the run is built: their @register decorators add
+    # strategies, samplers, regularizers, ... without a change to distft.
+    plugins: List[str] = field(default_factory=list)
 
 
 STRATEGY_SCHEMAS = {
@@ -231,6 +252,11 @@ STRATEGY_SCHEMAS = {
     "lora": LoraStrategyConfig,
     "bitfit": BitFitStrategyConfig,
 }
+# Per-choice schemas of the axes whose node differs by choice; a choice a plugin registers
+# without a schema here is checked by its own `check`.
+REGULARIZER_SCHEMAS = {"none": RegularizerConfig}
+PRIVACY_SCHEMAS = {"none": PrivacyConfig}
+_PER_CHOICE = {"strategy": STRATEGY_SCHEMAS, "regularizer": REGULARIZER_SCHEMAS, "privacy": PRIVACY_SCHEMAS}
 
 
 def register_configs() -> None:
@@ -242,8 +268,9 @@ def register_configs() -> None:
     cs.store(group="backend", name="backend_schema", node=BackendConfig)
     cs.store(group="logger", name="logger_schema", node=LoggerConfig)
     cs.store(group="experiment", name="experiment_schema", node=ExperimentConfig)
-    for name, node in STRATEGY_SCHEMAS.items():
-        cs.store(group="strategy", name=f"{name}_schema", node=node)
+    for group, schemas in _PER_CHOICE.items():
+        for name, node in schemas.items():
+            cs.store(group=group, name=f"{name}_schema", node=node)
 
 
 register_configs()
@@ -259,12 +286,18 @@ def validate_schema(cfg) -> None:
 
     data = OmegaConf.to_container(cfg, resolve=False)
     data.pop("hydra", None)
-    strategy = data.pop("strategy", {}) or {}
+    nodes = {group: data.pop(group, {}) or {} for group in _PER_CHOICE}
+    data.pop("optimizer", None)  # any class's keyword arguments: checked when it is built
     try:
         OmegaConf.merge(OmegaConf.structured(TrainConfig), data)
-        schema = STRATEGY_SCHEMAS.get(strategy.get("name"))
-        if schema is not None:
-            OmegaConf.merge(OmegaConf.structured(schema), strategy)
+        for group, node in nodes.items():
+            schema = _PER_CHOICE[group].get(node.get("name"))
+            if schema is not None:
+                try:
+                    OmegaConf.merge(OmegaConf.structured(schema), node)
+                except OmegaConfBaseException as e:
+                    e.full_key = f"{group}.{getattr(e, 'full_key', '') or '?'}"
+                    raise
     except OmegaConfBaseException as e:
         key = getattr(e, "full_key", None) or ""
         raise ConfigError(f"config key {key or '?'}: {str(e).splitlines()[0]}") from None

@@ -26,7 +26,6 @@ from distft.tasks import TASKS, Task, build_task
 log = logging.getLogger(__name__)
 
 SAMPLERS = ("proportional", "temperature", "uniform", "weights")
-LM_TASKS = ("causal_lm", "instruction")
 _MIXTURE_KEYS = ("tasks", "sampler", "temperature")
 
 
@@ -67,13 +66,16 @@ def members(cfg) -> List[Member]:
         out.append(member)
     if not any(m.train for m in out):
         raise ConfigError("data=mixture: every task has train=false; nothing to train on")
-    kinds = {m.task_cfg.name for m in out}
-    if len(kinds) > 1 and not kinds <= set(LM_TASKS):
-        raise ConfigError(f"data=mixture: the tasks {sorted(kinds)} need different model heads; a mixture is "
-                          "either all classification (one head per task) or all causal_lm/instruction")
     for m in out:
         if m.task_cfg.name not in TASKS:
             raise ConfigError(f"data.tasks.{m.name}.task.name={m.task_cfg.name!r} is unknown")
+    predicts = {TASKS[m.task_cfg.name].predicts for m in out}
+    if len(predicts) > 1:
+        kinds = sorted({m.task_cfg.name for m in out})
+        raise ConfigError(f"data=mixture: the tasks {kinds} need different model heads; a mixture is "
+                          "either all classification (one head per task) or all causal_lm/instruction")
+    if predicts - {"label", "next_tokens"}:
+        raise ConfigError(f"data=mixture: tasks that predict {sorted(predicts)[0]} cannot be mixed yet")
         if m.data_cfg.packing:
             raise ConfigError(f"data.tasks.{m.name}: packing is not available inside a mixture")
     if cfg.data.sampler not in SAMPLERS:
@@ -121,25 +123,82 @@ class MixtureOrder:
 
 
 class MixtureTask(Task):
-    """Batches of examples from several tasks; the loss is each member task's own."""
+    """Several datasets as one task: batches of examples from every member, each example's
+    loss and metrics its own task's. Classification members share an encoder with one head
+    each (the model brings its heads); language-model members share the LM head."""
 
     name = "mixture"
+    sampler = "mixture"
 
-    def __init__(self, cfg, members_: List[Member], tokenizer):
+    def __init__(self, cfg, tokenizer):
         super().__init__(cfg.task, cfg.data, tokenizer)
-        self.members = members_
-        self.tasks: List[Task] = [build_task(m.task_cfg, m.data_cfg, tokenizer) for m in members_]
-        self.kind = "classification" if self.tasks[0].name == "classification" else "lm"
-        self.num_labels: List[Optional[int]] = [None] * len(members_)
+        self.run_cfg = cfg
+        self.members = members(cfg)
+        self.tasks: List[Task] = [build_task(m.task_cfg, m.data_cfg, tokenizer) for m in self.members]
+        self.predicts = self.tasks[0].predicts
+        self.num_labels: List[Optional[int]] = [None] * len(self.members)
+        self.sizes: List[int] = []
         base = self.tasks[0].eval_stats_keys
-        self.eval_stats_keys = tuple(f"{m.name}/{k}" for m in members_ for k in base)
-        per_task = [f"{m.name}/{k}" for m in members_ for k in type(self.tasks[0]).metrics]
-        self.metrics = tuple(type(self.tasks[0]).metrics) + tuple(per_task)
+        self.eval_stats_keys = tuple(f"{m.name}/{k}" for m in self.members for k in base)
+        self.metrics = self.metric_names(cfg)
+
+    @property
+    def has_heads(self) -> bool:
+        return self.predicts == "label"
+
+    @classmethod
+    def check(cls, cfg) -> None:
+        for m in members(cfg):
+            TASKS[m.task_cfg.name].check(cfg)
+
+    @classmethod
+    def metric_names(cls, cfg) -> tuple:
+        ms = members(cfg)
+        base = tuple(TASKS[ms[0].task_cfg.name].metrics)
+        return base + tuple(f"{m.name}/{k}" for m in ms for k in base)
+
+    @classmethod
+    def info_for(cls, cfg):
+        from distft.strategies.base import TaskInfo
+
+        predicts = TASKS[members(cfg)[0].task_cfg.name].predicts
+        return TaskInfo(cls.name, None, predicts, own_heads=predicts == "label")
+
+    def info(self, num_labels=None):
+        from distft.strategies.base import TaskInfo
+
+        return TaskInfo(self.name, None, self.predicts, own_heads=self.has_heads)
+
+    def prepare(self, seed):
+        return prepare_mixture(self.run_cfg, self, seed)
+
+    def prepared(self, num_labels, report):
+        from distft.data.prepare import summary_line
+
+        self.num_labels = num_labels
+        self.sizes = report["mixture"]["sizes"]
+        return [f"data {m.name}: {summary_line(report[m.name])}" for m in self.members]
+
+    def build_model(self, model_cfg, tokenizer, num_labels, seed):
+        if self.has_heads:
+            return build_classifier(model_cfg, tokenizer, self.num_labels, self.cfg, seed)
+        return super().build_model(model_cfg, tokenizer, None, seed)
+
+    @property
+    def exported_by_strategy(self) -> bool:
+        return not self.has_heads  # one model per task, each with its own head
+
+    def export(self, model, strategy, out_dir, base_dir):
+        if self.has_heads:
+            return export_classifier(model, self.members, out_dir, self.tokenizer, self.tokenizer.pad_token_id)
+        return super().export(model, strategy, out_dir, base_dir)
+
+    def order(self, seed):
+        return mixture_order(self.run_cfg, self.members, self.sizes, seed)
 
     @property
     def model_inputs(self):
-        return ("input_ids", "attention_mask", "task_ids") if self.kind == "classification" else \
-            ("input_ids", "attention_mask")
+        return ("input_ids", "attention_mask", "task_ids") if self.has_heads else ("input_ids", "attention_mask")
 
     def collate(self, examples):
         batch = self.tasks[0].collate(examples)  # same fields for every member of a kind
@@ -181,6 +240,8 @@ class MultiHeadClassifier(nn.Module):
     logits of a batch are padded to the largest label set; the classes a task does not
     have get -inf-like logits, so softmax, cross-entropy and argmax see only its own."""
 
+    distft_heads = ("heads",)  # what every strategy trains besides its choice of the backbone
+
     def __init__(self, backbone: nn.Module, num_labels: Sequence[int], dropout: float, pooling: str):
         super().__init__()
         self.backbone = backbone
@@ -214,49 +275,14 @@ class MultiHeadClassifier(nn.Module):
         return SequenceClassifierOutput(logits=logits)
 
 
-def apply_strategy(model: MultiHeadClassifier, strategy_cfg) -> MultiHeadClassifier:
-    """Which parameters train in a multi-head model: the heads always; of the encoder, all
-    (full), its biases (bitfit), LoRA adapters (lora) or its top layers (partial)."""
-    from distft.strategies.base import find_layer_stack, freeze_all
-
-    name = strategy_cfg.name
-    if name == "full":
-        pass
-    elif name == "bitfit":
-        freeze_all(model)
-        for n, p in model.backbone.named_parameters():
-            if n.endswith(".bias"):
-                p.requires_grad_(True)
-    elif name == "lora":
-        from peft import LoraConfig, TaskType, get_peft_model
-
-        targets = list(strategy_cfg.target_modules) if strategy_cfg.target_modules is not None else None
-        model.backbone = get_peft_model(model.backbone, LoraConfig(
-            r=strategy_cfg.r, lora_alpha=strategy_cfg.alpha, lora_dropout=strategy_cfg.dropout,
-            target_modules="all-linear" if targets == ["all-linear"] else targets,
-            task_type=TaskType.FEATURE_EXTRACTION))
-    elif name == "partial":
-        freeze_all(model)
-        n_top = strategy_cfg.unfreeze_top_layers
-        if n_top:
-            for block in list(find_layer_stack(model.backbone))[-n_top:]:
-                block.requires_grad_(True)
-    else:
-        raise ConfigError(f"strategy={name} is not available for a classification mixture; "
-                          "use full, bitfit, lora or partial")
-    for head in model.heads:
-        head.requires_grad_(True)
-    return model
-
-
-def build_classifier(model_cfg, tokenizer, num_labels: Sequence[int], task_cfg, strategy_cfg, seed: int):
-    """A shared pretrained encoder (the model's base, without its own head) and new heads."""
+def build_classifier(model_cfg, tokenizer, num_labels: Sequence[int], task_cfg, seed: int):
+    """A shared pretrained encoder (the model's base, without its own head) and new heads;
+    the run's strategy then decides what of the encoder trains (the heads always do)."""
     from distft.models.loading import load_model
 
-    base = load_model(model_cfg, "classification", tokenizer, num_labels[0], seed=seed).base_model
+    base = load_model(model_cfg, "label", tokenizer, num_labels[0], seed=seed).base_model
     torch.manual_seed(seed + 1)
-    model = MultiHeadClassifier(base, num_labels, task_cfg.head_dropout, task_cfg.pooling)
-    return apply_strategy(model, strategy_cfg)
+    return MultiHeadClassifier(base, num_labels, task_cfg.head_dropout, task_cfg.pooling)
 
 
 def export_classifier(model: MultiHeadClassifier, members_: List[Member], out_dir, tokenizer, pad_token_id) -> list:

@@ -12,7 +12,7 @@ import os
 import random
 import time
 from pathlib import Path
-from typing import Dict, Iterator, List, Optional
+from typing import Dict, Optional
 
 import numpy as np
 import torch
@@ -20,22 +20,27 @@ from omegaconf import OmegaConf
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
+from hydra.utils import instantiate
+
 from distft import checkpoint as ckpt
 from distft import chunked_loss
 from distft.backends import build_backend
+from distft.backends import supports as backend_supports
 from distft.config import validate_schema
-from distft import multitask as mt
 from distft import precision as precisions
 from distft import preemption
-from distft.data.prepare import prepare, summary_line
 from distft.data.cache import cache_key, prepared_once
 from distft.errors import ConfigError, DistftError
 from distft.metrics import MetricsLogger
-from distft.models import load_model, load_tokenizer
+from distft.models import load_tokenizer
 from distft.models.loading import resolve_model_path
-from distft.strategies import TaskInfo, build_strategy, count_parameters
+from distft.privacy import PRIVACY
+from distft.registry import import_plugins
+from distft.regularizers import REGULARIZERS
+from distft.samplers import SAMPLERS, EpochBatches
+from distft.strategies import build_strategy, count_parameters
 from distft.strategies.base import find_layer_stack
-from distft.tasks import TASKS, build_task
+from distft.tasks import build_run_task, task_class
 
 log = logging.getLogger("distft")
 
@@ -48,40 +53,46 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-class EpochBatches:
-    """Micro-batches of example indices, reshuffled each epoch from (seed, epoch), so the
-    order is a pure function of the position (epoch, batch) and a resumed run can jump
-    straight to where it stopped.
-
-    With several processes each global micro-batch (batch_size x world_size examples) is
-    split across ranks, so N processes see exactly the examples one process would with
-    the same global batch. A last global batch too small to give every rank an example
-    is dropped."""
-
-    def __init__(self, n: int, batch_size: int, seed: int, rank: int = 0, world_size: int = 1, order_fn=None):
-        self.n, self.seed, self.rank, self.world = n, seed, rank, world_size
-        # order_fn(epoch) -> the epoch's example indices (a mixture sampler); default a
-        # seeded permutation
-        self.order_fn = order_fn or (
-            lambda epoch: torch.randperm(n, generator=torch.Generator().manual_seed(seed + epoch)).tolist())
-        self.global_size = batch_size * world_size
-        full, rest = divmod(n, self.global_size)
-        self.per_epoch = full + (1 if rest >= world_size else 0)
-        if self.per_epoch == 0:
-            raise ConfigError(f"{n} training examples cannot fill one batch on {world_size} processes")
-
-    def from_position(self, epoch: int, batch: int) -> Iterator[tuple[int, int, List[int]]]:
-        while True:
-            order = self.order_fn(epoch)
-            for b in range(batch, self.per_epoch):
-                chunk = order[b * self.global_size : (b + 1) * self.global_size]
-                yield epoch, b, chunk[self.rank :: self.world]
-            epoch, batch = epoch + 1, 0
+class DivergedError(DistftError):
+    """Training stopped: too many steps in a row with a non-finite loss or gradient."""
 
 
-def check_config(cfg) -> None:
-    """Refuse impossible combinations before any data is read or model is built."""
+class Components:
+    """The loop's pluggable parts, built from config (distft/registry.py): what samples
+    the batches, what is added to the loss, what makes training private. The checkpoint
+    holds each one's state under its name."""
+
+    def __init__(self, cfg):
+        task_cls = task_class(cfg)
+        self.privacy = PRIVACY.build(cfg.privacy)
+        self.regularizer = REGULARIZERS.build(cfg.regularizer)
+        self.sampler = SAMPLERS.get(self.privacy.sampler(task_cls.sampler))(cfg)
+
+    def items(self):
+        return (("sampler", self.sampler), ("regularizer", self.regularizer), ("privacy", self.privacy))
+
+    def check(self, cfg) -> None:
+        for _, component in self.items():
+            component.check(cfg)
+
+    def setup(self, run) -> None:
+        for _, component in self.items():
+            component.setup(run)
+
+    def state_dict(self) -> Dict:
+        return {name: component.state_dict() for name, component in self.items()}
+
+    def load_state_dict(self, state: Dict) -> None:
+        for name, component in self.items():
+            component.load_state_dict(state.get(name, {}))
+
+
+def check_config(cfg) -> Components:
+    """Refuse impossible combinations before any data is read or model is built: the
+    trainer's own settings here, the rest by each part (task, strategy, backend,
+    components) through its `check`. Returns the components, built."""
     validate_schema(cfg)
+    import_plugins(cfg.plugins)
     t = cfg.trainer
     if t.batch_size < 1 or t.grad_accum < 1 or t.eval_batch_size < 1:
         raise ConfigError("trainer.batch_size, trainer.grad_accum and trainer.eval_batch_size must be >= 1")
@@ -91,37 +102,30 @@ def check_config(cfg) -> None:
         raise ConfigError(f"trainer.scheduler={t.scheduler!r}: choose one of {list(SCHEDULERS)}")
     if t.loss_chunk_size < 0:
         raise ConfigError("trainer.loss_chunk_size must be >= 0 (0 computes all logits at once)")
+    if t.max_bad_steps < 1:
+        raise ConfigError("trainer.max_bad_steps must be >= 1")
+    if "_target_" not in cfg.optimizer:
+        raise ConfigError("optimizer: the node needs _target_ (the optimizer class, e.g. torch.optim.AdamW)")
     precisions.resolve(t.precision)  # an unknown choice, or fp16 without a GPU, is refused here
-    if t.compile and cfg.backend.name == "zero3":
-        raise ConfigError("trainer.compile=true with backend=zero3: ZeRO-3 gathers each block's parameters in "
-                          "hooks that make compiled blocks recompile until torch gives up and runs them eager; "
-                          "use backend=fsdp or zero2 with compile, or zero3 without it")
+    if t.compile and not backend_supports(cfg.backend.name, "compile"):
+        raise ConfigError(f"trainer.compile=true with backend={cfg.backend.name}: ZeRO-3 gathers "
+                          "each block's parameters in hooks that make compiled blocks recompile until torch gives "
+                          "up and runs them eager; use backend=fsdp or zero2 with compile, or zero3 without it")
     preemption.parse_signals(list(t.stop_signals))
     if cfg.logger.wandb.mode not in ("offline", "online", "disabled"):
         raise ConfigError(f"logger.wandb.mode={cfg.logger.wandb.mode!r}: choose offline, online or disabled")
     if cfg.resume not in ("auto", "never") and not Path(cfg.resume).is_dir():
         raise ConfigError(f"resume={cfg.resume}: expected auto, never or a checkpoint folder")
-    task_cls = TASKS.get(cfg.task.name)
-    if task_cls is None:
-        raise ConfigError(f"task={cfg.task.name!r} is unknown; choose one of {sorted(TASKS)}")
-    metrics = list(task_cls.metrics)
-    if cfg.data.name == "mixture":
-        members = mt.members(cfg)
-        metrics += [f"{m.name}/{k}" for m in members for k in task_cls.metrics]
-        if cfg.backend.name not in ("single", "ddp"):
-            raise ConfigError(f"data=mixture runs on backend=single or ddp for now (backend={cfg.backend.name}: "
-                              "its gathered export does not yet know the per-task heads)")
+    task_cls = task_class(cfg)
+    task_cls.check(cfg)
+    metrics = task_cls.metric_names(cfg)
     if cfg.task.metric not in metrics:
         raise ConfigError(f"task.metric={cfg.task.metric!r} is not computed by task={cfg.task.name}; "
-                          f"choose one of {metrics}")
-    if cfg.data.packing and cfg.task.name not in ("causal_lm", "instruction"):
-        raise ConfigError(f"data.packing=true needs task=causal_lm or task=instruction (task={cfg.task.name} "
-                          "predicts one label per example)")
-    strategy = build_strategy(cfg.strategy)
-    if cfg.data.name != "mixture" or cfg.task.name != "classification":
-        strategy.check(TaskInfo(cfg.task.name, cfg.task.num_labels))
-    elif cfg.strategy.name not in ("full", "bitfit", "lora", "partial"):
-        raise ConfigError(f"strategy={cfg.strategy.name} is not available for a classification mixture")
+                          f"choose one of {list(metrics)}")
+    build_strategy(cfg.strategy).check(task_cls.info_for(cfg))
+    components = Components(cfg)
+    components.check(cfg)
+    return components
 
 
 def _init_from(model, folder: str) -> None:
@@ -159,7 +163,7 @@ class Trainer:
     # ------------------------------------------------------------------ setup
     def setup(self) -> "Trainer":
         cfg, t = self.cfg, self.cfg.trainer
-        check_config(cfg)
+        self.components = check_config(cfg)
         # From here on SIGUSR1/SIGTERM mean "stop after this step with a checkpoint"
         # (a signal during setup stops the run after its first step).
         self.stop = preemption.StopRequest(preemption.parse_signals(list(t.stop_signals))).install()
@@ -201,40 +205,24 @@ class Trainer:
 
         # Data first: a bad file stops the run before minutes of model loading.
         self.tokenizer = load_tokenizer(cfg.model, resolve_model_path(cfg.model))
-        self.mixture = cfg.data.name == "mixture"
-        if self.mixture:
-            self.members = mt.members(cfg)
-            self.task = mt.MixtureTask(cfg, self.members, self.tokenizer)
-            make = lambda: mt.prepare_mixture(cfg, self.task, cfg.seed)  # noqa: E731
-        else:
-            self.task = build_task(cfg.task, cfg.data, self.tokenizer)
-            make = lambda: prepare(cfg.data, self.task, cfg.seed)  # noqa: E731
+        self.task = build_run_task(cfg, self.tokenizer)
         folder = None
         if cfg.data.cache_dir:
             folder = Path(cfg.data.cache_dir).expanduser() / cache_key(cfg.data, cfg.task, self.tokenizer, cfg.seed)
-        (self.train_examples, self.val_examples, num_labels, report), hit = prepared_once(folder, make, self.backend)
+        (self.train_examples, self.val_examples, num_labels, report), hit = prepared_once(
+            folder, lambda: self.task.prepare(cfg.seed), self.backend)
         self.num_labels = num_labels
         cached = f" (cached in {folder})" if hit else ""
-        if self.mixture:
-            self.task.num_labels = num_labels
-            for m in self.members:
-                log.info("data %s: %s%s", m.name, summary_line(report[m.name]), cached)
-        else:
-            log.info("data: %s%s", summary_line(report), cached)
+        for line in self.task.prepared(num_labels, report):
+            log.info("%s%s", line, cached)
         if self.main:
             (self.run_dir / "data_report.json").write_text(json.dumps(report, indent=2))
 
         # Model, then the strategy decides what trains.
         self.strategy = build_strategy(cfg.strategy)
-        if self.mixture and self.task.kind == "classification":
-            model = mt.build_classifier(cfg.model, self.tokenizer, num_labels, cfg.task, cfg.strategy, cfg.seed)
-            self.base_dir = None
-        else:
-            lm_labels = None if self.mixture else num_labels
-            task_info = TaskInfo(self.task.tasks[0].name if self.mixture else cfg.task.name, lm_labels)
-            model = load_model(cfg.model, task_info.name, self.tokenizer, lm_labels, seed=cfg.seed)
-            self.base_dir = self._save_base_if_needed(model)
-            model = self.strategy.apply(model, task_info)
+        model = self.task.build_model(cfg.model, self.tokenizer, num_labels, cfg.seed)
+        self.base_dir = self._save_base_if_needed(model)
+        model = self.strategy.apply(model, self.task.info(num_labels))
         if cfg.init_from:
             _init_from(model, cfg.init_from)
         if t.activation_checkpointing:
@@ -248,14 +236,15 @@ class Trainer:
         )
         model.to(self.device)
 
-        # Optimizer and schedule.
-        order = None
-        if self.mixture:
-            order = mt.mixture_order(cfg, self.members, report["mixture"]["sizes"], cfg.seed)
-        self.batches = EpochBatches(len(self.train_examples), t.batch_size, cfg.seed,
-                                    self.backend.rank, self.backend.world_size, order)
-        steps_per_epoch = math.ceil(self.batches.per_epoch / t.grad_accum)
-        self.max_steps = t.max_steps if t.max_steps > 0 else max(1, math.ceil(t.epochs * steps_per_epoch))
+        # The sampler, the regularizer and privacy see the data, the model and the backend;
+        # privacy then decorates the model and the optimizer before the backend wraps them.
+        self.sampler = self.components.sampler
+        self.regularizer = self.components.regularizer
+        self.privacy = self.components.privacy
+        self.model = model  # unwrapped until the backend wraps it below
+        self.components.setup(self)
+        model = self.privacy.wrap_model(model)
+        self.max_steps = t.max_steps if t.max_steps > 0 else max(1, math.ceil(t.epochs * self.sampler.steps_per_epoch))
         if resume_from is not None:
             # Before wrapping: a backend may need to convert the checkpoint's sharded state
             # for another process count, and configure itself to load it.
@@ -263,14 +252,14 @@ class Trainer:
                                               world_size=self.backend.world_size, batch_size=t.batch_size,
                                               grad_accum=t.grad_accum, state_format=self.backend.state_format)
             self.backend.prepare_resume(resume_from, written_by, self.ckpt_root / f".resharded-{resume_from.name}")
-        self.model, self.optimizer = self.backend.wrap(model, lambda m: torch.optim.AdamW(
-            _param_groups(m, t.weight_decay), lr=t.lr, betas=tuple(t.adam_betas), eps=t.adam_eps))
+        self.model, self.optimizer = self.backend.wrap(
+            model, self.privacy.optimizer_factory(lambda m: build_optimizer(cfg.optimizer, m, t.weight_decay)))
         self.scheduler = _scheduler(self.backend.scheduled_optimizer(self.optimizer), t, self.max_steps)
         self.tap = self._chunked_loss_tap()
 
         # Where we are: a fresh start or a checkpoint.
-        self.state = {"epoch": 0, "batch": 0, "best_metric": None, "best_step": None, "bad_evals": 0,
-                      "tokens": 0, "train_seconds": 0.0}
+        self.state = {"best_metric": None, "best_step": None, "bad_evals": 0, "tokens": 0, "train_seconds": 0.0,
+                      "bad_steps": 0, "skipped_steps": 0}
         self.step = 0
         if resume_from is not None:
             weights, optim, sched, state = ckpt.read_checkpoint(resume_from, self.backend.rank, cfg.seed)
@@ -279,6 +268,10 @@ class Trainer:
             if optim is not None:
                 self.backend.load_optimizer_state(self.model, self.optimizer, optim)
             self.scheduler.load_state_dict(sched)
+            components = state.pop("components", None)
+            if components is None:  # written before components: the data position was the trainer's
+                components = {"sampler": {"epoch": state.pop("epoch"), "batch": state.pop("batch")}}
+            self.components.load_state_dict(components)
             self.state.update(state)
             self.step = self.state.pop("step")
             log.info("resumed from %s (step %d%s)", resume_from, self.step,
@@ -294,7 +287,7 @@ class Trainer:
 
     def _chunked_loss_tap(self):
         """The hidden-state tap of the chunked language-model loss, or None for full logits."""
-        if not self.cfg.trainer.loss_chunk_size or self.mixture or not hasattr(self.task, "loss_sum_hidden"):
+        if not self.cfg.trainer.loss_chunk_size or not hasattr(self.task, "loss_sum_hidden"):
             return None
         reason = chunked_loss.why_not(self.model, self.backend.name)
         if reason:
@@ -307,7 +300,7 @@ class Trainer:
         """Adapters need their base weights on disk to load without distft. A model built
         from a config or converted from GGUF has none, so keep a copy in the run dir."""
         cfg = self.cfg
-        if not self.strategy.exports_adapter:
+        if not (self.strategy.exports_adapter and self.task.exported_by_strategy):
             return None
         if cfg.model.from_config is None and not cfg.model.gguf_file:
             return resolve_model_path(cfg.model)
@@ -349,7 +342,6 @@ class Trainer:
 
     def train(self) -> Dict:
         cfg, t = self.cfg, self.cfg.trainer
-        stream = self.batches.from_position(self.state["epoch"], self.state["batch"])
         bar = tqdm(total=self.max_steps, initial=self.step, disable=not (self.main and cfg.logger.progress_bar),
                    desc="train", dynamic_ncols=True)
         stopped_early = False
@@ -364,11 +356,7 @@ class Trainer:
         self.model.train()
         while self.step < self.max_steps and not stopped_early:
             started = time.perf_counter()
-            micro = []
-            for _ in range(t.grad_accum):
-                epoch, b, idx = next(stream)
-                micro.append(self.task.collate([self.train_examples[i] for i in idx]))
-                self.state["epoch"], self.state["batch"] = epoch, b + 1
+            micro = [self.task.collate([self.train_examples[i] for i in idx]) for idx in self.sampler.next_step()]
             # Normalise by the targets of the whole optimizer step over all processes, not
             # per micro-batch, so accumulation and N processes give the gradient of one
             # large batch.
@@ -378,13 +366,27 @@ class Trainer:
             n_targets, tokens, padded = self.backend.all_reduce_sum([local_targets, local_tokens, local_padded])
             n_targets = max(n_targets, 1.0)
             loss_sum = torch.zeros((), device=self.device)
+            penalty = None
             for i, mb in enumerate(micro):
                 mb = self._to_device(mb)
                 loss = self._loss_sum(mb)
-                self.backend.backward(loss / n_targets, sync=i == len(micro) - 1)
                 loss_sum += loss.detach()
+                last_micro = i == len(micro) - 1
+                objective = loss / n_targets
+                if last_micro:
+                    # Once per step, with the last micro-batch: each rank adds R / N, and the
+                    # backend's exchange (which sums the ranks' normalised losses) makes it R.
+                    penalty = self.regularizer.penalty(self.model, self.backend.unwrap(self.model))
+                    if penalty is not None:
+                        objective = objective + penalty / self.backend.world_size
+                self.backend.backward(objective, sync=last_micro)
             self._sample_memory()  # gradients are held now
-            grad_norm = self.backend.step(self.model, self.optimizer, t.max_grad_norm)
+            # The stop request rides on the loss all-reduce: every rank learns of a signal
+            # any rank received at the same step, and of a non-finite loss on any rank.
+            loss_total, stop_votes = self.backend.all_reduce_sum([float(loss_sum), float(self.stop.received is not None)])
+            loss_value = loss_total / n_targets
+            grad_norm, stepped = self.backend.step(self.model, self.optimizer, t.max_grad_norm,
+                                                   skip=not math.isfinite(loss_value))
             self._sample_memory()  # optimizer state now exists
             lr = self.scheduler.get_last_lr()[0]
             self.scheduler.step()
@@ -392,18 +394,20 @@ class Trainer:
             step_seconds = time.perf_counter() - started
             self.state["tokens"] += int(tokens)
             self.state["train_seconds"] += step_seconds
+            self.state["bad_steps"] = 0 if stepped else self.state["bad_steps"] + 1
+            self.state["skipped_steps"] += 0 if stepped else 1
 
-            # The stop request rides on the loss all-reduce: every rank learns of a signal
-            # any rank received at the same step.
-            loss_total, stop_votes = self.backend.all_reduce_sum([float(loss_sum), float(self.stop.received is not None)])
-            loss_value = loss_total / n_targets
             event = {"step": self.step, "loss": loss_value, "lr": lr, "grad_norm": grad_norm, "step_seconds": step_seconds,
-                     "tokens": int(tokens), "padded_tokens": int(padded),
-                     "epoch": self.state["epoch"] + self.state["batch"] / self.batches.per_epoch}
-            if self.step % cfg.logger.log_every == 0 or self.step == self.max_steps:
+                     "tokens": int(tokens), "padded_tokens": int(padded), "epoch": self.sampler.epoch_progress(),
+                     "skipped_steps": self.state["skipped_steps"]}
+            if penalty is not None:
+                event["penalty"] = float(penalty.detach())
+            if self.step % cfg.logger.log_every == 0 or self.step == self.max_steps or not stepped:
                 self.metrics.log(event)
             bar.update(1)
             bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{lr:.2e}")
+            if not stepped:
+                self._bad_step(bar, loss_value, grad_norm)
 
             last = self.step == self.max_steps
             if (t.eval_every and self.step % t.eval_every == 0) or last:
@@ -416,6 +420,26 @@ class Trainer:
                 return self.preempted()
         bar.close()
         return self.finish(stopped_early)
+
+    def _bad_step(self, bar, loss: float, grad_norm: float) -> None:
+        """A step with a non-finite loss or gradient norm was skipped (weights and optimizer
+        state untouched). A run of them means the run diverged: stop, pointing at the
+        newest checkpoint, which holds weights of before the run of bad steps."""
+        n, limit = self.state["bad_steps"], self.cfg.trainer.max_bad_steps
+        if self.main:
+            bar.write(f"step {self.step}: loss {loss:.4g}, gradient norm {grad_norm:.4g}: not finite, optimizer "
+                      f"step skipped ({n} in a row; the run stops at trainer.max_bad_steps={limit})")
+        if n < limit:
+            return
+        bar.close()
+        found = ckpt.list_checkpoints(self.ckpt_root)
+        newest = f"the newest checkpoint, {found[max(found)]}, holds finite weights" if found else "no checkpoint was written"
+        self.metrics.finish({"stopped_at_step": self.step, "reason": "non-finite loss or gradient"})
+        self.stop.restore()
+        raise DivergedError(
+            f"steps {self.step - n + 1}..{self.step}: {n} optimizer steps in a row had a non-finite loss or "
+            f"gradient norm (trainer.max_bad_steps={limit}); stopped without saving. {newest}; lower trainer.lr, "
+            "check the data, or use trainer.precision=fp32/bf16 instead of fp16")
 
     def preempted(self) -> Dict:
         """Leave after a stop signal: the checkpoint of this step is written; say so in
@@ -499,8 +523,8 @@ class Trainer:
         """A plain copy of the trained model, for exporting from a sharding backend: the
         same loader and strategy (deterministic), then the gathered weights."""
         cfg = self.cfg
-        replica = load_model(cfg.model, cfg.task.name, self.tokenizer, self.num_labels, seed=cfg.seed)
-        replica = build_strategy(cfg.strategy).apply(replica, TaskInfo(cfg.task.name, self.num_labels))
+        replica = self.task.build_model(cfg.model, self.tokenizer, self.num_labels, cfg.seed)
+        replica = build_strategy(cfg.strategy).apply(replica, self.task.info(self.num_labels))
         replica.load_state_dict(full_state)
         return replica
 
@@ -518,7 +542,8 @@ class Trainer:
         self.backend.barrier()
         if self.main:
             ckpt.write_checkpoint(final, self.step, weights, optim, self.scheduler.state_dict(),
-                                  {**self.state, "world_size": self.backend.world_size,
+                                  {**self.state, "components": self.components.state_dict(),
+                                   "world_size": self.backend.world_size,
                                    "global_micro_batch": self.cfg.trainer.batch_size * self.backend.world_size,
                                    "grad_accum": self.cfg.trainer.grad_accum,
                                    "state_format": self.backend.state_format}, rng,
@@ -546,11 +571,7 @@ class Trainer:
                 model = self._unsharded_replica(full_state)
             tmp = ckpt.atomic_dir(out)
             model.eval()
-            if self.mixture and self.task.kind == "classification":
-                mt.export_classifier(model, self.members, str(tmp), self.tokenizer, self.tokenizer.pad_token_id)
-            else:
-                for folder in self.strategy.export(model, str(tmp), self.base_dir):
-                    self.tokenizer.save_pretrained(folder)
+            self.task.export(model, self.strategy, str(tmp), self.base_dir)
             ckpt.commit_dir(tmp, out)
         peaks = self.backend.gather_object(round(self.peak_memory_mb, 1))
         secs = self.state["train_seconds"]
@@ -620,6 +641,14 @@ def _compile_blocks(model) -> None:
     for block in blocks:
         block.compile()
     log.info("torch.compile: %d blocks compiled in place", len(blocks))
+
+
+def build_optimizer(node, model, weight_decay: float):
+    """The config's optimizer over the model's trainable parameters, in two groups."""
+    try:
+        return instantiate(node, _param_groups(model, weight_decay), _convert_="all")
+    except Exception as e:  # a bad class path or argument: one line naming the node
+        raise ConfigError(f"optimizer: cannot build {node.get('_target_')}: {str(e).splitlines()[0]}") from None
 
 
 def _param_groups(model, weight_decay: float):

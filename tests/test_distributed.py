@@ -244,3 +244,17 @@ def test_compiled_blocks_on_two_processes(tmp_path, reference, backend):
     for k in a:
         torch.testing.assert_close(b[k], a[k], rtol=1e-3, atol=1e-4, msg=k)
 
+
+
+def test_zero_optimizer_offload_keeps_the_parameter_groups(tmp_path, two_process_run):
+    """With backend.offload_optimizer the run's own AdamW (no decay on biases and norms,
+    its betas and eps) steps the offloaded partitions: the losses are those of the run
+    without offload."""
+    ref, _ = two_process_run("zero2", "full")
+    run = tmp_path / "offload"
+    torchrun(2, *same_numbers("full"), "backend=zero2", "backend.offload_optimizer=true", "trainer.batch_size=4",
+             "trainer.eval_every=0", "trainer.save_every=0", f"run_dir={run}")
+    want, got = losses(ref), losses(run)
+    assert sorted(got) == list(range(1, STEPS + 1))
+    for step in got:
+        assert got[step] == pytest.approx(want[step], rel=1e-5), f"step {step}"

@@ -124,3 +124,32 @@ def test_language_model_mixture_reports_each_task(tmp_path):
     assert {"eval/plus/loss", "eval/minus/loss", "eval/plus/perplexity"} <= set(last)
     assert last["eval/loss"] == pytest.approx((last["eval/plus/loss"] + last["eval/minus/loss"]) / 2)
     assert (run / "final" / "model.safetensors").is_file()
+
+
+@pytest.fixture(scope="module")
+def task_files(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("tasks")
+    return write_tasks(folder)
+
+
+@pytest.mark.parametrize("backend", ["fsdp", "zero2", "zero3"])
+def test_classification_mixture_on_sharding_backends_matches_one_process(tmp_path, reference, task_files, backend):
+    """One encoder, a head per task, on backends that shard it: the same losses as one
+    process, and each task's exported model (gathered from the shards) as well."""
+    from conftest import run_torchrun
+    from safetensors.torch import load_file
+
+    args = [*TINY, *task_files, "trainer.max_steps=4", "trainer.lr=3e-3", "model.dropout=0.0", "task.head_dropout=0.0"]
+    one = reference(*args, "trainer.batch_size=8")
+    two = tmp_path / "two"
+    run_torchrun(2, *args, "trainer.batch_size=4", f"backend={backend}", f"run_dir={two}")
+    ref, got = losses(one), losses(two)
+    assert sorted(got) == [1, 2, 3, 4]
+    for step in ref:
+        assert got[step] == pytest.approx(ref[step], rel=1e-4), f"step {step}"
+    for name in ("sent", "color"):
+        a = load_file(str(one / "final" / name / "model.safetensors"))
+        b = load_file(str(two / "final" / name / "model.safetensors"))
+        assert a.keys() == b.keys() and any(k.startswith("head.") for k in a)
+        for k in a:
+            torch.testing.assert_close(b[k], a[k], rtol=1e-4, atol=1e-5, msg=k)

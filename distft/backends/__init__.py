@@ -5,23 +5,28 @@ from distft.backends.base import Backend
 from distft.errors import ConfigError
 
 # name -> (module, class), imported when chosen: FSDP's module pulls in
-# torch.distributed.checkpoint (and ZeRO's DeepSpeed), seconds a run on another backend
-# need not spend at every start.
+# torch.distributed.checkpoint, seconds a run on another backend need not spend at every
+# start (DeepSpeed itself is imported by the ZeRO backend only when it sets up).
 BACKENDS = {"single": ("distft.backends.single", "SingleBackend"), "ddp": ("distft.backends.ddp", "DDPBackend"),
-            "fsdp": ("distft.backends.fsdp", "FSDPBackend")}
+            "fsdp": ("distft.backends.fsdp", "FSDPBackend"), "zero1": ("distft.backends.zero", "ZeroBackend"),
+            "zero2": ("distft.backends.zero", "ZeroBackend"), "zero3": ("distft.backends.zero", "ZeroBackend")}
+
+
+def backend_class(name: str) -> type:
+    if name not in BACKENDS:
+        raise ConfigError(f"backend={name!r} is unknown; available: {sorted(BACKENDS)}")
+    module, cls = BACKENDS[name]
+    return getattr(importlib.import_module(module), cls)
+
+
+def supports(name: str, feature: str) -> bool:
+    """Whether backend `name` supports `feature` (Backend.FEATURES), without starting it."""
+    return feature in backend_class(name).capabilities(name)
 
 
 def build_backend(cfg, trainer_cfg, precision: str = "fp32") -> Backend:
     """`precision` is what runs (distft.precision resolved `auto` already)."""
-    if cfg.name in ("zero1", "zero2", "zero3"):
-        from distft.backends.zero import ZeroBackend  # deepspeed is an optional extra
-
-        return ZeroBackend(cfg, trainer_cfg, precision)
-    if cfg.name not in BACKENDS:
-        raise ConfigError(f"backend={cfg.name!r} is unknown; available: {sorted(BACKENDS) + ['zero1', 'zero2', 'zero3']}")
-    module, name = BACKENDS[cfg.name]
-    cls = getattr(importlib.import_module(module), name)
-    return cls(cfg, precision) if cfg.name == "fsdp" else cls(cfg)
+    return backend_class(cfg.name)(cfg, trainer_cfg, precision)
 
 
-__all__ = ["BACKENDS", "Backend", "build_backend"]
+__all__ = ["BACKENDS", "Backend", "backend_class", "build_backend", "supports"]

@@ -1,7 +1,8 @@
 """How work is spread over processes. The loop talks only to this interface."""
 from __future__ import annotations
 
-from typing import Callable, Dict, Optional
+import math
+from typing import Callable, Dict, FrozenSet, Optional
 
 import torch
 
@@ -18,6 +19,15 @@ def check_names(params: Dict, state: Dict, source: str) -> None:
         )
 
 
+# What a backend may declare it supports; components and the loop ask, never the name.
+FEATURES = (
+    "chunked_loss",  # the output layer's weight is whole on every rank outside the forward
+    "compile",  # compiled blocks keep working under its parameter handling
+    "sharded_export",  # parameters are gathered for export (a plain replica is rebuilt)
+    "dp",  # per-sample gradients and a private gradient exchange (Opacus) fit on it
+)
+
+
 class Backend:
     name = "base"
     rank = 0
@@ -25,6 +35,20 @@ class Backend:
     # What a checkpoint's optimizer state looks like; a checkpoint is resumed only by a
     # backend that keeps the same (single and ddp share a plain torch state dict).
     state_format = "torch"
+    features: FrozenSet[str] = frozenset()
+
+    def __init__(self, cfg, trainer_cfg=None, precision: str = "fp32"):
+        self.cfg = cfg
+        self.trainer_cfg = trainer_cfg
+        self.precision = precision
+
+    @classmethod
+    def capabilities(cls, name: str) -> FrozenSet[str]:
+        """The FEATURES this backend supports, under the config name `name`."""
+        return cls.features
+
+    def supports(self, feature: str) -> bool:
+        return feature in self.capabilities(self.name)
 
     @property
     def is_main(self) -> bool:
@@ -46,13 +70,19 @@ class Backend:
         """`sync=False` on all but the last micro-batch of a step (no gradient exchange)."""
         loss.backward()
 
-    def step(self, model, optimizer, max_grad_norm: float) -> float:
-        """Clip (when max_grad_norm > 0), step and zero the grads; returns the grad norm."""
+    def step(self, model, optimizer, max_grad_norm: float, skip: bool = False) -> tuple[float, bool]:
+        """Clip (when max_grad_norm > 0), step and zero the grads; the only place the
+        optimizer steps. A non-finite gradient norm, or `skip` (the loop saw a non-finite
+        loss), zeroes the grads without stepping, leaving weights and optimizer state as
+        they were. Returns (grad norm, whether the optimizer stepped); every rank gets the
+        same answer (the norm is over the exchanged gradients)."""
         params = [p for p in model.parameters() if p.requires_grad]
-        norm = torch.nn.utils.clip_grad_norm_(params, max_grad_norm if max_grad_norm > 0 else float("inf"))
-        optimizer.step()
+        norm = float(_grad_norm(params, max_grad_norm))
+        stepped = not skip and math.isfinite(norm)
+        if stepped:
+            optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        return float(norm)
+        return norm, stepped
 
     def unwrap(self, model):
         return model
@@ -107,3 +137,13 @@ class Backend:
     def teardown(self, keep=()) -> None:
         """Release process groups. `keep`: objects that still refer to them (the wrapped
         model, the optimizer), to be held until the process exits."""
+
+
+def _grad_norm(params, max_grad_norm: float):
+    # clip_grad_norm_ scales nothing when the norm is not finite (the scale is then nan
+    # and would poison every gradient); with error_if_nonfinite=False it returns the norm
+    # and the step is skipped by the caller.
+    norm = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
+    if max_grad_norm > 0 and torch.isfinite(norm):
+        torch.nn.utils.clip_grads_with_norm_(params, max_grad_norm, norm)
+    return norm

@@ -18,9 +18,10 @@ class DDPBackend(Backend):
     Started by a launcher: torchrun --nproc_per_node N -m distft.train backend=ddp ..."""
 
     name = "ddp"
+    features = frozenset({"chunked_loss", "compile", "dp"})
 
-    def __init__(self, cfg):
-        self.cfg = cfg
+    def __init__(self, cfg, trainer_cfg=None, precision: str = "fp32"):
+        super().__init__(cfg, trainer_cfg, precision)
         if not os.environ.get("WORLD_SIZE") or not os.environ.get("RANK"):
             raise ConfigError(
                 "backend=ddp needs a launcher that sets RANK/WORLD_SIZE, e.g. "

@@ -1,3 +1,4 @@
+import math
 from pathlib import Path
 
 import torch
@@ -31,10 +32,7 @@ class FSDPBackend(DDPBackend):
 
     name = "fsdp"
     state_format = "fsdp"
-
-    def __init__(self, cfg, precision: str = "fp32"):
-        super().__init__(cfg)
-        self.precision = precision
+    features = frozenset({"compile", "sharded_export"})
 
     def wrap(self, model, make_optimizer):
         mp = None
@@ -58,12 +56,17 @@ class FSDPBackend(DDPBackend):
         self._model.set_requires_gradient_sync(sync)
         (loss * self.world_size).backward()
 
-    def step(self, model, optimizer, max_grad_norm):
+    def step(self, model, optimizer, max_grad_norm, skip=False):
         params = [p for p in model.parameters() if p.requires_grad]
-        norm = torch.nn.utils.clip_grad_norm_(params, max_grad_norm if max_grad_norm > 0 else float("inf"))
-        optimizer.step()
+        norm = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
+        total = float(norm.full_tensor() if isinstance(norm, DTensor) else norm)  # the same on every rank
+        stepped = not skip and math.isfinite(total)
+        if stepped:
+            if max_grad_norm > 0:
+                torch.nn.utils.clip_grads_with_norm_(params, max_grad_norm, norm)
+            optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        return float(norm.full_tensor() if isinstance(norm, DTensor) else norm)
+        return total, stepped
 
     def unwrap(self, model):
         return model  # fully_shard changes the model in place; names stay the same

@@ -7,7 +7,8 @@ class SingleBackend(Backend):
     """One process on one device: the first GPU when there is one, else the CPU."""
 
     name = "single"
+    features = frozenset({"chunked_loss", "compile", "dp"})
 
-    def __init__(self, cfg):
-        self.cfg = cfg
+    def __init__(self, cfg, trainer_cfg=None, precision: str = "fp32"):
+        super().__init__(cfg, trainer_cfg, precision)
         self.device = torch.device("cuda:0" if torch.cuda.is_available() else "cpu")

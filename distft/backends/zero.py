@@ -1,4 +1,5 @@
 import json
+import math
 import os
 import shutil
 import subprocess
@@ -22,16 +23,20 @@ class ZeroBackend(DDPBackend):
     backend.config_file with those keys filled in. On CPU DeepSpeed runs with its CPU
     accelerator over gloo and our torch AdamW (its fused optimizers need CUDA)."""
 
+    @classmethod
+    def capabilities(cls, name):
+        # ZeRO-3 gathers each block's parameters in hooks: compiled blocks recompile until
+        # torch gives up, and the output layer is whole only inside the forward.
+        return frozenset({"sharded_export"} if name == "zero3" else {"chunked_loss", "compile", "sharded_export"})
+
     def __init__(self, cfg, trainer_cfg, precision: str = "fp32"):
-        super().__init__(cfg)
+        super().__init__(cfg, trainer_cfg, precision)
         if cfg.stage not in (1, 2, 3):
             raise ConfigError(f"backend.stage={cfg.stage}: ZeRO stages are 1, 2 and 3")
         if cfg.offload_param and cfg.stage != 3:
             raise ConfigError("backend.offload_param needs ZeRO stage 3 (backend=zero3)")
         self.name = f"zero{cfg.stage}"
         self.state_format = self.name
-        self.trainer_cfg = trainer_cfg
-        self.precision = precision
         self._load_from = None  # (folder, tag) of the DeepSpeed state to resume from
 
     def setup(self):
@@ -69,6 +74,10 @@ class ZeroBackend(DDPBackend):
         zero["stage"] = self.cfg.stage
         if self.cfg.offload_optimizer:
             zero["offload_optimizer"] = {"device": "cpu"}
+            # The run's own optimizer (its parameter groups, betas and eps) steps the
+            # offloaded fp32 partitions, not an AdamW DeepSpeed would build from lr and
+            # weight decay alone; DeepSpeedCPUAdam is faster but needs its C++ op built.
+            config["zero_force_ds_cpu_optimizer"] = False
         if self.cfg.offload_param:
             zero["offload_param"] = {"device": "cpu"}
         config.setdefault("bf16", {})["enabled"] = self.precision == "bf16"
@@ -108,17 +117,8 @@ class ZeroBackend(DDPBackend):
     def wrap(self, model, make_optimizer):
         import deepspeed
 
-        if self.cfg.offload_optimizer:
-            # DeepSpeed's CPU offload steps the optimizer on the CPU with its own Adam.
-            optimizer = None
-            config = self.ds_config()
-            config["optimizer"] = {"type": "AdamW", "params": {"lr": self.trainer_cfg.lr,
-                                                               "weight_decay": self.trainer_cfg.weight_decay}}
-        else:
-            optimizer, config = make_optimizer(model), self.ds_config()
-        params = [p for p in model.parameters() if p.requires_grad] if optimizer is None else None
         self.engine, ds_optimizer, _, _ = deepspeed.initialize(
-            model=model, optimizer=optimizer, model_parameters=params, config=config, dist_init_required=False)
+            model=model, optimizer=make_optimizer(model), config=self.ds_config(), dist_init_required=False)
         return self.engine, ds_optimizer
 
     def scheduled_optimizer(self, optimizer):
@@ -129,11 +129,19 @@ class ZeroBackend(DDPBackend):
         # The loss is normalised by the global target count: no further division by the
         # accumulation steps, and DeepSpeed's average over ranks is undone.
         self.engine.backward(loss * self.world_size, scale_wrt_gas=False)
-        self.engine.step()  # DeepSpeed steps the optimizer only at the accumulation boundary
+        if not sync:
+            # DeepSpeed counts micro-batches through engine.step(); before the accumulation
+            # boundary it only advances that count (no optimizer step, no gradient exchange).
+            self.engine.step()
 
-    def step(self, model, optimizer, max_grad_norm):
+    def step(self, model, optimizer, max_grad_norm, skip=False):
+        # At the accumulation boundary DeepSpeed clips, steps and zeroes; its own check skips
+        # the update when the gradient norm is not finite (a non-finite loss gives one),
+        # which keeps its micro-step count and loss scale in order.
+        self.engine.step()
         norm = self.engine.get_global_grad_norm()
-        return float(norm) if norm is not None else float("nan")
+        norm = float(norm) if norm is not None else float("nan")
+        return norm, bool(self.engine.was_step_applied()) and math.isfinite(norm)
 
     def unwrap(self, model):
         return self.engine.module

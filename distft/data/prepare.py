@@ -22,7 +22,7 @@ def prepare(data_cfg, task, seed: int) -> Tuple[List[Dict], List[Dict], Optional
     val_records = clean_records(val_records, data_cfg, task.text_fields(), task.key_fields(), reports["validation"])
 
     num_labels = None
-    if task_cfg.name == "classification":
+    if task.predicts == "label":
         labels = task.labels_of(train_records)
         num_labels = task_cfg.num_labels or 1 + max(labels)
         if num_labels < 2:

@@ -36,6 +36,7 @@ class MlpHeadConfig(PretrainedConfig):
 class MlpHeadForSequenceClassification(PreTrainedModel):
     config_class = MlpHeadConfig
     base_model_prefix = "backbone"
+    distft_heads = ("head",)  # the trainable head every distft strategy keeps training
 
     def __init__(self, config: MlpHeadConfig, backbone: nn.Module | None = None):
         super().__init__(config)

@@ -83,15 +83,18 @@ def load_tokenizer(cfg, path: Optional[str]):
     return tok
 
 
-def load_model(cfg, task: str, tokenizer, num_labels: Optional[int] = None, seed: int = 0) -> PreTrainedModel:
-    """Load `cfg` for `task` (causal_lm/instruction -> a causal LM head, classification ->
-    a sequence-classification head with `num_labels` outputs)."""
+def load_model(cfg, predicts: str, tokenizer, num_labels: Optional[int] = None, seed: int = 0) -> PreTrainedModel:
+    """Load `cfg` with the head for what the task predicts (distft.tasks.base.PREDICTS):
+    next_tokens -> the causal LM head, label -> a sequence-classification head with
+    `num_labels` outputs."""
+    if predicts not in ("next_tokens", "label"):
+        raise ConfigError(f"no model head for a task that predicts {predicts!r}")
     dtype = DTYPES.get(cfg.dtype)
     if dtype is None:
         raise ConfigError(f"model.dtype={cfg.dtype!r}: choose one of {sorted(DTYPES)}")
     attn = choose_attn_implementation(cfg.attn_implementation, dtype)
-    auto_cls = AutoModelForSequenceClassification if task == "classification" else AutoModelForCausalLM
-    extra = {"num_labels": num_labels} if task == "classification" else {}
+    auto_cls = AutoModelForSequenceClassification if predicts == "label" else AutoModelForCausalLM
+    extra = {"num_labels": num_labels} if predicts == "label" else {}
     path = resolve_model_path(cfg)
 
     if cfg.from_config is not None:

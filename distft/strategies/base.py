@@ -3,48 +3,48 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import Callable, Dict, Optional, Type
+from typing import Callable, Optional, Type
 
 from torch import nn
 
 from distft.errors import ConfigError
+from distft.registry import Registry
 
 log = logging.getLogger(__name__)
 
-_REGISTRY: Dict[str, Type["Strategy"]] = {}
+STRATEGIES: Registry["Strategy"] = Registry("strategy")
 
 
 @dataclass
 class TaskInfo:
-    name: str  # causal_lm | instruction | classification
+    name: str  # the task's name, for messages only
     num_labels: Optional[int] = None
+    predicts: str = "next_tokens"  # distft.tasks.base.PREDICTS: next_tokens | label | token_labels
+    # The task's model brings its own heads (a classification mixture: one per task), which
+    # a strategy trains as they are instead of adding one.
+    own_heads: bool = False
 
 
 def register_strategy(name: str) -> Callable[[Type["Strategy"]], Type["Strategy"]]:
-    def wrap(cls: Type["Strategy"]) -> Type["Strategy"]:
-        _REGISTRY[name] = cls
-        cls.name = name
-        return cls
-
-    return wrap
+    return STRATEGIES.register(name)
 
 
 def build_strategy(cfg) -> "Strategy":
-    cls = _REGISTRY.get(cfg.name)
-    if cls is None:
-        raise ConfigError(f"strategy={cfg.name!r} is unknown; registered: {sorted(_REGISTRY)}")
-    return cls(cfg)
+    return STRATEGIES.build(cfg)
 
 
 def registered_strategies() -> list[str]:
-    return sorted(_REGISTRY)
+    return STRATEGIES.names()
 
 
 class Strategy:
     """Turn a loaded model into the thing that trains.
 
-    `apply` freezes/unfreezes parameters and may add modules; `export` writes a result
-    that loads without distft; `check` refuses an impossible combination at config time.
+    `transform` freezes/unfreezes parameters of the backbone and may add modules; `apply`
+    runs it and then trains the heads the model declares (`declared_heads`), so one
+    strategy serves a single task and a mixture alike; `export` writes a result that
+    loads without distft; `check` refuses an impossible combination at config time.
+    A strategy knows nothing of backends, and recognises tasks by what they predict.
     """
 
     name = "base"
@@ -58,6 +58,13 @@ class Strategy:
         """Raise ConfigError when this strategy cannot serve `task`."""
 
     def apply(self, model: nn.Module, task: TaskInfo) -> nn.Module:
+        model = self.transform(model, task)
+        if not _is_peft(model):  # peft trains a head through its own modules_to_save copy
+            for p in declared_heads(model):
+                p.requires_grad_(True)
+        return model
+
+    def transform(self, model: nn.Module, task: TaskInfo) -> nn.Module:
         raise NotImplementedError
 
     def export(self, model: nn.Module, out_dir: str, base_dir: Optional[str]) -> list[str]:
@@ -67,14 +74,25 @@ class Strategy:
         return [out_dir]
 
 
+# The heads a transformers task model adds on top of its base model.
+_HF_HEADS = ("classifier", "score")
+
+
 def head_parameter_names(model: nn.Module) -> list[str]:
-    """Parameters of a task head that a sequence-classification model adds (score/classifier)."""
-    names = []
-    for name, _ in model.named_parameters():
-        top = name.split(".")[0]
-        if top in ("classifier", "score"):
-            names.append(name)
-    return names
+    """Parameters of the task heads the model declares: distft's own models name them in
+    `distft_heads` (MlpHead's `head`, a mixture's `heads`); a transformers
+    sequence-classification model has `score` or `classifier`."""
+    tops = tuple(getattr(model, "distft_heads", ())) + _HF_HEADS
+    return [name for name, _ in model.named_parameters() if name.split(".")[0] in tops]
+
+
+def declared_heads(model: nn.Module) -> list:
+    names = set(head_parameter_names(model))
+    return [p for n, p in model.named_parameters() if n in names]
+
+
+def _is_peft(model: nn.Module) -> bool:
+    return hasattr(model, "peft_config")
 
 
 def count_parameters(model: nn.Module) -> tuple[int, int]:

@@ -1,21 +1,18 @@
 from distft.errors import ConfigError
-from distft.strategies.base import Strategy, freeze_all, head_parameter_names, register_strategy
+from distft.strategies.base import Strategy, freeze_all, register_strategy
 
 
 @register_strategy("bitfit")
 class BitFitStrategy(Strategy):
-    """BitFit (Ben Zaken et al., 2022): only bias terms train, plus a new task head."""
+    """BitFit (Ben Zaken et al., 2022): only bias terms train, plus the task's heads."""
 
-    def apply(self, model, task):
+    def transform(self, model, task):
         freeze_all(model)
-        head = set(head_parameter_names(model)) if task.name == "classification" else set()
         n_bias = 0
         for name, p in model.named_parameters():
             if name.endswith(".bias") or name == "bias":
                 p.requires_grad_(True)
                 n_bias += 1
-            elif name in head:
-                p.requires_grad_(True)
         if n_bias == 0:
             raise ConfigError(
                 f"strategy=bitfit: {type(model).__name__} has no bias parameters to train "

@@ -5,7 +5,7 @@ from distft.strategies.base import Strategy, register_strategy
 class FullStrategy(Strategy):
     """Every parameter trains."""
 
-    def apply(self, model, task):
+    def transform(self, model, task):
         for p in model.parameters():
             p.requires_grad_(True)
         return model

@@ -8,11 +8,12 @@ from distft.strategies.base import Strategy, register_strategy
 class LoraStrategy(Strategy):
     """peft LoRA adapters on the target modules; a classification head stays trainable
     (peft's SEQ_CLS task keeps `classifier`/`score` in modules_to_save, so the adapter
-    file carries it)."""
+    file carries it). On distft's own head models (`backbone` + declared heads) the
+    adapters go on the backbone and the heads train whole."""
 
     exports_adapter = True
 
-    def apply(self, model, task):
+    def transform(self, model, task):
         # peft is imported here, not at the top: it imports a good part of transformers
         # (seconds per process), which runs of the other strategies do not need.
         from peft import LoraConfig, TaskType, get_peft_model
@@ -22,14 +23,13 @@ class LoraStrategy(Strategy):
             targets = list(targets)
             if targets == ["all-linear"]:
                 targets = "all-linear"
-        config = LoraConfig(
-            r=self.cfg.r,
-            lora_alpha=self.cfg.alpha,
-            lora_dropout=self.cfg.dropout,
-            target_modules=targets,
-            task_type=TaskType.SEQ_CLS if task.name == "classification" else TaskType.CAUSAL_LM,
-        )
-        return get_peft_model(model, config)
+        kwargs = dict(r=self.cfg.r, lora_alpha=self.cfg.alpha, lora_dropout=self.cfg.dropout,
+                      target_modules=targets)
+        if getattr(model, "distft_heads", None):
+            model.backbone = get_peft_model(model.backbone, LoraConfig(**kwargs, task_type=TaskType.FEATURE_EXTRACTION))
+            return model
+        task_type = TaskType.SEQ_CLS if task.predicts == "label" else TaskType.CAUSAL_LM
+        return get_peft_model(model, LoraConfig(**kwargs, task_type=task_type))
 
     def export(self, model, out_dir, base_dir):
         if base_dir is not None:

@@ -4,7 +4,7 @@ import torch
 
 from distft.errors import ConfigError
 from distft.models.head_model import MlpHeadConfig, MlpHeadForSequenceClassification
-from distft.strategies.base import Strategy, find_layer_stack, freeze_all, head_parameter_names, register_strategy
+from distft.strategies.base import Strategy, find_layer_stack, freeze_all, register_strategy
 
 # Output projections of a pre-norm block: zeroed in a new block so it starts as identity.
 _RESIDUAL_OUTPUTS = ("o_proj", "down_proj", "c_proj", "out_proj")
@@ -14,28 +14,37 @@ _RESIDUAL_OUTPUTS = ("o_proj", "down_proj", "c_proj", "out_proj")
 class PartialStrategy(Strategy):
     """The pretrained network frozen (or all but its top N blocks), new layers on top:
     `head=mlp` pools the backbone's features into a new MLP classifier; `head=block` adds
-    one new transformer block above the last one (the task's own head trains with it)."""
+    one new transformer block above the last one (the task's own head trains with it).
+    A model with heads of its own (a classification mixture) keeps them: `head=auto`
+    trains those."""
 
     def head_kind(self, task):
         if self.cfg.head == "auto":
-            return "mlp" if task.name == "classification" else "block"
+            if task.own_heads:
+                return "own"
+            return "mlp" if task.predicts == "label" else "block"
         return self.cfg.head
 
     def check(self, task):
         kind = self.head_kind(task)
-        if kind not in ("mlp", "block"):
+        if kind not in ("mlp", "block", "own"):
             raise ConfigError(f"strategy.head={self.cfg.head!r}: choose auto, mlp or block")
-        if kind == "mlp" and task.name != "classification":
+        if kind == "mlp" and task.own_heads:
+            raise ConfigError(f"strategy.head=mlp: task={task.name} brings one head per task already; "
+                              "use strategy.head=auto (train them) or block")
+        if kind == "mlp" and task.predicts != "label":
             raise ConfigError(
-                f"strategy.head=mlp needs task=classification (task={task.name}); "
+                f"strategy.head=mlp needs task=classification, a task that predicts one label per example "
+                f"(task={task.name} predicts {task.predicts}); "
                 "use strategy.head=block for language-model tasks"
             )
         if self.cfg.pooling not in ("mean", "first", "last"):
             raise ConfigError(f"strategy.pooling={self.cfg.pooling!r}: choose mean, first or last")
 
-    def apply(self, model, task):
+    def transform(self, model, task):
         self.check(task)
-        if self.head_kind(task) == "mlp":
+        kind = self.head_kind(task)
+        if kind == "mlp":
             backbone = model.base_model
             config = MlpHeadConfig(
                 backbone=backbone.config,
@@ -48,14 +57,13 @@ class PartialStrategy(Strategy):
             model = MlpHeadForSequenceClassification(config, backbone=backbone)
             freeze_all(model)
             trainable = [model.head]
-        else:
-            new_block = self._add_block(model)
+        elif kind == "block":
+            new_block = self._add_block(model.backbone if getattr(model, "distft_heads", None) else model)
             freeze_all(model)
-            trainable = [new_block]
-            head = set(head_parameter_names(model)) if task.name == "classification" else set()
-            for name, p in model.named_parameters():
-                if name in head:
-                    p.requires_grad_(True)
+            trainable = [new_block]  # and the model's heads (Strategy.apply)
+        else:
+            freeze_all(model)
+            trainable = []  # the model's own heads (Strategy.apply)
         stack = find_layer_stack(model.backbone if hasattr(model, "backbone") else model)
         n_top = self.cfg.unfreeze_top_layers
         if n_top < 0 or n_top > len(stack):

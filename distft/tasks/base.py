@@ -1,11 +1,17 @@
 """A task turns records into tensors and model outputs into a loss and metrics."""
 from __future__ import annotations
 
-from typing import Dict, List
+from typing import Callable, Dict, List, Optional
 
 import torch
 
 IGNORE = -100
+
+# What a task predicts; strategies, data preparation and models ask this, never a task's name.
+NEXT_TOKENS = "next_tokens"  # causal language modelling (every target token)
+LABEL = "label"  # one label per example (sequence classification)
+TOKEN_LABELS = "token_labels"  # one label per token (token classification)
+PREDICTS = (NEXT_TOKENS, LABEL, TOKEN_LABELS)
 
 
 def pad(seqs: List[List[int]], value: int) -> torch.Tensor:
@@ -18,6 +24,9 @@ def pad(seqs: List[List[int]], value: int) -> torch.Tensor:
 
 class Task:
     name = "base"
+    predicts = NEXT_TOKENS
+    # The sampler (distft/samplers/) that orders this task's training examples.
+    sampler = "epoch"
     # Inputs the model's forward takes from a collated batch.
     model_inputs = ("input_ids", "attention_mask")
     # What `finish_eval` reports; task.metric must be one of them.
@@ -29,6 +38,69 @@ class Task:
         self.cfg = cfg
         self.data_cfg = data_cfg
         self.tokenizer = tokenizer
+
+    @classmethod
+    def check(cls, cfg) -> None:
+        """Config time: refuse settings this task cannot serve (the whole config)."""
+        from distft.errors import ConfigError
+
+        if cfg.data.packing and cls.predicts != NEXT_TOKENS:
+            per = "label per token" if cls.predicts == TOKEN_LABELS else "label per example"
+            raise ConfigError(f"data.packing=true needs task=causal_lm or task=instruction, a next-token task "
+                              f"(task={cfg.task.name} predicts one {per})")
+
+    @classmethod
+    def metric_names(cls, cfg) -> tuple:
+        """The eval metrics a run of this task reports (task.metric must be one)."""
+        return tuple(cls.metrics)
+
+    @classmethod
+    def info_for(cls, cfg):
+        """What a strategy needs to know of the task, at config time."""
+        from distft.strategies.base import TaskInfo
+
+        return TaskInfo(cfg.task.name, cfg.task.num_labels, cls.predicts)
+
+    def info(self, num_labels: Optional[int] = None):
+        """What a strategy needs to know of the task, once the data gave num_labels."""
+        from distft.strategies.base import TaskInfo
+
+        return TaskInfo(self.name, num_labels, self.predicts)
+
+    # The run's life with the task, in the loop's order.
+    def prepare(self, seed: int):
+        """(train examples, validation examples, num_labels, report)."""
+        from distft.data.prepare import prepare
+
+        return prepare(self.data_cfg, self, seed)
+
+    def prepared(self, num_labels: Optional[int], report: Dict) -> List[str]:
+        """Called with what `prepare` gave (also when it came from the cache); returns the
+        lines to log about the data."""
+        from distft.data.prepare import summary_line
+
+        return [f"data: {summary_line(report)}"]
+
+    def build_model(self, model_cfg, tokenizer, num_labels: Optional[int], seed: int):
+        """The pretrained (or config-built) model with this task's head."""
+        from distft.models import load_model
+
+        return load_model(model_cfg, self.predicts, tokenizer, num_labels, seed=seed)
+
+    # True when the final model is written by the strategy (a model or an adapter that
+    # loads without distft from one folder), as `export` below does.
+    exported_by_strategy = True
+
+    def export(self, model, strategy, out_dir: str, base_dir: Optional[str]) -> List[str]:
+        """Write the trained model; returns the folders written (each gets the tokenizer)."""
+        written = strategy.export(model, out_dir, base_dir)
+        for folder in written:
+            self.tokenizer.save_pretrained(folder)
+        return written
+
+    def order(self, seed: int) -> Optional[Callable[[int], List[int]]]:
+        """The example order of each epoch for the `epoch` sampler: None for a seeded permutation."""
+        return None
 
     def text_fields(self) -> List[str]:
         """Fields that must hold non-empty text (data.drop_empty drops examples where one is empty)."""

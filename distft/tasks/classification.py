@@ -5,13 +5,14 @@ import torch.nn.functional as F
 
 from distft.data.sources import require_label, require_text, where
 from distft.errors import DataError
-from distft.tasks.base import Task, pad
+from distft.tasks.base import LABEL, Task, pad
 
 
 class ClassificationTask(Task):
     """Sequence classification: text -> one of num_labels classes, through a new head."""
 
     name = "classification"
+    predicts = LABEL
     metrics = ("loss", "accuracy")
 
     def labels_of(self, records):
