@@ -244,6 +244,9 @@ class TrainConfig:
     # Python modules imported before the run is built: their @register decorators add
     # strategies, samplers, regularizers, ... without a change to distft.
     plugins: List[str] = field(default_factory=list)
+    # Artifacts an earlier stage handed to this run (name -> path), e.g. a Fisher estimate
+    # for EWC; sequential recipes fill it, a regularizer reads it in setup.
+    inputs: Dict[str, Any] = field(default_factory=dict)
 
 
 STRATEGY_SCHEMAS = {

@@ -46,8 +46,9 @@ def _stage_names(cfg) -> List[str]:
     return names
 
 
-def stage_config(cfg, k: int, init_from: Optional[str]):
-    """The config of stage k (0-based): a mixture of stages 0..k, only k trained."""
+def stage_config(cfg, k: int, init_from: Optional[str], inputs: Optional[Dict[str, str]] = None):
+    """The config of stage k (0-based): a mixture of stages 0..k, only k trained, starting
+    from `init_from` with the earlier stage's other artifacts as `inputs`."""
     names = _stage_names(cfg)
     stages = OmegaConf.to_container(cfg.experiment.stages, resolve=True)
     out = copy.deepcopy(cfg)
@@ -65,6 +66,7 @@ def stage_config(cfg, k: int, init_from: Optional[str]):
         out.task.metric = f"{names[k]}/{base_metric}"  # early stopping/best: this stage's own task
         out.run_dir = str(Path(cfg.run_dir) / "stages" / f"{k + 1}-{names[k]}")
         out.init_from = init_from
+        out.inputs = dict(inputs or {})
     for item in stages[k].get("overrides") or []:
         if "=" not in str(item):
             raise ConfigError(f"experiment.stages[{k}].overrides: {item!r} is not key=value")
@@ -85,18 +87,22 @@ def _weights_of(run_dir: Path, summary: Dict) -> str:
     return str(found[max(found)])
 
 
-def run_sequential(cfg) -> Dict:
+def run_sequential(cfg, recipe=None) -> Dict:
+    """Run the stages; `recipe` (distft.recipes.SequentialRun) holds the live trainer so
+    that its cleanup releases the process group after the last one."""
     from distft.trainer import Trainer
 
     names = _stage_names(cfg)
     metric = cfg.task.metric.split("/")[-1]
     matrix: List[List[Optional[float]]] = []
     init_from = cfg.init_from
+    inputs: Dict[str, str] = {}
     summary: Dict = {}
     if _is_main():
         preemption.clear_marker(Path(cfg.run_dir))
+    trainer = None
     for k, name in enumerate(names):
-        stage = stage_config(cfg, k, init_from)
+        stage = stage_config(cfg, k, init_from, inputs)
         run_dir = Path(stage.run_dir)
         done = run_dir / "summary.json"
         if done.is_file():  # an interrupted experiment goes on from its first unfinished stage
@@ -104,7 +110,9 @@ def run_sequential(cfg) -> Dict:
             log.info("stage %d (%s) already finished: %s", k + 1, name, run_dir)
         else:
             log.info("stage %d/%d: %s%s", k + 1, len(names), name, f" from {init_from}" if init_from else "")
-            trainer = Trainer(stage, teardown=k == len(names) - 1).setup()
+            trainer = Trainer(stage, teardown=False).setup()
+            if recipe is not None:
+                recipe.trainer = trainer  # the process group stays up for the next stage
             summary = trainer.train()
             if summary.get("preempted"):
                 # Stopped by a signal: the stage resumes from its checkpoint when the same
@@ -112,11 +120,17 @@ def run_sequential(cfg) -> Dict:
                 if _is_main():
                     preemption.write_marker(Path(cfg.run_dir), summary["steps"], summary["signal"],
                                             Path(summary["checkpoint"]))
-                if k != len(names) - 1:
-                    trainer.backend.teardown(keep=(trainer.model, trainer.optimizer))
+                if recipe is None:
+                    trainer.close()
                 return {**summary, "stage": name}
         matrix.append([summary.get(f"eval/{names[i]}/{metric}") if i <= k else None for i in range(len(names))])
-        init_from = _weights_of(run_dir, summary)
+        # What the stage hands on: its weights, and its regularizer's artifacts (summaries
+        # written before artifacts existed name only their run_dir).
+        artifacts = dict(summary.get("artifacts") or {"weights": _weights_of(run_dir, summary)})
+        init_from = artifacts.pop("weights")
+        inputs = artifacts
+    if recipe is None and trainer is not None:
+        trainer.close()
     result = forgetting_report(names, metric, matrix)
     root = Path(cfg.run_dir)
     if _is_main():

@@ -22,17 +22,9 @@ log = logging.getLogger("distft")
 
 def run(cfg: DictConfig) -> dict:
     """Train with a composed config and return the run summary."""
-    from distft.trainer import Trainer
+    from distft.recipes import run_recipe
 
-    if cfg.experiment.name == "sequential":
-        from distft.sequential import run_sequential
-
-        return run_sequential(cfg)
-    if cfg.experiment.name != "single":
-        from distft.errors import ConfigError
-
-        raise ConfigError(f"experiment.name={cfg.experiment.name!r}: choose single or sequential")
-    return Trainer(cfg).setup().train()
+    return run_recipe(cfg)
 
 
 def _exit_cleanly_if_distributed() -> None:

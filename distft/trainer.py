@@ -154,7 +154,10 @@ def _init_from(model, folder: str) -> None:
 class Trainer:
     def __init__(self, cfg, teardown: bool = True):
         self.cfg = cfg
-        self.teardown = teardown  # False keeps the process group for a next stage
+        self.teardown = teardown  # False: the caller (a recipe) calls close() when done
+        # on_eval hooks: (step, metrics) -> True to stop the run. The first keeps the best
+        # weights and decides early stopping; a search adds its pruner (add_eval_hook).
+        self.eval_hooks = [self._track_best]
         self.run_dir = Path(cfg.run_dir)
         self.ckpt_root = self.run_dir / "checkpoints"
         self.last_eval: Optional[tuple[int, Dict[str, float]]] = None
@@ -456,7 +459,7 @@ class Trainer:
         self.metrics.finish({"preempted_at_step": self.step})
         self.stop.restore()
         if self.teardown:
-            self.backend.teardown(keep=(self.model, self.optimizer))
+            self.close()
         return summary
 
     def _sample_memory(self) -> None:
@@ -470,28 +473,40 @@ class Trainer:
                 now = int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
         self.peak_memory_mb = max(self.peak_memory_mb, now)
 
+    def add_eval_hook(self, hook) -> None:
+        """`hook(step, metrics)` runs after every evaluation; returning True stops the run
+        (as early stopping does), raising stops it with that error."""
+        self.eval_hooks.append(hook)
+
     def _eval_and_track(self, bar) -> bool:
-        """Evaluate, keep the best weights, and say whether early stopping fires."""
-        t = self.cfg.trainer
+        """Evaluate, log, and run the on_eval hooks; True when one of them stops the run."""
         metrics = self.evaluate()
         self.metrics.log({"step": self.step, **{f"eval/{k}": v for k, v in metrics.items()}})
         self.last_eval = (self.step, metrics)
-        name = self.cfg.task.metric
-        value = metrics[name]
         if self.main:
             bar.write(f"step {self.step}: " + "  ".join(f"eval/{k}={v:.4f}" for k, v in metrics.items()))
+        stop = False
+        for hook in self.eval_hooks:
+            stop = bool(hook(self.step, metrics)) or stop
+        return stop
+
+    def _track_best(self, step: int, metrics: Dict[str, float]) -> bool:
+        """Keep the best weights; say whether early stopping fires."""
+        t = self.cfg.trainer
+        name = self.cfg.task.metric
+        value = metrics[name]
         best = self.state["best_metric"]
         sign = 1.0 if self.cfg.task.greater_is_better else -1.0
         if best is None or sign * (value - best) > t.early_stopping.min_delta:
-            self.state.update(best_metric=value, best_step=self.step, bad_evals=0)
+            self.state.update(best_metric=value, best_step=step, bad_evals=0)
             self._save_best()
             return False
         self.state["bad_evals"] += 1
         patience = t.early_stopping.patience
         if patience and self.state["bad_evals"] >= patience:
             if self.main:
-                bar.write(f"early stopping at step {self.step}: eval/{name} has not improved for {patience} evals "
-                          f"(best {best:.4f} at step {self.state['best_step']})")
+                log.info("early stopping at step %d: eval/%s has not improved for %d evals (best %.4f at step %s)",
+                         step, name, patience, best, self.state["best_step"])
             return True
         return False
 
@@ -594,6 +609,13 @@ class Trainer:
             "processes": self.backend.world_size,
             "final_dir": str(out),
             "run_dir": str(self.run_dir),
+            # What a search optimises and a recipe compares: task.metric of the exported
+            # weights, and which way is better.
+            "objective": final_metrics.get(cfg.task.metric),
+            "objective_direction": "maximize" if cfg.task.greater_is_better else "minimize",
+            # What a next stage starts from (sequential recipes): the exported weights'
+            # folder, and whatever the regularizer leaves for it.
+            "artifacts": {"weights": self._exported_weights(exported_step), **self.regularizer.artifacts(self)},
         }
         if self.main:
             tmp = self.run_dir / "summary.json.tmp"
@@ -602,8 +624,21 @@ class Trainer:
         self.metrics.finish(summary)
         self.stop.restore()
         if self.teardown:
-            self.backend.teardown(keep=(self.model, self.optimizer))
+            self.close()
         return summary
+
+    def _exported_weights(self, exported_step: int) -> str:
+        """The folder holding the trainable weights that were exported: best/ or the
+        checkpoint of the last step (written just before)."""
+        if exported_step != self.step and (self.run_dir / "best" / "weights.safetensors").is_file():
+            return str(self.run_dir / "best")
+        return str(ckpt.checkpoint_dir(self.ckpt_root, self.step))
+
+    def close(self) -> None:
+        """Release the process group (a recipe does it in cleanup, after its last run)."""
+        if not getattr(self, "_closed", False):
+            self._closed = True
+            self.backend.teardown(keep=(self.model, self.optimizer))
 
 
 def _enable_activation_checkpointing(model) -> None:

@@ -1,7 +1,6 @@
 """Components registered from outside distft, as a user's plugin module would
 (`plugins=[component_plugins]`, with this folder on PYTHONPATH). The tests use them to
 show that a new regularizer is one file plus its registration, and to inject failures."""
-import torch
 
 from distft.regularizers import REGULARIZERS
 from distft.regularizers.base import Regularizer
@@ -43,3 +42,20 @@ class NaNAt(Regularizer):
         rank_ok = self.cfg.get("rank") is None or self.run.backend.rank == self.cfg.rank
         bad = step in list(self.cfg.get("steps") or []) or (self.cfg.get("from_step") and step >= self.cfg.from_step)
         return _trainable_sum(module) * float("nan") if bad and rank_ok else None
+
+
+@REGULARIZERS.register("leaves_note")
+class LeavesNote(Regularizer):
+    """No penalty; at the end of a run it leaves a file for the next stage (as EWC leaves
+    its Fisher estimate), and it records what an earlier stage handed it."""
+
+    def setup(self, run):
+        self.received = dict(run.cfg.inputs)
+
+    def artifacts(self, run):
+        path = run.run_dir / "note.json"
+        if run.main:
+            import json
+
+            path.write_text(json.dumps({"step": run.step, "received": self.received}))
+        return {"note": str(path)}

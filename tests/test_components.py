@@ -221,3 +221,17 @@ def test_non_finite_loss_on_one_rank_is_skipped_on_every_rank(tmp_path, referenc
                           env={**os.environ, "OMP_NUM_THREADS": "1", **PLUGIN_ENV})
     assert proc.returncode != 0 and "2 optimizer steps in a row had a non-finite loss" in proc.stderr
     _check_nan_run(run, losses(ref), skipped_step=3, stop_from=6)
+
+
+def test_an_eval_hook_sees_every_eval_and_can_stop_the_run(cfg_for):
+    """on_eval(step, metrics): the one hook early stopping, the best weights and a search's
+    pruner share."""
+    from distft.trainer import Trainer
+
+    trainer = Trainer(cfg_for("trainer.max_steps=10", "trainer.eval_every=2")).setup()
+    seen = []
+    trainer.add_eval_hook(lambda step, metrics: seen.append((step, metrics["loss"])) or step >= 4)
+    summary = trainer.train()
+    assert [s for s, _ in seen] == [2, 4] and summary["steps"] == 4 and summary["stopped_early"]
+    assert summary["objective"] == summary["eval/loss"] == seen[-1][1]
+    assert summary["objective_direction"] == "minimize"

@@ -55,3 +55,29 @@ def test_two_stages_report_the_forgetting_matrix(tmp_path):
 def test_empty_stages_refused(tmp_path):
     proc = run_cli(*TINY, "experiment=sequential", "task=classification", f"run_dir={tmp_path / 'r'}", check=False)
     assert proc.returncode == 2 and "experiment.stages is empty" in proc.stderr
+
+
+def test_a_stage_hands_the_next_its_artifacts(tmp_path):
+    """Weights and the regularizer's artifacts (a plugin's note here; EWC's Fisher later)
+    pass from one stage to the next, and the summary carries the objective."""
+    import os
+    import sys
+
+    from conftest import compose_cfg
+    from distft.train import run as train
+
+    sys.path.insert(0, os.path.dirname(__file__))
+    run = tmp_path / "run"
+    summary = train(compose_cfg(run, [*TINY, *stages_args(tmp_path), "trainer.max_steps=4",
+                                      "plugins=[component_plugins]", "regularizer.name=leaves_note"]))
+    first, second = run / "stages" / "1-sent", run / "stages" / "2-color"
+    note1 = json.loads((first / "note.json").read_text())
+    note2 = json.loads((second / "note.json").read_text())
+    assert note1["received"] == {} and note2["received"] == {"note": str(first / "note.json")}
+    s1 = json.loads((first / "summary.json").read_text())
+    assert s1["artifacts"] == {"weights": str(first / "checkpoints" / "step-4"), "note": str(first / "note.json")} \
+        or s1["artifacts"]["weights"] == str(first / "best")
+    import yaml
+
+    assert yaml.safe_load((second / "config.yaml").read_text())["init_from"] == s1["artifacts"]["weights"]
+    assert summary["objective"] == summary["eval/color/accuracy"] and summary["objective_direction"] == "maximize"
