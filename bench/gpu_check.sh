@@ -25,6 +25,20 @@ PY
 # The default precision (auto) on the GPU: the log must say bf16 and why.
 "$PY" -m distft.train trainer.max_steps=2 logger=csv logger.progress_bar=false "run_dir=$OUT-auto" \
   2>&1 | grep -h "precision auto ->" || echo "precision auto: no decision logged (FAILED)"
+# fp16 with its loss scaler: the scale is logged per step, inf steps are skipped, the run ends finite.
+"$PY" -m distft.train trainer.precision=fp16 trainer.max_steps=30 logger=csv logger.progress_bar=false \
+  "run_dir=$OUT-fp16" > "$OUT.fp16.log" 2>&1 && "$PY" - "$OUT-fp16" <<'PY' || { echo "fp16 FAILED"; tail -20 "$OUT.fp16.log"; }
+import json, math, sys
+ev = [json.loads(l) for l in open(sys.argv[1] + "/metrics.jsonl")]
+steps = [e for e in ev if "loss_scale" in e]
+skipped = max(e.get("skipped_steps", 0) for e in steps)
+assert len(steps) == 30 and all(math.isfinite(e["loss"]) for e in steps), "fp16: missing or non-finite steps"
+print("fp16 ok: loss scale", steps[0]["loss_scale"], "->", steps[-1]["loss_scale"], "skipped", skipped,
+      "final loss %.4f" % steps[-1]["loss"])
+PY
+# bf16 LoRA with frozen weights held in bf16 (the log names how many)
+"$PY" -m distft.train strategy=lora trainer.precision=bf16 trainer.max_steps=10 logger=csv logger.progress_bar=false \
+  "run_dir=$OUT-bf16-lora" 2>&1 | grep -h "frozen weights held in bf16" || echo "bf16 frozen weights: not logged (FAILED)"
 for backend in single ddp fsdp zero1 zero2 zero3; do
   args=(task=instruction strategy=full model.dtype=bfloat16 trainer.precision=bf16 trainer.max_steps=30
         trainer.batch_size=16 trainer.eval_every=0 logger=csv logger.progress_bar=false

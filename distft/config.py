@@ -193,6 +193,10 @@ class TrainerConfig:
     # auto: bf16 autocast where the hardware has native bf16 matmuls (a bf16 GPU; a CPU
     # with AVX512-BF16/AMX), else fp32 (distft/precision.py); fp32 | bf16 | fp16 (GPU only)
     precision: str = "auto"
+    # With precision bf16 and a strategy that freezes weights (lora, bitfit, partial): keep
+    # the frozen weights in bf16 (trainable ones and the optimizer state stay fp32), so
+    # autocast stops casting them at every matmul. single/ddp backends.
+    frozen_in_bf16: bool = True
     activation_checkpointing: bool = False  # recompute block activations in backward (any backend)
     # torch.compile each transformer block in place (regional compilation: one compiled
     # block reused by all, parameter names unchanged); the first steps pay the compile time.

@@ -44,6 +44,30 @@ class Precision:
             return nullcontext()
         return torch.autocast(device_type=device_type, dtype=self.dtype)
 
+    def grad_scaler(self, device_type: str, sharded: bool = False):
+        """fp16's dynamic loss scaling (gradients underflow in fp16 without it), else None.
+        `sharded`: FSDP's variant, which finds infs across the shards of every rank."""
+        if self.name != "fp16":
+            return None
+        if sharded:
+            from torch.distributed.fsdp.sharded_grad_scaler import ShardedGradScaler
+
+            return ShardedGradScaler(device_type)
+        return torch.amp.GradScaler(device_type)
+
+    def hold_frozen(self, model: torch.nn.Module) -> int:
+        """Under bf16, keep the frozen weights in bf16 (trainable ones and the optimizer state
+        stay fp32): autocast caches its casts only for weights that require grad, so a
+        frozen fp32 weight is cast again at every matmul. Returns how many were cast."""
+        if self.name != "bf16":
+            return 0
+        n = 0
+        for p in model.parameters():
+            if not p.requires_grad and p.dtype == torch.float32:
+                p.data = p.data.to(torch.bfloat16)
+                n += p.numel()
+        return n  # buffers (rotary frequencies, ...) keep their dtype
+
 
 def _cpu_features() -> dict:
     """What cpuinfo reports of this CPU (empty on torch releases without the call)."""

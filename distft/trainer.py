@@ -161,6 +161,7 @@ class Trainer:
         self.run_dir = Path(cfg.run_dir)
         self.ckpt_root = self.run_dir / "checkpoints"
         self.last_eval: Optional[tuple[int, Dict[str, float]]] = None
+        self._held_frozen = 0  # frozen parameters held in bf16 (Precision.hold_frozen)
         self.peak_memory_mb = 0.0
 
     # ------------------------------------------------------------------ setup
@@ -177,6 +178,7 @@ class Trainer:
         self.backend = build_backend(cfg.backend, t, self.precision.name)
         self.backend.setup()
         self.device = self.backend.device
+        self.backend.scaler = self.backend.grad_scaler(self.precision)  # fp16 only
         self.main = self.backend.is_main
         if self.main:
             log.info("memory allocator: %s", allocator_in_use())
@@ -228,6 +230,10 @@ class Trainer:
         model = self.strategy.apply(model, self.task.info(num_labels))
         if cfg.init_from:
             _init_from(model, cfg.init_from)
+        if t.frozen_in_bf16 and self.backend.supports("low_precision_frozen"):
+            n = self._held_frozen = self.precision.hold_frozen(model)
+            if n:
+                log.info("frozen weights held in bf16: %s parameters (trainable ones stay fp32)", f"{n:,}")
         if t.activation_checkpointing:
             _enable_activation_checkpointing(model)
         if t.compile:
@@ -271,6 +277,9 @@ class Trainer:
             if optim is not None:
                 self.backend.load_optimizer_state(self.model, self.optimizer, optim)
             self.scheduler.load_state_dict(sched)
+            scaler_state = state.pop("grad_scaler", None)
+            if scaler_state and self.backend.scaler is not None:
+                self.backend.scaler.load_state_dict(scaler_state)
             components = state.pop("components", None)
             if components is None:  # written before components: the data position was the trainer's
                 components = {"sampler": {"epoch": state.pop("epoch"), "batch": state.pop("batch")}}
@@ -397,7 +406,9 @@ class Trainer:
             step_seconds = time.perf_counter() - started
             self.state["tokens"] += int(tokens)
             self.state["train_seconds"] += step_seconds
-            self.state["bad_steps"] = 0 if stepped else self.state["bad_steps"] + 1
+            # fp16's scaler skips overflowing steps while it calibrates: skipped, not bad.
+            bad = not math.isfinite(loss_value) or (not stepped and not self.backend.scales_loss)
+            self.state["bad_steps"] = self.state["bad_steps"] + 1 if bad else 0
             self.state["skipped_steps"] += 0 if stepped else 1
 
             event = {"step": self.step, "loss": loss_value, "lr": lr, "grad_norm": grad_norm, "step_seconds": step_seconds,
@@ -405,11 +416,13 @@ class Trainer:
                      "skipped_steps": self.state["skipped_steps"]}
             if penalty is not None:
                 event["penalty"] = float(penalty.detach())
-            if self.step % cfg.logger.log_every == 0 or self.step == self.max_steps or not stepped:
+            if self.backend.scaler is not None:
+                event["loss_scale"] = float(self.backend.scaler.get_scale())
+            if self.step % cfg.logger.log_every == 0 or self.step == self.max_steps or bad:
                 self.metrics.log(event)
             bar.update(1)
             bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{lr:.2e}")
-            if not stepped:
+            if bad:
                 self._bad_step(bar, loss_value, grad_norm)
 
             last = self.step == self.max_steps
@@ -558,6 +571,7 @@ class Trainer:
         if self.main:
             ckpt.write_checkpoint(final, self.step, weights, optim, self.scheduler.state_dict(),
                                   {**self.state, "components": self.components.state_dict(),
+                                   "grad_scaler": self.backend.scaler.state_dict() if self.backend.scaler else None,
                                    "world_size": self.backend.world_size,
                                    "global_micro_batch": self.cfg.trainer.batch_size * self.backend.world_size,
                                    "grad_accum": self.cfg.trainer.grad_accum,
@@ -584,6 +598,10 @@ class Trainer:
         if self.main:
             if full_state is not None:
                 model = self._unsharded_replica(full_state)
+            if self._held_frozen:  # the export has the model's own dtype (fp32) throughout
+                for p in model.parameters():
+                    if p.dtype == torch.bfloat16:
+                        p.data = p.data.float()
             tmp = ckpt.atomic_dir(out)
             model.eval()
             self.task.export(model, self.strategy, str(tmp), self.base_dir)

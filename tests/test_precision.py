@@ -3,6 +3,7 @@ kernel, fp32 elsewhere; bf16 asked for on a CPU without it runs, with one measur
 warning. The capability is faked for the decision; a real AVX2-only CPU is emulated by
 limiting oneDNN and ATen to AVX2 (what CI runs on, whatever the machine)."""
 import json
+import math
 import os
 import subprocess
 import sys
@@ -86,3 +87,75 @@ def test_runs_say_what_they_picked(tmp_path):
     assert log.count("trainer.precision=bf16 on a CPU without native bf16") == 1, log[-3000:]
     assert "GFLOP/s in bf16 against" in log
     assert json.loads((tmp_path / "bf16" / "summary.json").read_text())["precision"] == "bf16"
+
+
+def test_fp16_loss_scaler_skips_inf_steps_and_lowers_the_scale():
+    """The loop's fp16 path through Backend.step, with the scaler fp16 builds (on CPU, where
+    torch's GradScaler also runs; the end-to-end fp16 run needs CUDA, below)."""
+    import torch
+
+    from distft.backends.single import SingleBackend
+
+    p16 = precision.Precision("fp16", "fp16", "asked for")
+    backend = SingleBackend(None)
+    backend.scaler = p16.grad_scaler("cpu")
+    assert isinstance(backend.scaler, torch.amp.GradScaler) and backend.scales_loss
+    model = torch.nn.Linear(4, 2)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    x = torch.randn(8, 4)
+    scale0 = backend.scaler.get_scale()
+
+    backend.backward(model(x).pow(2).mean())
+    assert model.weight.grad.abs().max() > 0  # scaled by 65536, not underflowed
+    before = model.weight.detach().clone()
+    norm, stepped = backend.step(model, opt, max_grad_norm=1.0)
+    assert stepped and math.isfinite(norm) and not torch.equal(before, model.weight)
+    assert backend.scaler.get_scale() == scale0  # no overflow: the scale holds (until growth_interval)
+
+    backend.backward(model(x).pow(2).mean() * float("inf"))  # an overflowing step
+    before = model.weight.detach().clone()
+    norm, stepped = backend.step(model, opt, max_grad_norm=1.0)
+    assert not stepped and torch.equal(before, model.weight)
+    assert backend.scaler.get_scale() == scale0 / 2
+
+
+@pytest.mark.skipif(not __import__("torch").cuda.is_available(), reason="fp16 training needs CUDA (bench/gpu_check.sh runs it)")
+def test_fp16_run_uses_the_scaler(tmp_path):
+    from conftest import read_metrics
+
+    run = tmp_path / "run"
+    run_cli(*TINY, "trainer.precision=fp16", "trainer.max_steps=20", f"run_dir={run}")
+    scales = [e["loss_scale"] for e in read_metrics(run) if "loss_scale" in e]
+    assert len(scales) == 20 and all(math.isfinite(e["loss"]) for e in read_metrics(run) if "loss" in e)
+
+
+def test_fp16_is_refused_on_cpu():
+    with pytest.raises(ConfigError, match="trainer.precision=fp16 needs a GPU"):
+        precision.resolve("fp16", on_gpu=False)
+
+
+def test_bf16_holds_frozen_weights_in_bf16(cfg_for):
+    """LoRA under bf16: frozen weights bf16, adapters and their optimizer state fp32; the
+    run trains and exports an fp32 adapter."""
+    import torch
+
+    from distft.trainer import Trainer
+
+    trainer = Trainer(cfg_for("strategy=lora", "trainer.precision=bf16", "trainer.max_steps=3",
+                              "trainer.lr=1e-2")).setup()
+    params = dict(trainer.model.named_parameters())
+    frozen = {n: p.dtype for n, p in params.items() if not p.requires_grad}
+    trainable = {n: p.dtype for n, p in params.items() if p.requires_grad}
+    assert frozen and set(frozen.values()) == {torch.bfloat16}
+    assert trainable and set(trainable.values()) == {torch.float32}
+    summary = trainer.train()
+    assert math.isfinite(summary["eval/loss"])
+    assert all(s["exp_avg"].dtype == torch.float32 for s in trainer.optimizer.state.values())
+    from safetensors.torch import load_file
+
+    adapter = load_file(str(trainer.run_dir / "final" / "adapter_model.safetensors"))
+    assert adapter and {t.dtype for t in adapter.values()} == {torch.float32}
+    # Off: every weight stays fp32.
+    off = Trainer(cfg_for("strategy=lora", "trainer.precision=bf16", "trainer.max_steps=1",
+                          "trainer.frozen_in_bf16=false", "run_dir=" + str(trainer.run_dir) + "-off")).setup()
+    assert {p.dtype for p in off.model.parameters()} == {torch.float32}

@@ -25,6 +25,7 @@ FEATURES = (
     "compile",  # compiled blocks keep working under its parameter handling
     "sharded_export",  # parameters are gathered for export (a plain replica is rebuilt)
     "dp",  # per-sample gradients and a private gradient exchange (Opacus) fit on it
+    "low_precision_frozen",  # frozen weights may be held in bf16 beside fp32 trainable ones
 )
 
 
@@ -36,11 +37,24 @@ class Backend:
     # backend that keeps the same (single and ddp share a plain torch state dict).
     state_format = "torch"
     features: FrozenSet[str] = frozenset()
+    # fp16's loss scaler (distft.precision.Precision.grad_scaler), when the loop uses one;
+    # a backend with its own loss scaling (DeepSpeed) never gets one.
+    scaler = None
 
     def __init__(self, cfg, trainer_cfg=None, precision: str = "fp32"):
         self.cfg = cfg
         self.trainer_cfg = trainer_cfg
         self.precision = precision
+
+    def grad_scaler(self, precision):
+        """The loss scaler this backend needs for `precision` (None: none, or its own)."""
+        return precision.grad_scaler(self.device.type)
+
+    @property
+    def scales_loss(self) -> bool:
+        """True when fp16 loss scaling runs: a skipped step is then the scaler calibrating,
+        not a sign of divergence."""
+        return self.scaler is not None
 
     @classmethod
     def capabilities(cls, name: str) -> FrozenSet[str]:
@@ -68,7 +82,10 @@ class Backend:
 
     def backward(self, loss: torch.Tensor, sync: bool = True) -> None:
         """`sync=False` on all but the last micro-batch of a step (no gradient exchange)."""
-        loss.backward()
+        self._scaled(loss).backward()
+
+    def _scaled(self, loss):
+        return self.scaler.scale(loss) if self.scaler is not None else loss
 
     def step(self, model, optimizer, max_grad_norm: float, skip: bool = False) -> tuple[float, bool]:
         """Clip (when max_grad_norm > 0), step and zero the grads; the only place the
@@ -77,9 +94,17 @@ class Backend:
         they were. Returns (grad norm, whether the optimizer stepped); every rank gets the
         same answer (the norm is over the exchanged gradients)."""
         params = [p for p in model.parameters() if p.requires_grad]
+        if self.scaler is not None:
+            self.scaler.unscale_(optimizer)  # clip and report the true gradient
         norm = float(_grad_norm(params, max_grad_norm))
         stepped = not skip and math.isfinite(norm)
-        if stepped:
+        if self.scaler is not None:
+            # An overflow (inf/nan in the fp16 gradient) is the scaler's business: it skips
+            # the step and lowers the scale, as it is meant to while it calibrates.
+            if not skip:
+                self.scaler.step(optimizer)  # skips by itself when unscale_ found infs
+            self.scaler.update()
+        elif stepped:
             optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         return norm, stepped

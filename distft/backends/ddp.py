@@ -18,7 +18,7 @@ class DDPBackend(Backend):
     Started by a launcher: torchrun --nproc_per_node N -m distft.train backend=ddp ..."""
 
     name = "ddp"
-    features = frozenset({"chunked_loss", "compile", "dp"})
+    features = frozenset({"chunked_loss", "compile", "dp", "low_precision_frozen"})
 
     def __init__(self, cfg, trainer_cfg=None, precision: str = "fp32"):
         super().__init__(cfg, trainer_cfg, precision)
@@ -52,10 +52,10 @@ class DDPBackend(Backend):
         # The loss is already divided by the target count of the whole global step, so the
         # ranks' gradients must be summed; DDP averages them, hence the factor world_size.
         if sync:
-            (loss * self.world_size).backward()
+            self._scaled(loss * self.world_size).backward()
         else:
             with self._model.no_sync():
-                (loss * self.world_size).backward()
+                self._scaled(loss * self.world_size).backward()
 
     def unwrap(self, model):
         return model.module if isinstance(model, DistributedDataParallel) else model

@@ -36,8 +36,9 @@ class FSDPBackend(DDPBackend):
 
     def wrap(self, model, make_optimizer):
         mp = None
-        if self.device.type == "cuda" and self.precision == "bf16":
-            mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+        if self.device.type == "cuda" and self.precision in ("bf16", "fp16"):
+            dtype = torch.bfloat16 if self.precision == "bf16" else torch.float16
+            mp = MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32)
         kwargs = {"mp_policy": mp} if mp is not None else {}
         try:
             blocks = list(find_layer_stack(getattr(model, "backbone", model)))
@@ -54,16 +55,25 @@ class FSDPBackend(DDPBackend):
         # FSDP averages the reduce-scattered gradients; the loss is normalised by the global
         # target count, so undo the average as DDP does.
         self._model.set_requires_gradient_sync(sync)
-        (loss * self.world_size).backward()
+        self._scaled(loss * self.world_size).backward()
+
+    def grad_scaler(self, precision):
+        return precision.grad_scaler(self.device.type, sharded=True)
 
     def step(self, model, optimizer, max_grad_norm, skip=False):
         params = [p for p in model.parameters() if p.requires_grad]
+        if self.scaler is not None:
+            self.scaler.unscale_(optimizer)
         norm = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
         total = float(norm.full_tensor() if isinstance(norm, DTensor) else norm)  # the same on every rank
         stepped = not skip and math.isfinite(total)
-        if stepped:
-            if max_grad_norm > 0:
-                torch.nn.utils.clip_grads_with_norm_(params, max_grad_norm, norm)
+        if stepped and max_grad_norm > 0:
+            torch.nn.utils.clip_grads_with_norm_(params, max_grad_norm, norm)
+        if self.scaler is not None:
+            if not skip:
+                self.scaler.step(optimizer)
+            self.scaler.update()
+        elif stepped:
             optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         return total, stepped

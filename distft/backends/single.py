@@ -7,7 +7,7 @@ class SingleBackend(Backend):
     """One process on one device: the first GPU when there is one, else the CPU."""
 
     name = "single"
-    features = frozenset({"chunked_loss", "compile", "dp"})
+    features = frozenset({"chunked_loss", "compile", "dp", "low_precision_frozen"})
 
     def __init__(self, cfg, trainer_cfg=None, precision: str = "fp32"):
         super().__init__(cfg, trainer_cfg, precision)

@@ -81,6 +81,8 @@ class ZeroBackend(DDPBackend):
         if self.cfg.offload_param:
             zero["offload_param"] = {"device": "cpu"}
         config.setdefault("bf16", {})["enabled"] = self.precision == "bf16"
+        # fp16: DeepSpeed's own dynamic loss scaling (the loop's scaler is not used here)
+        config.setdefault("fp16", {})["enabled"] = self.precision == "fp16"
         config["zero_allow_untested_optimizer"] = True  # our torch AdamW
         config.setdefault("steps_per_print", 1 << 30)
         if self._load_from is not None and self._load_from[1] == _UNIVERSAL:
@@ -120,6 +122,13 @@ class ZeroBackend(DDPBackend):
         self.engine, ds_optimizer, _, _ = deepspeed.initialize(
             model=model, optimizer=make_optimizer(model), config=self.ds_config(), dist_init_required=False)
         return self.engine, ds_optimizer
+
+    def grad_scaler(self, precision):
+        return None  # fp16 loss scaling is DeepSpeed's own (its fp16 config block)
+
+    @property
+    def scales_loss(self):
+        return self.precision == "fp16"
 
     def scheduled_optimizer(self, optimizer):
         # A ZeRO optimizer wraps the torch optimizer and shares its param_groups.
