@@ -135,10 +135,11 @@ def main() -> int:
         rows.append({"case": f"{r['strategy']} {r['layout']} {r['precision']}", "tokens_per_second": r["tokens_per_second"],
                      "flops_per_token": per_token, "model_gflops": gflops, "mfu": gflops / peak[r["precision"]]})
     notes = [
-        "What limits it here: CPU autocast to bf16 re-casts the fp32 weights for every matmul, the attention and "
-        "element-wise work (norms, rotary, SiLU, softmax, cross-entropy) run far below the matmul peak on 2 cores, "
-        "and the model's matrices (576 wide) are small for AVX-512 tiles; an A B comparison in the same run "
-        "is in the distft vs transformers.Trainer table."]
+        "What limits it here: under full fine-tuning CPU autocast to bf16 re-casts the fp32 weights for every "
+        "matmul (LoRA holds its frozen weights in bf16, trainer.frozen_in_bf16, so only the adapters are cast), "
+        "the attention and element-wise work (norms, rotary, SiLU, softmax, cross-entropy) run far below the matmul "
+        "peak on 2 cores, and the model's matrices (576 wide) are small for AVX-512 tiles; an A B comparison in the "
+        "same run is in the distft vs transformers.Trainer table."]
     out.mkdir(parents=True, exist_ok=True)
     (out / "mfu.json").write_text(json.dumps({"machine": vs.machine_line(args.threads),
                                               "command": "python bench/mfu.py " + " ".join(sys.argv[1:]),

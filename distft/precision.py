@@ -56,16 +56,24 @@ class Precision:
         return torch.amp.GradScaler(device_type)
 
     def hold_frozen(self, model: torch.nn.Module) -> int:
-        """Under bf16, keep the frozen weights in bf16 (trainable ones and the optimizer state
-        stay fp32): autocast caches its casts only for weights that require grad, so a
-        frozen fp32 weight is cast again at every matmul. Returns how many were cast."""
+        """Under bf16, keep the frozen matmul weights (those of nn.Linear layers) in bf16;
+        trainable weights and the optimizer state stay fp32. Autocast caches its casts only
+        for weights that require grad, so a frozen fp32 weight is cast again at every
+        matmul. Embeddings (and a head tied to them) and norms keep their dtype: casting
+        them would turn the residual stream to bf16, whose norms then keep fp32 copies of
+        every activation for backward (measured: more memory and no faster on CPU).
+        Returns how many parameters were cast."""
         if self.name != "bf16":
             return 0
+        embeddings = {id(p) for m in model.modules() if isinstance(m, torch.nn.Embedding) for p in m.parameters()}
         n = 0
-        for p in model.parameters():
-            if not p.requires_grad and p.dtype == torch.float32:
-                p.data = p.data.to(torch.bfloat16)
-                n += p.numel()
+        for module in model.modules():
+            if not isinstance(module, torch.nn.Linear):
+                continue
+            for p in module.parameters(recurse=False):
+                if not p.requires_grad and p.dtype == torch.float32 and id(p) not in embeddings:
+                    p.data = p.data.to(torch.bfloat16)
+                    n += p.numel()
         return n  # buffers (rotary frequencies, ...) keep their dtype
 
 

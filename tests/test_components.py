@@ -235,3 +235,14 @@ def test_an_eval_hook_sees_every_eval_and_can_stop_the_run(cfg_for):
     assert [s for s, _ in seen] == [2, 4] and summary["steps"] == 4 and summary["stopped_early"]
     assert summary["objective"] == summary["eval/loss"] == seen[-1][1]
     assert summary["objective_direction"] == "minimize"
+
+
+@pytest.mark.parametrize("name", sorted(__import__("distft.backends", fromlist=["BACKENDS"]).BACKENDS))
+def test_backend_declares_known_capabilities(name):
+    """What the loop and the components ask of a backend is a declared capability, never
+    its name (test_distributed.py runs every registered backend for parity and resume)."""
+    from distft.backends import backend_class
+    from distft.backends.base import FEATURES
+
+    caps = backend_class(name).capabilities(name)
+    assert caps <= set(FEATURES), caps - set(FEATURES)

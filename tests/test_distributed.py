@@ -11,6 +11,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+import distft.backends
+
 from conftest import ROOT, TINY, losses, read_metrics, run_cli, torchrun_cmd
 
 pytestmark = pytest.mark.slow
@@ -41,7 +43,8 @@ def torchrun(nproc, *args, script=False):
     return proc
 
 
-BACKENDS = ["ddp", "fsdp", "zero1", "zero2", "zero3"]
+# Every registered multi-process backend: a new one joins the parity, resume and refusal tests.
+BACKENDS = [name for name in distft.backends.BACKENDS if name != "single"]
 
 
 def same_numbers(strategy):
