@@ -69,6 +69,8 @@ def members(cfg) -> List[Member]:
     for m in out:
         if m.task_cfg.name not in TASKS:
             raise ConfigError(f"data.tasks.{m.name}.task.name={m.task_cfg.name!r} is unknown")
+        if m.data_cfg.packing:
+            raise ConfigError(f"data.tasks.{m.name}: packing is not available inside a mixture")
     predicts = {TASKS[m.task_cfg.name].predicts for m in out}
     if len(predicts) > 1:
         kinds = sorted({m.task_cfg.name for m in out})
@@ -76,8 +78,6 @@ def members(cfg) -> List[Member]:
                           "either all classification (one head per task) or all causal_lm/instruction")
     if predicts - {"label", "next_tokens"}:
         raise ConfigError(f"data=mixture: tasks that predict {sorted(predicts)[0]} cannot be mixed yet")
-        if m.data_cfg.packing:
-            raise ConfigError(f"data.tasks.{m.name}: packing is not available inside a mixture")
     if cfg.data.sampler not in SAMPLERS:
         raise ConfigError(f"data.sampler={cfg.data.sampler!r}: choose one of {list(SAMPLERS)}")
     if cfg.data.sampler == "temperature" and cfg.data.temperature <= 0:

@@ -153,3 +153,11 @@ def test_classification_mixture_on_sharding_backends_matches_one_process(tmp_pat
         assert a.keys() == b.keys() and any(k.startswith("head.") for k in a)
         for k in a:
             torch.testing.assert_close(b[k], a[k], rtol=1e-4, atol=1e-5, msg=k)
+
+
+def test_packing_inside_a_mixture_is_refused(tmp_path, cfg_for):
+    from distft.errors import ConfigError
+    from distft.trainer import check_config
+
+    with pytest.raises(ConfigError, match="data.tasks.sent: packing is not available inside a mixture"):
+        check_config(cfg_for(*write_tasks(tmp_path), "+data.tasks.sent.data.packing=true"))

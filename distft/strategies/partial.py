@@ -26,9 +26,9 @@ class PartialStrategy(Strategy):
         return self.cfg.head
 
     def check(self, task):
-        kind = self.head_kind(task)
-        if kind not in ("mlp", "block", "own"):
+        if self.cfg.head not in ("auto", "mlp", "block"):
             raise ConfigError(f"strategy.head={self.cfg.head!r}: choose auto, mlp or block")
+        kind = self.head_kind(task)
         if kind == "mlp" and task.own_heads:
             raise ConfigError(f"strategy.head=mlp: task={task.name} brings one head per task already; "
                               "use strategy.head=auto (train them) or block")
