@@ -71,11 +71,16 @@ def test_sampler_contract(name):
 
 
 @pytest.mark.parametrize("name", REGULARIZERS.names())
-def test_regularizer_contract(name, cfg_for):
+def test_regularizer_contract(name, cfg_for, tmp_path):
     reg = REGULARIZERS.build(OmegaConf.create({"name": name}))
-    reg.check(cfg_for())
+    cfg = cfg_for()
+    reg.check(cfg)
     model = torch.nn.Linear(3, 2)
-    reg.setup(SimpleNamespace(step=0, model=model, backend=SimpleNamespace(rank=0, world_size=1)))
+    # What a regularizer may read of the Trainer: the config, the step, the model, the
+    # backend's rank and size, the run folder and whether this is the main process.
+    run = SimpleNamespace(cfg=cfg, step=0, model=model, backend=SimpleNamespace(rank=0, world_size=1),
+                          run_dir=tmp_path, main=True)
+    reg.setup(run)
     penalty = reg.penalty(model, model)
     if penalty is not None:
         assert penalty.ndim == 0 and torch.isfinite(penalty)
@@ -83,7 +88,7 @@ def test_regularizer_contract(name, cfg_for):
         assert all(p.grad is not None for p in model.parameters())
     state = json.loads(json.dumps(reg.state_dict()))
     REGULARIZERS.build(OmegaConf.create({"name": name})).load_state_dict(state)
-    assert isinstance(reg.artifacts(SimpleNamespace(run_dir=Path("."))), dict)
+    assert isinstance(reg.artifacts(run), dict)
 
 
 @pytest.mark.parametrize("name", PRIVACY.names())
