@@ -1,6 +1,6 @@
 """Recipes: what a run does from start to end, each of one shape.
 
-    recipe = RECIPES.build(cfg.experiment)(cfg)   # by experiment.name
+    recipe = RECIPES.get(cfg.experiment.name)(cfg)   # run_recipe(cfg) does all four
     recipe.setup()
     summary = recipe.run()   # the run's summary, with its `objective`
     recipe.cleanup()

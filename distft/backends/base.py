@@ -165,9 +165,8 @@ class Backend:
 
 
 def _grad_norm(params, max_grad_norm: float):
-    # clip_grad_norm_ scales nothing when the norm is not finite (the scale is then nan
-    # and would poison every gradient); with error_if_nonfinite=False it returns the norm
-    # and the step is skipped by the caller.
+    # Clip only with a finite norm: clip_grad_norm_ would multiply every gradient by a NaN
+    # scale. A non-finite norm is returned and the caller skips the step.
     norm = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
     if max_grad_norm > 0 and torch.isfinite(norm):
         torch.nn.utils.clip_grads_with_norm_(params, max_grad_norm, norm)
