@@ -145,6 +145,18 @@ def find_resume_checkpoint(resume: str, ckpt_root: Path) -> Optional[Path]:
     return path
 
 
+def exported_weights(run_dir: Path, steps: int, exported_step: int) -> Path:
+    """The folder holding the trainable weights a finished run exported: best/ when the
+    export came from an earlier step, else the newest checkpoint (the last step's)."""
+    run_dir = Path(run_dir)
+    if exported_step != steps and (run_dir / "best" / "weights.safetensors").is_file():
+        return run_dir / "best"
+    found = list_checkpoints(run_dir / "checkpoints")
+    if not found:
+        raise ConfigError(f"{run_dir}: no checkpoint holds the exported weights")
+    return found[max(found)]
+
+
 def read_state(path: Path) -> Dict:
     return json.loads((path / "state.json").read_text())
 

@@ -77,16 +77,6 @@ def stage_config(cfg, k: int, init_from: Optional[str], inputs: Optional[Dict[st
     return out
 
 
-def _weights_of(run_dir: Path, summary: Dict) -> str:
-    """The folder holding the weights a stage exported (best/ or its last checkpoint)."""
-    if summary["exported_step"] != summary["steps"] and (run_dir / "best" / "weights.safetensors").is_file():
-        return str(run_dir / "best")
-    found = ckpt.list_checkpoints(run_dir / "checkpoints")
-    if not found:
-        raise ConfigError(f"{run_dir}: no checkpoint to start the next stage from")
-    return str(found[max(found)])
-
-
 def run_sequential(cfg, recipe=None) -> Dict:
     """Run the stages; `recipe` (distft.recipes.SequentialRun) holds the live trainer so
     that its cleanup releases the process group after the last one."""
@@ -126,7 +116,8 @@ def run_sequential(cfg, recipe=None) -> Dict:
         matrix.append([summary.get(f"eval/{names[i]}/{metric}") if i <= k else None for i in range(len(names))])
         # What the stage hands on: its weights, and its regularizer's artifacts (summaries
         # written before artifacts existed name only their run_dir).
-        artifacts = dict(summary.get("artifacts") or {"weights": _weights_of(run_dir, summary)})
+        artifacts = dict(summary.get("artifacts") or
+                         {"weights": str(ckpt.exported_weights(run_dir, summary["steps"], summary["exported_step"]))})
         init_from = artifacts.pop("weights")
         inputs = artifacts
     if recipe is None and trainer is not None:

@@ -633,7 +633,8 @@ class Trainer:
             "objective_direction": "maximize" if cfg.task.greater_is_better else "minimize",
             # What a next stage starts from (sequential recipes): the exported weights'
             # folder, and whatever the regularizer leaves for it.
-            "artifacts": {"weights": self._exported_weights(exported_step), **self.regularizer.artifacts(self)},
+            "artifacts": {"weights": str(ckpt.exported_weights(self.run_dir, self.step, exported_step)),
+                          **self.regularizer.artifacts(self)},
         }
         if self.main:
             tmp = self.run_dir / "summary.json.tmp"
@@ -644,13 +645,6 @@ class Trainer:
         if self.teardown:
             self.close()
         return summary
-
-    def _exported_weights(self, exported_step: int) -> str:
-        """The folder holding the trainable weights that were exported: best/ or the
-        checkpoint of the last step (written just before)."""
-        if exported_step != self.step and (self.run_dir / "best" / "weights.safetensors").is_file():
-            return str(self.run_dir / "best")
-        return str(ckpt.checkpoint_dir(self.ckpt_root, self.step))
 
     def close(self) -> None:
         """Release the process group (a recipe does it in cleanup, after its last run)."""
