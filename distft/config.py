@@ -182,7 +182,6 @@ class TrainerConfig:
     weight_decay: float = 0.01
     adam_betas: List[float] = field(default_factory=lambda: [0.9, 0.999])
     adam_eps: float = 1e-8
-    scheduler: str = "cosine"  # cosine | linear | constant
     warmup_ratio: float = 0.0
     warmup_steps: int = 0  # used when > 0, else warmup_ratio * total steps
     max_grad_norm: float = 1.0  # <= 0 disables clipping
@@ -233,6 +232,9 @@ class TrainConfig:
     # The optimizer class and its arguments (conf/optimizer/), built with
     # hydra.utils.instantiate(optimizer, param_groups) through the backend.
     optimizer: Any = MISSING
+    # The learning-rate schedule (conf/scheduler/), built with
+    # hydra.utils.instantiate(scheduler, optimizer, total_steps=N).
+    scheduler: Any = MISSING
     regularizer: Any = MISSING
     privacy: Any = MISSING
     backend: BackendConfig = MISSING
@@ -295,6 +297,7 @@ def validate_schema(cfg) -> None:
     data.pop("hydra", None)
     nodes = {group: data.pop(group, {}) or {} for group in _PER_CHOICE}
     data.pop("optimizer", None)  # any class's keyword arguments: checked when it is built
+    data.pop("scheduler", None)
     try:
         OmegaConf.merge(OmegaConf.structured(TrainConfig), data)
         for group, node in nodes.items():

@@ -24,6 +24,9 @@ from distft.errors import ConfigError
 log = logging.getLogger("distft")
 
 CHOICES = ("auto", "fp32", "bf16", "fp16")
+# Everything that depends on the precision asks the Precision below: the loop's autocast
+# and loss scaler, FSDP's mixed-precision policy, DeepSpeed's bf16/fp16 blocks, and which
+# frozen weights are held in bf16.
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
@@ -55,6 +58,20 @@ class Precision:
             return ShardedGradScaler(device_type)
         return torch.amp.GradScaler(device_type)
 
+    def fsdp_policy(self, device_type: str):
+        """FSDP2's mixed precision: compute in the autocast dtype, reduce gradients in
+        fp32. Only on GPU; on CPU FSDP keeps fp32 and the loop's autocast does the casting."""
+        if self.dtype is None or device_type != "cuda":
+            return None
+        from torch.distributed.fsdp import MixedPrecisionPolicy
+
+        return MixedPrecisionPolicy(param_dtype=self.dtype, reduce_dtype=torch.float32)
+
+    def deepspeed_sections(self) -> dict:
+        """DeepSpeed's precision blocks. fp16 uses DeepSpeed's own dynamic loss scaling
+        (the loop's scaler is not used under ZeRO)."""
+        return {"bf16": {"enabled": self.name == "bf16"}, "fp16": {"enabled": self.name == "fp16"}}
+
     def hold_frozen(self, model: torch.nn.Module) -> int:
         """Under bf16, keep the frozen matmul weights (those of nn.Linear layers) in bf16;
         trainable weights and the optimizer state stay fp32. Autocast caches its casts only
@@ -75,6 +92,9 @@ class Precision:
                     p.data = p.data.to(torch.bfloat16)
                     n += p.numel()
         return n  # buffers (rotary frequencies, ...) keep their dtype
+
+
+FP32 = Precision("fp32", "fp32", "the default")
 
 
 def _cpu_features() -> dict:

@@ -29,6 +29,7 @@ from distft.backends import supports as backend_supports
 from distft.config import validate_schema
 from distft import precision as precisions
 from distft import preemption
+from distft import schedules
 from distft.data.cache import cache_key, prepared_once
 from distft.errors import ConfigError, DistftError
 from distft.metrics import MetricsLogger
@@ -44,7 +45,6 @@ from distft.tasks import build_run_task, task_class
 
 log = logging.getLogger("distft")
 
-SCHEDULERS = ("cosine", "linear", "constant")
 
 
 def seed_everything(seed: int) -> None:
@@ -98,8 +98,7 @@ def check_config(cfg) -> Components:
         raise ConfigError("trainer.batch_size, trainer.grad_accum and trainer.eval_batch_size must be >= 1")
     if t.max_steps == 0 or (t.max_steps < 0 and t.epochs <= 0):
         raise ConfigError("trainer.max_steps must be > 0, or -1 with trainer.epochs > 0")
-    if t.scheduler not in SCHEDULERS:
-        raise ConfigError(f"trainer.scheduler={t.scheduler!r}: choose one of {list(SCHEDULERS)}")
+    schedules.check(cfg.scheduler)
     if t.loss_chunk_size < 0:
         raise ConfigError("trainer.loss_chunk_size must be >= 0 (0 computes all logits at once)")
     if t.max_bad_steps < 1:
@@ -175,10 +174,10 @@ class Trainer:
             torch.set_num_threads(t.threads)
         # Decided once; the loop's autocast and the backends' mixed precision follow it.
         self.precision = precisions.resolve(t.precision)
-        self.backend = build_backend(cfg.backend, t, self.precision.name)
+        self.backend = build_backend(cfg.backend, t, self.precision)
         self.backend.setup()
         self.device = self.backend.device
-        self.backend.scaler = self.backend.grad_scaler(self.precision)  # fp16 only
+        self.backend.scaler = self.backend.grad_scaler()  # fp16 only
         self.main = self.backend.is_main
         if self.main:
             log.info("memory allocator: %s", allocator_in_use())
@@ -263,7 +262,8 @@ class Trainer:
             self.backend.prepare_resume(resume_from, written_by, self.ckpt_root / f".resharded-{resume_from.name}")
         self.model, self.optimizer = self.backend.wrap(
             model, self.privacy.optimizer_factory(lambda m: build_optimizer(cfg.optimizer, m, t.weight_decay)))
-        self.scheduler = _scheduler(self.backend.scheduled_optimizer(self.optimizer), t, self.max_steps)
+        self.scheduler = schedules.build_scheduler(cfg.scheduler, self.backend.scheduled_optimizer(self.optimizer),
+                                                  self.max_steps)
         self.tap = self._chunked_loss_tap()
 
         # Where we are: a fresh start or a checkpoint.
@@ -706,22 +706,6 @@ def _param_groups(model, weight_decay: float):
             continue
         (no_decay if p.ndim < 2 else decay).append(p)
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-
-
-def _scheduler(optimizer, t, total: int):
-    warmup = t.warmup_steps if t.warmup_steps > 0 else int(t.warmup_ratio * total)
-
-    def factor(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / (warmup + 1)
-        progress = (step - warmup) / max(1, total - warmup)
-        if t.scheduler == "cosine":
-            return 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
-        if t.scheduler == "linear":
-            return max(0.0, 1.0 - progress)
-        return 1.0
-
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
 __all__ = ["DistftError", "EpochBatches", "Trainer", "check_config"]

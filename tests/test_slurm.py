@@ -157,7 +157,7 @@ def test_cancelled_job_leaves_a_checkpoint_that_a_new_job_resumes(cluster, tmp_p
 
 def test_array_job_runs_one_config_per_task(cluster, tmp_path):
     sweep = tmp_path / "sweep.txt"
-    sweep.write_text("# learning rates\ntrainer.lr=1e-4\n\ntrainer.lr=2e-3 trainer.scheduler=constant\n")
+    sweep.write_text("# learning rates\ntrainer.lr=1e-4\n\ntrainer.lr=2e-3 scheduler=constant\n")
     log = tmp_path / "array-%A_%a.out"
     job = cluster.sbatch(["--array=0-2", f"--output={log}", "slurm/array.sbatch", str(sweep), *TINY,
                           "trainer.max_steps=4"], cwd=ROOT,

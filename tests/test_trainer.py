@@ -92,12 +92,10 @@ def test_attention_choice(monkeypatch):
 
 @pytest.mark.parametrize("kind", ["cosine", "linear", "constant"])
 def test_schedule_warms_up_then_decays(kind):
-    from types import SimpleNamespace
-
-    from distft.trainer import _scheduler
+    from distft.schedules import warmup_decay
 
     opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
-    sched = _scheduler(opt, SimpleNamespace(scheduler=kind, warmup_steps=4, warmup_ratio=0.0), total=20)
+    sched = warmup_decay(opt, total_steps=20, shape=kind, warmup_steps=4)
     lrs = []
     for _ in range(20):
         lrs.append(sched.get_last_lr()[0])
@@ -108,6 +106,34 @@ def test_schedule_warms_up_then_decays(kind):
         assert lrs[4:] == pytest.approx([1.0] * 16)
     else:
         assert all(a >= b for a, b in zip(lrs[4:], lrs[5:])) and lrs[-1] < 0.1
+
+
+def test_schedule_is_a_config_node(cfg_for, tmp_path):
+    """scheduler=linear with a floor ends at min_lr_ratio * lr; a torch scheduler without
+    total_steps is built from its node too; a bad target is refused at config time."""
+    from distft.errors import ConfigError
+    from distft.trainer import check_config
+
+    cfg = cfg_for("scheduler=linear", "scheduler.min_lr_ratio=0.1", "trainer.max_steps=6", "trainer.warmup_steps=0",
+                  "trainer.lr=1e-2")
+    cfg.run_dir = str(tmp_path / "linear")
+    t = Trainer(cfg).setup()
+    t.train()
+    lrs = [e["lr"] for e in t.metrics.history if "lr" in e]
+    assert lrs[0] == pytest.approx(1e-2) and lrs[-1] == pytest.approx(1e-2 * (0.1 + 0.9 / 6))
+    t.close()
+
+    cfg = cfg_for("scheduler._target_=torch.optim.lr_scheduler.StepLR", "~scheduler.shape", "~scheduler.warmup_steps",
+                  "~scheduler.warmup_ratio", "~scheduler.min_lr_ratio", "+scheduler.step_size=2",
+                  "+scheduler.gamma=0.5", "trainer.max_steps=4", "trainer.lr=1e-2")
+    cfg.run_dir = str(tmp_path / "steplr")
+    t = Trainer(cfg).setup()
+    t.train()
+    assert [e["lr"] for e in t.metrics.history if "lr" in e] == pytest.approx([1e-2, 1e-2, 5e-3, 5e-3])
+    t.close()
+
+    with pytest.raises(ConfigError, match="scheduler._target_=no.such.fn"):
+        check_config(cfg_for("scheduler._target_=no.such.fn"))
 
 
 @pytest.mark.parametrize("strategy", ["full", "lora"])

@@ -24,8 +24,9 @@ def supports(name: str, feature: str) -> bool:
     return feature in backend_class(name).capabilities(name)
 
 
-def build_backend(cfg, trainer_cfg, precision: str = "fp32") -> Backend:
-    """`precision` is what runs (distft.precision resolved `auto` already)."""
+def build_backend(cfg, trainer_cfg, precision=None) -> Backend:
+    """`precision`: the run's distft.precision.Precision (`auto` resolved already; fp32
+    when None). The backend asks it for FSDP's policy, DeepSpeed's blocks, the scaler."""
     return backend_class(cfg.name)(cfg, trainer_cfg, precision)
 
 

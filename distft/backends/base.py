@@ -7,6 +7,7 @@ from typing import Callable, Dict, FrozenSet, Optional
 import torch
 
 from distft.errors import ConfigError
+from distft.precision import FP32, Precision
 
 
 def check_names(params: Dict, state: Dict, source: str) -> None:
@@ -41,14 +42,14 @@ class Backend:
     # a backend with its own loss scaling (DeepSpeed) never gets one.
     scaler = None
 
-    def __init__(self, cfg, trainer_cfg=None, precision: str = "fp32"):
+    def __init__(self, cfg, trainer_cfg=None, precision: Optional[Precision] = None):
         self.cfg = cfg
         self.trainer_cfg = trainer_cfg
-        self.precision = precision
+        self.precision = precision or FP32
 
-    def grad_scaler(self, precision):
-        """The loss scaler this backend needs for `precision` (None: none, or its own)."""
-        return precision.grad_scaler(self.device.type)
+    def grad_scaler(self):
+        """The loss scaler this backend needs for its precision (None: none, or its own)."""
+        return self.precision.grad_scaler(self.device.type)
 
     @property
     def scales_loss(self) -> bool:

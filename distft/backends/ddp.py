@@ -20,7 +20,7 @@ class DDPBackend(Backend):
     name = "ddp"
     features = frozenset({"chunked_loss", "compile", "dp", "low_precision_frozen"})
 
-    def __init__(self, cfg, trainer_cfg=None, precision: str = "fp32"):
+    def __init__(self, cfg, trainer_cfg=None, precision=None):
         super().__init__(cfg, trainer_cfg, precision)
         if not os.environ.get("WORLD_SIZE") or not os.environ.get("RANK"):
             raise ConfigError(

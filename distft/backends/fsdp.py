@@ -10,7 +10,7 @@ from torch.distributed.checkpoint.state_dict import (
     set_model_state_dict,
     set_optimizer_state_dict,
 )
-from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+from torch.distributed.fsdp import fully_shard
 from torch.distributed.tensor import DTensor
 
 from distft.backends.base import check_names
@@ -35,10 +35,7 @@ class FSDPBackend(DDPBackend):
     features = frozenset({"compile", "sharded_export"})
 
     def wrap(self, model, make_optimizer):
-        mp = None
-        if self.device.type == "cuda" and self.precision in ("bf16", "fp16"):
-            dtype = torch.bfloat16 if self.precision == "bf16" else torch.float16
-            mp = MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32)
+        mp = self.precision.fsdp_policy(self.device.type)
         kwargs = {"mp_policy": mp} if mp is not None else {}
         try:
             blocks = list(find_layer_stack(getattr(model, "backbone", model)))
@@ -57,8 +54,8 @@ class FSDPBackend(DDPBackend):
         self._model.set_requires_gradient_sync(sync)
         self._scaled(loss * self.world_size).backward()
 
-    def grad_scaler(self, precision):
-        return precision.grad_scaler(self.device.type, sharded=True)
+    def grad_scaler(self):
+        return self.precision.grad_scaler(self.device.type, sharded=True)
 
     def step(self, model, optimizer, max_grad_norm, skip=False):
         params = [p for p in model.parameters() if p.requires_grad]

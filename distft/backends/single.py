@@ -9,6 +9,6 @@ class SingleBackend(Backend):
     name = "single"
     features = frozenset({"chunked_loss", "compile", "dp", "low_precision_frozen"})
 
-    def __init__(self, cfg, trainer_cfg=None, precision: str = "fp32"):
+    def __init__(self, cfg, trainer_cfg=None, precision=None):
         super().__init__(cfg, trainer_cfg, precision)
         self.device = torch.device("cuda:0" if torch.cuda.is_available() else "cpu")

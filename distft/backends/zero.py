@@ -29,7 +29,7 @@ class ZeroBackend(DDPBackend):
         # torch gives up, and the output layer is whole only inside the forward.
         return frozenset({"sharded_export"} if name == "zero3" else {"chunked_loss", "compile", "sharded_export"})
 
-    def __init__(self, cfg, trainer_cfg, precision: str = "fp32"):
+    def __init__(self, cfg, trainer_cfg, precision=None):
         super().__init__(cfg, trainer_cfg, precision)
         if cfg.stage not in (1, 2, 3):
             raise ConfigError(f"backend.stage={cfg.stage}: ZeRO stages are 1, 2 and 3")
@@ -80,9 +80,8 @@ class ZeroBackend(DDPBackend):
             config["zero_force_ds_cpu_optimizer"] = False
         if self.cfg.offload_param:
             zero["offload_param"] = {"device": "cpu"}
-        config.setdefault("bf16", {})["enabled"] = self.precision == "bf16"
-        # fp16: DeepSpeed's own dynamic loss scaling (the loop's scaler is not used here)
-        config.setdefault("fp16", {})["enabled"] = self.precision == "fp16"
+        for key, section in self.precision.deepspeed_sections().items():
+            config.setdefault(key, {}).update(section)
         config["zero_allow_untested_optimizer"] = True  # our torch AdamW
         config.setdefault("steps_per_print", 1 << 30)
         if self._load_from is not None and self._load_from[1] == _UNIVERSAL:
@@ -123,12 +122,12 @@ class ZeroBackend(DDPBackend):
             model=model, optimizer=make_optimizer(model), config=self.ds_config(), dist_init_required=False)
         return self.engine, ds_optimizer
 
-    def grad_scaler(self, precision):
+    def grad_scaler(self):
         return None  # fp16 loss scaling is DeepSpeed's own (its fp16 config block)
 
     @property
     def scales_loss(self):
-        return self.precision == "fp16"
+        return self.precision.name == "fp16"
 
     def scheduled_optimizer(self, optimizer):
         # A ZeRO optimizer wraps the torch optimizer and shares its param_groups.
