@@ -131,7 +131,22 @@ class RegularizerConfig:
 
 @dataclass
 class PrivacyConfig:
-    name: str = "none"  # none (distft/privacy/)
+    name: str = "none"  # none | dp (distft/privacy/)
+
+
+@dataclass
+class DPPrivacyConfig(PrivacyConfig):
+    """DP-SGD with Opacus (conf/privacy/dp.yaml explains each key)."""
+
+    name: str = "dp"
+    target_epsilon: Optional[float] = 8.0
+    delta: float = 1e-5
+    noise_multiplier: Optional[float] = None
+    max_grad_norm: float = 1.0
+    accountant: str = "prv"
+    logical_batch_size: Optional[int] = None
+    grad_sample_mode: str = "hooks"
+    secure_mode: bool = False
 
 
 @dataclass
@@ -264,7 +279,7 @@ STRATEGY_SCHEMAS = {
 # Per-choice schemas of the axes whose node differs by choice; a choice a plugin registers
 # without a schema here is checked by its own `check`.
 REGULARIZER_SCHEMAS = {"none": RegularizerConfig}
-PRIVACY_SCHEMAS = {"none": PrivacyConfig}
+PRIVACY_SCHEMAS = {"none": PrivacyConfig, "dp": DPPrivacyConfig}
 _PER_CHOICE = {"strategy": STRATEGY_SCHEMAS, "regularizer": REGULARIZER_SCHEMAS, "privacy": PRIVACY_SCHEMAS}
 
 

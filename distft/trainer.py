@@ -83,7 +83,9 @@ class Components:
         return {name: component.state_dict() for name, component in self.items()}
 
     def load_state_dict(self, state: Dict) -> None:
-        for name, component in self.items():
+        # Privacy first: it refuses a checkpoint of other privacy settings before the
+        # sampler reads a position it does not understand.
+        for name, component in reversed(self.items()):
             component.load_state_dict(state.get(name, {}))
 
 
@@ -162,6 +164,7 @@ class Trainer:
         self.last_eval: Optional[tuple[int, Dict[str, float]]] = None
         self._held_frozen = 0  # frozen parameters held in bf16 (Precision.hold_frozen)
         self.peak_memory_mb = 0.0
+        self.stop_reason: Optional[str] = None  # why the run ended before max_steps, when it did
 
     # ------------------------------------------------------------------ setup
     def setup(self) -> "Trainer":
@@ -301,6 +304,9 @@ class Trainer:
         """The hidden-state tap of the chunked language-model loss, or None for full logits."""
         if not self.cfg.trainer.loss_chunk_size or not hasattr(self.task, "loss_sum_hidden"):
             return None
+        if self.privacy.per_example:
+            log.info("loss from full logits: per-example losses (privacy=%s)", self.cfg.privacy.name)
+            return None
         reason = chunked_loss.why_not(self.model, self.backend.name)
         if reason:
             log.info("loss from full logits: %s", reason)
@@ -367,12 +373,24 @@ class Trainer:
             torch.cuda.reset_peak_memory_stats(self.device)  # training's peak, not loading's
         self.model.train()
         while self.step < self.max_steps and not stopped_early:
+            reason = self.privacy.stop_reason()
+            if reason:  # e.g. a spent privacy budget: end here, with a checkpoint
+                if self.main:
+                    bar.write(f"step {self.step}: stopping: {reason}")
+                    log.warning("stopping at step %d: %s", self.step, reason)
+                self.stop_reason = reason
+                stopped_early = True
+                if self.step and not (t.save_every and self.step % t.save_every == 0):
+                    self.save_checkpoint()  # (unless this step's was just written)
+                break
             started = time.perf_counter()
             micro = [self.task.collate([self.train_examples[i] for i in idx]) for idx in self.sampler.next_step()]
             # Normalise by the targets of the whole optimizer step over all processes, not
             # per micro-batch, so accumulation and N processes give the gradient of one
             # large batch.
-            local_targets = sum(self.task.count_targets(mb) for mb in micro)
+            # Under DP the unit is the example: the objective sums per-example losses.
+            per_example = self.privacy.per_example
+            local_targets = sum(len(mb["input_ids"]) if per_example else self.task.count_targets(mb) for mb in micro)
             local_tokens = sum(int(mb["attention_mask"].sum()) for mb in micro)
             local_padded = sum(mb["input_ids"].numel() for mb in micro)
             n_targets, tokens, padded = self.backend.all_reduce_sum([local_targets, local_tokens, local_padded])
@@ -381,10 +399,10 @@ class Trainer:
             penalty = None
             for i, mb in enumerate(micro):
                 mb = self._to_device(mb)
-                loss = self._loss_sum(mb)
+                loss = self.task.example_losses(self._forward(mb), mb).sum() if per_example else self._loss_sum(mb)
                 loss_sum += loss.detach()
                 last_micro = i == len(micro) - 1
-                objective = loss / n_targets
+                objective = loss if per_example else loss / n_targets
                 if last_micro:
                     # Once per step, with the last micro-batch: each rank adds R / N, and the
                     # backend's exchange (which sums the ranks' normalised losses) makes it R.
@@ -392,6 +410,7 @@ class Trainer:
                     if penalty is not None:
                         objective = objective + penalty / self.backend.world_size
                 self.backend.backward(objective, sync=last_micro)
+                self.privacy.after_backward(self.optimizer, last_micro)
             self._sample_memory()  # gradients are held now
             # The stop request rides on the loss all-reduce: every rank learns of a signal
             # any rank received at the same step, and of a non-finite loss on any rank.
@@ -414,6 +433,8 @@ class Trainer:
             event = {"step": self.step, "loss": loss_value, "lr": lr, "grad_norm": grad_norm, "step_seconds": step_seconds,
                      "tokens": int(tokens), "padded_tokens": int(padded), "epoch": self.sampler.epoch_progress(),
                      "skipped_steps": self.state["skipped_steps"]}
+            if per_example:  # the unclipped gradient's norm is not private: not logged
+                del event["grad_norm"]
             if penalty is not None:
                 event["penalty"] = float(penalty.detach())
             if self.backend.scaler is not None:
@@ -494,7 +515,7 @@ class Trainer:
     def _eval_and_track(self, bar) -> bool:
         """Evaluate, log, and run the on_eval hooks; True when one of them stops the run."""
         metrics = self.evaluate()
-        self.metrics.log({"step": self.step, **{f"eval/{k}": v for k, v in metrics.items()}})
+        self.metrics.log({"step": self.step, **{f"eval/{k}": v for k, v in metrics.items()}, **self.privacy.metrics()})
         self.last_eval = (self.step, metrics)
         if self.main:
             bar.write(f"step {self.step}: " + "  ".join(f"eval/{k}={v:.4f}" for k, v in metrics.items()))
@@ -605,6 +626,10 @@ class Trainer:
             tmp = ckpt.atomic_dir(out)
             model.eval()
             self.task.export(model, self.strategy, str(tmp), self.base_dir)
+            card = self.privacy.card()
+            if card:  # beside what the export wrote (peft's adapter card, ...)
+                readme = tmp / "README.md"
+                readme.write_text((readme.read_text().rstrip() + "\n\n" if readme.exists() else "") + card)
             ckpt.commit_dir(tmp, out)
         peaks = self.backend.gather_object(round(self.peak_memory_mb, 1))
         secs = self.state["train_seconds"]
@@ -612,6 +637,7 @@ class Trainer:
             "steps": self.step,
             "exported_step": exported_step,
             "stopped_early": stopped_early,
+            "stop_reason": self.stop_reason,
             "best_step": self.state["best_step"],
             "best_metric": self.state["best_metric"],
             "metric": cfg.task.metric,
@@ -620,6 +646,7 @@ class Trainer:
             "total_params": self.total,
             "tokens_per_second": self.state["tokens"] / secs if secs else None,
             "precision": self.precision.name,
+            **self.privacy.metrics(),
             "train_seconds": secs,
             "peak_memory_mb_per_process": peaks,
             "memory_kind": "cuda_max_allocated" if self.device.type == "cuda" else "cpu_rss_sampled",

@@ -41,6 +41,9 @@ class Backend:
     # fp16's loss scaler (distft.precision.Precision.grad_scaler), when the loop uses one;
     # a backend with its own loss scaling (DeepSpeed) never gets one.
     scaler = None
+    # True once a privacy component took over the gradient exchange (DP-SGD: its optimizer
+    # clips per example, adds noise and sums across processes; see use_private_exchange).
+    private_exchange = False
 
     def __init__(self, cfg, trainer_cfg=None, precision: Optional[Precision] = None):
         self.cfg = cfg
@@ -77,6 +80,14 @@ class Backend:
         a sharding backend replaces the parameters the optimizer must hold)."""
         return model, make_optimizer(model)
 
+    def use_private_exchange(self) -> None:
+        """DP-SGD's optimizer exchanges the clipped, noised gradients itself: backward then
+        neither scales the loss by the process count nor averages gradients across
+        processes, and `step` leaves clipping to the optimizer (per example)."""
+        if not self.supports("dp"):
+            raise ConfigError(f"backend={self.name} cannot run differentially private training")
+        self.private_exchange = True
+
     def scheduled_optimizer(self, optimizer):
         """The torch optimizer whose learning rate the schedule sets."""
         return optimizer
@@ -94,6 +105,14 @@ class Backend:
         loss), zeroes the grads without stepping, leaving weights and optimizer state as
         they were. Returns (grad norm, whether the optimizer stepped); every rank gets the
         same answer (the norm is over the exchanged gradients)."""
+        if self.private_exchange:
+            # The gradients here are this process's unclipped ones: neither clipped nor
+            # reported (their norm is not private). The loop's loss check, agreed by
+            # every rank, decides; the DP optimizer steps every rank or none.
+            if not skip:
+                optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            return math.nan, not skip
         params = [p for p in model.parameters() if p.requires_grad]
         if self.scaler is not None:
             self.scaler.unscale_(optimizer)  # clip and report the true gradient
@@ -111,7 +130,7 @@ class Backend:
         return norm, stepped
 
     def unwrap(self, model):
-        return model
+        return peel(model)
 
     # State, gathered whole. Every rank calls these (a sharding backend gathers with
     # collectives); the results are complete CPU tensors with the model's own names.
@@ -163,6 +182,22 @@ class Backend:
     def teardown(self, keep=()) -> None:
         """Release process groups. `keep`: objects that still refer to them (the wrapped
         model, the optimizer), to be held until the process exits."""
+
+
+# Wrappers around the model that are not the backend's own: (class, attribute holding the
+# wrapped module). Privacy adds Opacus' GradSampleModule and its DP-DDP here.
+WRAPPERS: list = []
+
+
+def peel(model):
+    """The model inside the wrappers registered in WRAPPERS."""
+    changed = True
+    while changed:
+        changed = False
+        for cls, attr in WRAPPERS:
+            if isinstance(model, cls):
+                model, changed = getattr(model, attr), True
+    return model
 
 
 def _grad_norm(params, max_grad_norm: float):

@@ -5,7 +5,7 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
-from distft.backends.base import Backend
+from distft.backends.base import Backend, peel
 from distft.errors import ConfigError
 
 
@@ -44,11 +44,21 @@ class DDPBackend(Backend):
             )
 
     def wrap(self, model, make_optimizer):
+        if self.private_exchange:
+            # Opacus' DP-DDP only broadcasts rank 0's weights; its DistributedDPOptimizer
+            # sums the clipped per-example gradients (noise on rank 0) in its step.
+            from opacus.distributed import DifferentiallyPrivateDistributedDataParallel
+
+            self._model = DifferentiallyPrivateDistributedDataParallel(model)
+            return self._model, make_optimizer(model)
         ids = [self.local_rank] if self.device.type == "cuda" else None
         self._model = DistributedDataParallel(model, device_ids=ids)
         return self._model, make_optimizer(model)
 
     def backward(self, loss, sync=True):
+        if self.private_exchange:
+            loss.backward()  # per-example gradients stay on this process until the DP step
+            return
         # The loss is already divided by the target count of the whole global step, so the
         # ranks' gradients must be summed; DDP averages them, hence the factor world_size.
         if sync:
@@ -58,7 +68,7 @@ class DDPBackend(Backend):
                 self._scaled(loss * self.world_size).backward()
 
     def unwrap(self, model):
-        return model.module if isinstance(model, DistributedDataParallel) else model
+        return peel(model.module if isinstance(model, DistributedDataParallel) else model)
 
     def all_reduce_sum(self, values):
         t = torch.tensor(values, dtype=torch.float64, device=self.device)

@@ -5,6 +5,6 @@ from distft.registry import Registry
 
 PRIVACY: Registry[Privacy] = Registry("privacy")
 
-from distft.privacy import none  # noqa: E402,F401  (registers it)
+from distft.privacy import dp, none  # noqa: E402,F401  (registers them)
 
 __all__ = ["PRIVACY", "Privacy"]

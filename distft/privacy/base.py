@@ -1,6 +1,6 @@
 from __future__ import annotations
 
-from typing import Callable, Dict
+from typing import Callable, Dict, Optional
 
 import torch
 
@@ -14,9 +14,18 @@ class Privacy(Component):
     - `wrap_model(model)`: before the backend wraps it (per-sample gradients);
     - `optimizer_factory(make)`: decorates the factory the backend calls to build the
       optimizer (noise and per-sample clipping);
-    - `metrics()`: numbers to log beside the eval metrics and in the summary (epsilon).
+    - `after_backward(optimizer, last)`: after each micro-batch's backward (DP-SGD clips
+      and sums the micro-batch's per-example gradients, so memory holds one at a time);
+    - `stop_reason()`: asked before each step; a reason ends the run there (a spent budget);
+    - `metrics()`: numbers to log beside the eval metrics and in the summary (epsilon);
+    - `card()`: a section for the exported model's README.
+    `per_example = True` makes the loop's objective the sum of per-example losses (each
+    example's mean over its own targets), the unit DP-SGD clips, and turns off what would
+    see more than one example's gradient (the global clip and its logged norm).
     The backend's capabilities (`Backend.supports`) decide, at config time, which backends
     a privacy choice can run on."""
+
+    per_example = False
 
     def sampler(self, default: str) -> str:
         return default
@@ -27,5 +36,14 @@ class Privacy(Component):
     def optimizer_factory(self, make: Callable) -> Callable:
         return make
 
+    def after_backward(self, optimizer, last: bool) -> None:
+        pass
+
+    def stop_reason(self) -> Optional[str]:
+        return None
+
     def metrics(self) -> Dict[str, float]:
         return {}
+
+    def card(self) -> Optional[str]:
+        return None

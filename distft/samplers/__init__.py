@@ -8,7 +8,7 @@ from distft.samplers.base import Sampler
 
 SAMPLERS: Registry[Sampler] = Registry("sampler")
 
-from distft.samplers import epoch, mixture  # noqa: E402,F401  (registers them)
+from distft.samplers import epoch, mixture, poisson  # noqa: E402,F401  (registers them)
 from distft.samplers.epoch import EpochBatches  # noqa: E402
 
 __all__ = ["EpochBatches", "SAMPLERS", "Sampler"]

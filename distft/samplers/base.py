@@ -14,6 +14,9 @@ class Sampler(Component):
     `steps_per_epoch` is known (the schedule's length may derive from it)."""
 
     steps_per_epoch: int = 1
+    # False: every step has trainer.grad_accum micro-batches of trainer.batch_size examples
+    # (the last of an epoch may be short). True: the examples of a step vary by design.
+    variable_batch = False
 
     def next_step(self) -> List[List[int]]:
         """The micro-batches of the next optimizer step on this rank."""

@@ -132,6 +132,12 @@ class Task:
         """Summed (not averaged) loss of the batch."""
         raise NotImplementedError
 
+    def example_losses(self, logits: torch.Tensor, batch) -> torch.Tensor:
+        """One loss per example (shape [batch]), each the mean over that example's own
+        targets. Differentially private training clips each example's gradient, so its
+        objective is the sum of these rather than a mean over the step's targets."""
+        raise NotImplementedError(f"task {self.name} has no per-example loss")
+
     def eval_stats(self, logits: torch.Tensor, batch) -> Dict[str, float]:
         """Additive statistics of one eval batch; `finish_eval` turns their sums into metrics."""
         raise NotImplementedError

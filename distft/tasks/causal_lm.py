@@ -71,6 +71,13 @@ class CausalLMTask(Task):
         logits, targets = self._shifted(logits, batch)
         return F.cross_entropy(logits, targets, ignore_index=IGNORE, reduction="sum")
 
+    def example_losses(self, logits, batch):
+        rows = logits.size(0)
+        flat, targets = self._shifted(logits, batch)
+        token = F.cross_entropy(flat, targets, ignore_index=IGNORE, reduction="none").view(rows, -1)
+        counts = (batch["labels"][:, 1:] != IGNORE).sum(1)
+        return token.sum(1) / counts.clamp(min=1)
+
     # From the decoder's hidden states and the output layer, a chunk of target rows at a
     # time (distft/chunked_loss.py): the same sums without the full logits tensor.
     def loss_sum_hidden(self, hidden, head, batch, chunk: int):

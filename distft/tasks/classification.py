@@ -60,6 +60,9 @@ class ClassificationTask(Task):
     def loss_sum(self, logits, batch):
         return F.cross_entropy(logits.float(), batch["labels"], reduction="sum")
 
+    def example_losses(self, logits, batch):
+        return F.cross_entropy(logits.float(), batch["labels"], reduction="none")
+
     def eval_stats(self, logits, batch) -> Dict[str, float]:
         loss = F.cross_entropy(logits.float(), batch["labels"], reduction="sum")
         correct = (logits.argmax(-1) == batch["labels"]).sum()

@@ -1,0 +1,358 @@
+"""DP-SGD with Opacus: `privacy=dp`.
+
+What each part of Opacus does here, and what distft does around it:
+- Poisson sampling (distft/samplers/poisson.py, Opacus' UniformWithReplacementSampler):
+  the accountant's assumption holds, batch sizes vary.
+- Per-example gradients: Opacus' GradSampleModule (its per-layer samplers; torch.func for
+  trainable layers without one, such as HF's own RMSNorm classes).
+- Clipping, noise once per logical step, averaging: Opacus' DPOptimizer, or its
+  DistributedDPOptimizer on several processes (noise on rank 0 only, then the clipped sums
+  are summed across ranks); the model is then not wrapped in DDP, whose averaging in
+  backward would mix examples before clipping (the backend's private exchange).
+- Accounting: Opacus' accountants (prv, rdp, gdp), one step per noisy step; the history is
+  in the checkpoint, so a resumed run continues it.
+What distft adds, because no library does it for a loop of its own: cutting a logical
+batch into physical micro-batches (the loop calls `after_backward`, which clips and sums
+each micro-batch's per-example gradients and frees them, as Opacus' BatchMemoryManager
+does for a DataLoader), a noisy step even when a Poisson batch is empty, and the budget
+stop.
+"""
+from __future__ import annotations
+
+import inspect
+import logging
+import math
+import warnings
+from typing import Dict, Optional
+
+import torch
+
+from distft.errors import ConfigError
+from distft.privacy import PRIVACY
+from distft.privacy.base import Privacy
+from distft.samplers.poisson import generator_state, set_generator_state
+
+log = logging.getLogger("distft")
+
+ACCOUNTANTS = ("prv", "rdp", "gdp")
+GRAD_SAMPLE_MODES = ("hooks", "functorch")
+# Why a backend without the "dp" capability cannot run DP-SGD.
+_WHY_NOT = {
+    "fsdp": "FSDP shards each gradient across processes before Opacus could clip it per example "
+            "(Opacus' ghost_fsdp mode is not wired in yet); use backend=ddp or single",
+    "zero2": "ZeRO partitions and reduces gradients inside DeepSpeed's engine, where Opacus cannot clip "
+             "them per example; use backend=ddp or single",
+    "zero3": "ZeRO partitions and reduces gradients inside DeepSpeed's engine, where Opacus cannot clip "
+             "them per example; use backend=ddp or single",
+}
+
+
+def _fill_missing_grad_samples(params) -> None:
+    """A trainable tensor this micro-batch did not reach (or every tensor, when a Poisson
+    batch is empty) contributes zero per-example gradients, so clipping and noise still
+    cover every parameter and the noisy step happens as the accounting assumes."""
+    present = [p.grad_sample for p in params if getattr(p, "grad_sample", None) is not None]
+    first = present[0] if present else None
+    rows = 0 if first is None else (len(first) if isinstance(first, torch.Tensor) else sum(len(g) for g in first))
+    for p in params:
+        if getattr(p, "grad_sample", None) is None:
+            p.grad_sample = torch.zeros((rows, *p.shape), dtype=p.dtype, device=p.device)
+
+
+def _dp_optimizer(optimizer, distributed: bool, **kwargs):
+    from opacus.optimizers import DistributedDPOptimizer, DPOptimizer
+
+    base = DistributedDPOptimizer if distributed else DPOptimizer
+
+    class StepsEvenWhenEmpty(base):
+        def pre_step(self, closure=None):
+            _fill_missing_grad_samples(self.params)
+            return super().pre_step(closure)
+
+    return StepsEvenWhenEmpty(optimizer, **kwargs)
+
+
+def _positions_per_example(module, args, kwargs):
+    # Opacus computes an embedding's per-example gradient from its input; position ids
+    # broadcast from one row (a model's default) would give every example the first one's
+    # (opacus #841). Pass them per example instead: the same values, batch-first.
+    ids = kwargs.get("input_ids")
+    if ids is None or kwargs.get("position_ids") is not None or kwargs.get("inputs_embeds") is not None:
+        return args, kwargs
+    positions = torch.arange(ids.size(1), device=ids.device).unsqueeze(0).expand(ids.size(0), -1).contiguous()
+    return args, {**kwargs, "position_ids": positions}
+
+
+def _takes_position_ids(model) -> bool:
+    params = inspect.signature(model.forward).parameters
+    return "position_ids" in params or any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+
+
+@PRIVACY.register("dp")
+class DifferentialPrivacy(Privacy):
+    """DP-SGD: per-example clipping, Gaussian noise once per logical step, Poisson
+    sampling, and an accountant whose epsilon goes to the log, the summary, W&B and the
+    exported model's README."""
+
+    per_example = True
+
+    def __init__(self, cfg):
+        super().__init__(cfg)
+        self.noise_multiplier: Optional[float] = cfg.noise_multiplier
+        self.accountant = None
+        self.noise_generator: Optional[torch.Generator] = None
+        self.allowed_steps: Optional[int] = None
+        self.run = None
+
+    # ------------------------------------------------------------------ config time
+    def check(self, cfg) -> None:
+        try:
+            import opacus  # noqa: F401
+        except ImportError:
+            raise ConfigError("privacy=dp needs Opacus: pip install 'distft[dp]'") from None
+        from distft.backends import supports
+        from distft.tasks import task_class
+
+        p = cfg.privacy
+        if p.target_epsilon is None and p.noise_multiplier is None:
+            raise ConfigError("privacy=dp: set privacy.target_epsilon (the noise is calibrated to it) "
+                              "or privacy.noise_multiplier")
+        if p.target_epsilon is not None and p.target_epsilon <= 0:
+            raise ConfigError(f"privacy.target_epsilon={p.target_epsilon}: must be > 0")
+        if p.noise_multiplier is not None and p.noise_multiplier < 0:
+            raise ConfigError(f"privacy.noise_multiplier={p.noise_multiplier}: must be >= 0")
+        if not 0 < p.delta < 1:
+            raise ConfigError(f"privacy.delta={p.delta}: must be within (0, 1), and below 1 / training examples")
+        if p.max_grad_norm <= 0:
+            raise ConfigError(f"privacy.max_grad_norm={p.max_grad_norm}: the per-example clipping bound must be > 0")
+        if p.accountant not in ACCOUNTANTS:
+            raise ConfigError(f"privacy.accountant={p.accountant!r}: choose one of {list(ACCOUNTANTS)}")
+        if p.grad_sample_mode not in GRAD_SAMPLE_MODES:
+            raise ConfigError(f"privacy.grad_sample_mode={p.grad_sample_mode!r}: choose one of "
+                              f"{list(GRAD_SAMPLE_MODES)}")
+        if p.logical_batch_size is not None:
+            if p.logical_batch_size < 1:
+                raise ConfigError(f"privacy.logical_batch_size={p.logical_batch_size}: must be >= 1")
+            if cfg.trainer.grad_accum != 1:
+                raise ConfigError("privacy.logical_batch_size and trainer.grad_accum both set the examples of a "
+                                  "noisy step: under DP set one (the logical batch is cut into micro-batches of "
+                                  "trainer.batch_size either way)")
+        backend = cfg.backend.name
+        if not supports(backend, "dp"):
+            raise ConfigError(f"privacy=dp with backend={backend}: "
+                              f"{_WHY_NOT.get(backend, 'this backend does not declare DP support')}")
+        if cfg.data.get("packing"):
+            raise ConfigError("privacy=dp with data.packing=true: a packed row holds several examples, so "
+                              "clipping per row would no longer bound each example's influence; turn packing off")
+        if task_class(cfg).sampler != "epoch":
+            raise ConfigError(f"privacy=dp with task={cfg.task.name}: a mixture samples its datasets by weight, "
+                              "not by the Poisson sampling the accountant assumes, and its members may share "
+                              "examples; train one dataset at a time")
+        if cfg.regularizer.name != "none":
+            raise ConfigError(f"privacy=dp with regularizer={cfg.regularizer.name}: the penalty's gradient would "
+                              "be clipped and noised with the examples'; not supported together")
+        t = cfg.trainer
+        if t.precision == "fp16":
+            raise ConfigError("privacy=dp with trainer.precision=fp16: the loss scaler multiplies every per-example "
+                              "gradient before clipping; use bf16 or fp32")
+        if t.compile:
+            raise ConfigError("privacy=dp with trainer.compile=true: Opacus' per-example hooks do not run "
+                              "inside compiled blocks")
+        if t.activation_checkpointing:
+            raise ConfigError("privacy=dp with trainer.activation_checkpointing=true: the recomputed forward "
+                              "would record each layer's activations twice for Opacus' per-example gradients")
+
+    # ------------------------------------------------------------------ setup
+    def sampler(self, default: str) -> str:
+        return "poisson"
+
+    def setup(self, run) -> None:
+        from opacus.accountants import create_accountant
+
+        self.run = run
+        # Opacus' backward hooks sit on every trainable layer, the first ones included, whose
+        # inputs need no gradient; torch warns then, but a layer's per-example gradient
+        # comes from its output's gradient and its saved input, which are complete.
+        warnings.filterwarnings("ignore", message="Full backward hook is firing when gradients are computed with "
+                                                  "respect to module outputs")
+        # The accountants' search over RDP orders warns at the end of its range; the epsilon
+        # reported is still a valid (if looser) bound.
+        warnings.filterwarnings("ignore", message="Optimal order is the largest alpha")
+        n = len(run.train_examples)
+        if self.cfg.delta >= 1.0 / n:
+            raise ConfigError(f"privacy.delta={self.cfg.delta} is not below 1 / {n} training examples: "
+                              "a mechanism that publishes one example whole would meet it; lower privacy.delta")
+        self.sample_rate = run.sampler.sample_rate
+        self.expected_batch = run.sampler.expected_batch
+        self.world = run.backend.world_size
+        run.backend.use_private_exchange()
+        self.accountant = create_accountant(self.cfg.accountant)
+        self.noise_generator = torch.Generator(device=run.device).manual_seed(run.cfg.seed + 104729)
+
+    def wrap_model(self, model):
+        from opacus import GradSampleModule
+        from opacus.distributed import DifferentiallyPrivateDistributedDataParallel as DPDDP
+
+        from distft.backends.base import WRAPPERS
+
+        for wrapper in ((GradSampleModule, "_module"), (DPDDP, "module")):
+            if wrapper not in WRAPPERS:
+                WRAPPERS.append(wrapper)
+
+        if _takes_position_ids(model):
+            model.register_forward_pre_hook(_positions_per_example, with_kwargs=True)
+        by_torch_func = sorted({type(m).__name__ for m in model.modules()
+                                if any(p.requires_grad for p in m.parameters(recurse=False))
+                                and (self.cfg.grad_sample_mode == "functorch"
+                                     or type(m) not in GradSampleModule.GRAD_SAMPLERS)})
+        try:
+            wrapped = GradSampleModule(model, batch_first=True, loss_reduction="sum", strict=True,
+                                       force_functorch=self.cfg.grad_sample_mode == "functorch")
+        except NotImplementedError as e:
+            raise ConfigError(f"privacy=dp: Opacus cannot compute per-example gradients for this model: {e}") from None
+        if run_main(self.run):
+            log.info("DP-SGD: per-example gradients by Opacus' %s; %s", self.cfg.grad_sample_mode,
+                     f"torch.func for layers without a per-layer sampler: {', '.join(by_torch_func)}"
+                     if by_torch_func and self.cfg.grad_sample_mode == "hooks" else "every trainable layer covered")
+        return wrapped
+
+    def optimizer_factory(self, make):
+        def build(model):
+            self._calibrate(self.run.max_steps)
+            optimizer = _dp_optimizer(
+                make(model), self.world > 1, noise_multiplier=self.noise_multiplier,
+                max_grad_norm=self.cfg.max_grad_norm, expected_batch_size=self.expected_batch / self.world,
+                loss_reduction="mean", generator=self.noise_generator, secure_mode=self.cfg.secure_mode)
+            optimizer.attach_step_hook(self._account)
+            return optimizer
+
+        return build
+
+    def _calibrate(self, steps: int) -> None:
+        p = self.cfg
+        if self.noise_multiplier is None:
+            from opacus.accountants.utils import get_noise_multiplier
+
+            self.noise_multiplier = float(get_noise_multiplier(
+                target_epsilon=p.target_epsilon, target_delta=p.delta, sample_rate=self.sample_rate, steps=steps,
+                accountant=p.accountant))
+        if p.target_epsilon is not None:
+            self.allowed_steps = self._steps_within(p.target_epsilon, steps)
+        if run_main(self.run):
+            planned = self.epsilon_after(steps)
+            log.info("DP-SGD: noise multiplier %.4f, per-example clip %.3g, sample rate %.5f (expected %d of %d "
+                     "examples per step), %d steps: epsilon %.3f at delta %.2g (%s accountant)%s",
+                     self.noise_multiplier, p.max_grad_norm, self.sample_rate, self.expected_batch,
+                     len(self.run.train_examples), steps, planned, p.delta, p.accountant,
+                     "" if self.allowed_steps is None or self.allowed_steps >= steps
+                     else f"; the budget epsilon {p.target_epsilon} allows only {self.allowed_steps} steps")
+            if self.noise_multiplier == 0:
+                log.warning("privacy.noise_multiplier=0: per-example clipping without noise gives no privacy "
+                            "(epsilon is infinite)")
+
+    def _account(self, optimizer) -> None:
+        self.accountant.step(noise_multiplier=self.noise_multiplier, sample_rate=self.sample_rate)
+
+    # ------------------------------------------------------------------ epsilon
+    def epsilon_after(self, steps: int) -> float:
+        """The epsilon of `steps` noisy steps at this run's noise and sample rate."""
+        from opacus.accountants import create_accountant
+
+        if steps == 0:
+            return 0.0
+        if self.noise_multiplier == 0:
+            return math.inf
+        accountant = create_accountant(self.cfg.accountant)
+        accountant.history = [(self.noise_multiplier, self.sample_rate, steps)]
+        return float(accountant.get_epsilon(delta=self.cfg.delta))
+
+    def _steps_within(self, budget: float, planned: int) -> int:
+        """The most steps (up to `planned`) whose epsilon stays within `budget`; epsilon
+        grows with the steps, so a bisection finds it."""
+        if self.epsilon_after(planned) <= budget:
+            return planned
+        lo, hi = 0, planned  # epsilon_after(lo) <= budget < epsilon_after(hi)
+        while hi - lo > 1:
+            mid = (lo + hi) // 2
+            if self.epsilon_after(mid) <= budget:
+                lo = mid
+            else:
+                hi = mid
+        return lo
+
+    def epsilon(self) -> float:
+        """The epsilon spent so far, from the accountant's history."""
+        if not self.accountant.history:
+            return 0.0
+        if self.noise_multiplier == 0:
+            return math.inf
+        return float(self.accountant.get_epsilon(delta=self.cfg.delta))
+
+    # ------------------------------------------------------------------ the loop's hooks
+    def after_backward(self, optimizer, last: bool) -> None:
+        _fill_missing_grad_samples(optimizer.params)
+        if not last:
+            # Clip this micro-batch's per-example gradients into the step's sum now and free
+            # them; the last one is clipped in the optimizer's step, then noise is added once.
+            optimizer.clip_and_accumulate()
+            for p in optimizer.params:
+                p.grad_sample = None
+
+    def stop_reason(self) -> Optional[str]:
+        if self.allowed_steps is None or self.run.step < self.allowed_steps:
+            return None
+        return (f"privacy budget: epsilon is {self.epsilon():.3f} after {self.run.step} steps and another step would "
+                f"exceed privacy.target_epsilon={self.cfg.target_epsilon} (delta {self.cfg.delta:g})")
+
+    def metrics(self) -> Dict[str, float]:
+        return {"privacy/epsilon": self.epsilon(), "privacy/delta": float(self.cfg.delta),
+                "privacy/noise_multiplier": float(self.noise_multiplier), "privacy/sample_rate": self.sample_rate,
+                "privacy/max_grad_norm": float(self.cfg.max_grad_norm),
+                "privacy/noisy_steps": float(sum(h[2] for h in self.accountant.history))}
+
+    def card(self) -> Optional[str]:
+        m = self.metrics()
+        return "\n".join([
+            "## Differential privacy",
+            "",
+            f"Trained with DP-SGD (Opacus, distft `privacy=dp`): (epsilon = {m['privacy/epsilon']:.3f}, "
+            f"delta = {self.cfg.delta:g})-differentially private with respect to one training example, "
+            f"by the {self.cfg.accountant} accountant.",
+            "",
+            f"- noise multiplier: {self.noise_multiplier:.4f}",
+            f"- per-example clipping norm: {self.cfg.max_grad_norm:g}",
+            f"- Poisson sample rate: {self.sample_rate:.6f} (expected {self.expected_batch} examples per step)",
+            f"- noisy steps: {int(m['privacy/noisy_steps'])}",
+            "",
+        ])
+
+    # ------------------------------------------------------------------ checkpoint
+    def _settings(self) -> Dict:
+        return {"noise_multiplier": self.noise_multiplier, "sample_rate": self.sample_rate,
+                "max_grad_norm": float(self.cfg.max_grad_norm), "delta": float(self.cfg.delta),
+                "accountant": self.cfg.accountant, "expected_batch": self.expected_batch}
+
+    def state_dict(self) -> Dict:
+        return {"settings": self._settings(), "history": [list(h) for h in self.accountant.history],
+                "noise_generator": generator_state(self.noise_generator)}
+
+    def load_state_dict(self, state: Dict) -> None:
+        if not state or "settings" not in state:
+            raise ConfigError("the checkpoint was written without privacy=dp: resuming it privately would leave "
+                              "its earlier steps unaccounted; start a new run")
+        saved, now = state["settings"], self._settings()
+        changed = {k: (saved.get(k), v) for k, v in now.items()
+                   if (saved.get(k) != v if not isinstance(v, float) else not math.isclose(saved.get(k) or 0.0, v,
+                                                                                               rel_tol=1e-9))}
+        if changed:
+            raise ConfigError("resuming with other DP settings than the checkpoint's would break its accounting: "
+                              + ", ".join(f"{k} {a} -> {b}" for k, (a, b) in changed.items()))
+        self.accountant.history = [tuple(h) for h in state["history"]]
+        set_generator_state(self.noise_generator, state["noise_generator"])
+
+
+def run_main(run) -> bool:
+    return run is None or run.main
+
+
+__all__ = ["DifferentialPrivacy"]
