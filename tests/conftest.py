@@ -5,6 +5,7 @@ import shutil
 import subprocess
 import tempfile
 import sys
+import time
 from pathlib import Path
 
 # Before anything imports the hub libraries, which read these once.
@@ -120,6 +121,15 @@ def reference(tmp_path_factory):
 
 def read_metrics(run_dir: Path):
     return [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
+
+
+def wait_for_step(proc, run_dir: Path, step: int, timeout: float = 300) -> None:
+    """Return once the run in `run_dir` has logged `step` (or its process ended)."""
+    deadline = time.time() + timeout
+    while time.time() < deadline and proc.poll() is None:
+        if (Path(run_dir) / "metrics.jsonl").exists() and any(e.get("step", 0) >= step for e in read_metrics(run_dir)):
+            return
+        time.sleep(0.02)
 
 
 def losses(run_dir: Path):

@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 
 import distft.backends
 
-from conftest import ROOT, TINY, losses, read_metrics, run_cli, torchrun_cmd
+from conftest import ROOT, TINY, losses, read_metrics, run_cli, torchrun_cmd, wait_for_step
 
 pytestmark = pytest.mark.slow
 
@@ -103,12 +103,8 @@ def test_sigkill_then_resume(tmp_path, backend, strategy):
 
     proc = subprocess.Popen(torchrun_cmd(2, *overrides, f"run_dir={cut_dir}"), cwd=ROOT, start_new_session=True,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env={**os.environ, "OMP_NUM_THREADS": "1"})
-    deadline = time.time() + 300
     try:
-        while time.time() < deadline and proc.poll() is None:
-            if (cut_dir / "metrics.jsonl").exists() and any(e.get("step", 0) >= 7 for e in read_metrics(cut_dir)):
-                break
-            time.sleep(0.02)
+        wait_for_step(proc, cut_dir, 7)
     finally:
         # torchrun starts each worker in its own session: kill them by parent pid, then
         # the launcher, as a node failure would.

@@ -6,7 +6,6 @@ import math
 import signal
 import subprocess
 import sys
-import time
 
 import pytest
 import torch
@@ -20,7 +19,7 @@ from opacus.accountants import create_accountant  # noqa: E402
 from distft.errors import ConfigError  # noqa: E402
 from distft.trainer import Trainer, check_config  # noqa: E402
 
-from conftest import ROOT, TINY, compose_cfg, losses, read_metrics, run_torchrun  # noqa: E402
+from conftest import ROOT, TINY, compose_cfg, losses, read_metrics, run_torchrun, wait_for_step  # noqa: E402
 
 N_TRAIN = 96  # TINY's data.num_train
 DP = ["privacy=dp", "trainer.eval_every=0", "trainer.lr=3e-3"]
@@ -255,12 +254,8 @@ def test_resume_after_sigkill_continues_losses_and_accounting(cfg_for, tmp_path)
 
     cmd = [sys.executable, "-m", "distft.train", *overrides, f"run_dir={cut_dir}"]
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 300
     try:
-        while time.time() < deadline and proc.poll() is None:
-            if (cut_dir / "metrics.jsonl").exists() and any(e.get("step", 0) >= 7 for e in read_metrics(cut_dir)):
-                break
-            time.sleep(0.02)
+        wait_for_step(proc, cut_dir, 7)
     finally:
         proc.send_signal(signal.SIGKILL)
         proc.wait()
