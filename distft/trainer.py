@@ -393,7 +393,9 @@ class Trainer:
             local_targets = sum(len(mb["input_ids"]) if per_example else self.task.count_targets(mb) for mb in micro)
             local_tokens = sum(int(mb["attention_mask"].sum()) for mb in micro)
             local_padded = sum(mb["input_ids"].numel() for mb in micro)
-            n_targets, tokens, padded = self.backend.all_reduce_sum([local_targets, local_tokens, local_padded])
+            local_rows = sum(len(mb["input_ids"]) for mb in micro)
+            n_targets, tokens, padded, rows = self.backend.all_reduce_sum(
+                [local_targets, local_tokens, local_padded, local_rows])
             n_targets = max(n_targets, 1.0)
             loss_sum = torch.zeros((), device=self.device)
             penalty = None
@@ -431,7 +433,8 @@ class Trainer:
             self.state["skipped_steps"] += 0 if stepped else 1
 
             event = {"step": self.step, "loss": loss_value, "lr": lr, "grad_norm": grad_norm, "step_seconds": step_seconds,
-                     "tokens": int(tokens), "padded_tokens": int(padded), "epoch": self.sampler.epoch_progress(),
+                     "tokens": int(tokens), "padded_tokens": int(padded), "rows": int(rows),
+                     "epoch": self.sampler.epoch_progress(),
                      "skipped_steps": self.state["skipped_steps"]}
             if per_example:  # the unclipped gradient's norm is not private: not logged
                 del event["grad_norm"]

@@ -97,18 +97,20 @@ def test_per_example_gradients_of_a_bert_with_trainable_position_embeddings():
     _check_grad_samples(model, inputs, example_loss)
 
 
-@pytest.mark.parametrize("mode", ["hooks", "functorch"])
-def test_per_example_gradients_of_a_llama_with_hf_rmsnorm(mode):
+@pytest.mark.parametrize("mode,tied", [("hooks", False), ("functorch", False), ("hooks", True)])
+def test_per_example_gradients_of_a_llama_with_hf_rmsnorm(mode, tied):
     """Full fine-tuning of a Llama: its RMSNorm is HF's own class, not nn.RMSNorm, so the
     hooks mode computes its per-example gradients with torch.func; both modes match
-    autograd on every tensor."""
+    autograd on every tensor. Tied input and output embeddings (SmolLM2's) get the sum of
+    both uses' per-example gradients."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
     config = LlamaConfig(vocab_size=40, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
                          num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=32,
-                         tie_word_embeddings=False)
+                         tie_word_embeddings=tied)
     model = LlamaForCausalLM(config)
+    assert (model.lm_head.weight is model.model.embed_tokens.weight) == tied
     inputs = {"input_ids": torch.randint(0, 40, (3, 6)), "attention_mask": torch.ones(3, 6, dtype=torch.long)}
 
     def example_loss(m, batch):
@@ -182,12 +184,16 @@ def test_epsilon_equals_opacus_accountant(cfg_for, tmp_path, accountant):
 
 
 def test_target_epsilon_calibrates_the_noise(cfg_for, tmp_path):
-    _, out = train(cfg_for, tmp_path, "target", "privacy.target_epsilon=4", "trainer.max_steps=10")
+    """The noise is calibrated to the target; the epsilon reaches W&B (an offline run)."""
+    t, out = train(cfg_for, tmp_path, "target", "privacy.target_epsilon=4", "trainer.max_steps=10", "logger=wandb",
+                   "logger.wandb.mode=offline", "logger.progress_bar=false", "logger.plots=false")
     q = 8 / N_TRAIN
     spent = opacus_epsilon("prv", out["privacy/noise_multiplier"], q, 10, 1e-5)
     assert out["privacy/epsilon"] == pytest.approx(spent, rel=1e-6)
     assert 3.8 < spent <= 4.0 + 1e-9  # close to the target, never above it
     assert out["steps"] == 10 and out["stop_reason"] is None
+    records = b"".join(f.read_bytes() for f in (t.run_dir / "wandb").rglob("*.wandb"))
+    assert b"privacy/epsilon" in records
 
 
 def test_budget_stops_before_the_step_that_would_exceed_it(cfg_for, tmp_path):

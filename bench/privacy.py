@@ -1,0 +1,201 @@
+"""Differentially private fine-tuning (privacy=dp, Opacus) on real models and data.
+
+    python bench/privacy.py                  # all three parts below (about 2 hours on 2 CPU cores)
+    python bench/privacy.py --only sst2      # MiniLM + SST-2: LoRA at epsilon 8, 3, 1; full at 8
+    python bench/privacy.py --only smollm2   # SmolLM2-135M + LoRA on Alpaca at epsilon 8
+    python bench/privacy.py --only cost      # LoRA step time and peak memory, DP vs not
+    python bench/privacy.py --quick          # small shapes, a smoke run (asserts no number)
+
+Every accuracy is of the final weights (no selection on the validation set). The
+non-private numbers beside the SST-2 ones come from bench/results/sst2_strategies.json
+(the same data, model and LoRA shape). Writes bench/results/privacy.{json,md}.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shlex
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+SHARED = ROOT.parent / "shared" / "data"
+SST2 = SHARED / "sst2"
+ALPACA = SHARED / "alpaca" / "train.jsonl"
+
+SST2_COMMON = [
+    "model=minilm", "task=classification", "data=files", f"data.train={SST2 / 'train.jsonl'}",
+    f"data.validation={SST2 / 'validation.jsonl'}", "data.max_length=64", "trainer.max_steps=-1",
+    "trainer.eval_every=0", "trainer.save_every=0", "logger=csv", "trainer.precision=fp32",
+    "logger.progress_bar=false", "scheduler=constant", "trainer.warmup_steps=0",
+]
+LORA = ["strategy=lora", "strategy.r=16", "strategy.alpha=32", "strategy.target_modules=[query,key,value,dense]"]
+# DP-SGD wants large logical batches (the noise is divided by them) and a higher learning
+# rate than non-private training; physical micro-batches of 64 keep memory in check.
+DP_SST2 = ["privacy=dp", "privacy.delta=1e-5", "privacy.max_grad_norm=1.0", "privacy.logical_batch_size=256",
+           "trainer.batch_size=64", "trainer.weight_decay=0.0"]
+SST2_RUNS = {  # name -> (overrides, target accuracy or None)
+    "lora-eps8": ([*LORA, *DP_SST2, "privacy.target_epsilon=8", "trainer.lr=3e-3", "trainer.epochs=4"], 0.80),
+    "lora-eps3": ([*LORA, *DP_SST2, "privacy.target_epsilon=3", "trainer.lr=3e-3", "trainer.epochs=4"], None),
+    "lora-eps1": ([*LORA, *DP_SST2, "privacy.target_epsilon=1", "trainer.lr=3e-3", "trainer.epochs=4"], None),
+    "full-eps8": (["strategy=full", *DP_SST2, "privacy.target_epsilon=8", "trainer.lr=5e-4", "trainer.epochs=4"],
+                  None),
+}
+
+SMOL_COMMON = [
+    "model=smollm2", "task=instruction", "strategy=lora", "strategy.r=16", "strategy.alpha=32",
+    "strategy.target_modules=[q_proj,k_proj,v_proj,o_proj]", "strategy.dropout=0.0", "data=files",
+    f"data.train={ALPACA}", "data.validation_split=0.05", "data.max_validation_examples=64", "data.drop_empty=true",
+    "data.max_length=192", "trainer.batch_size=8", "trainer.eval_batch_size=8", "trainer.eval_before_training=true",
+    "trainer.save_every=0", "logger=csv", "trainer.precision=fp32", "logger.progress_bar=false",
+    "scheduler=constant", "trainer.warmup_steps=0", "trainer.weight_decay=0.0",
+]
+SMOL_RUNS = {
+    "non-private": ["trainer.grad_accum=8", "trainer.lr=5e-4"],
+    "dp-eps8": ["privacy=dp", "privacy.target_epsilon=8", "privacy.delta=1e-5", "privacy.logical_batch_size=64",
+                "trainer.lr=2e-3"],
+}
+
+
+def _relative(arg: str) -> str:
+    return arg.replace(str(ROOT.parent / "shared"), "../shared").replace(str(ROOT) + "/", "")
+
+
+def train(name: str, overrides, out: Path) -> dict:
+    run_dir = out / "runs" / f"privacy-{name}"
+    shutil.rmtree(run_dir, ignore_errors=True)
+    cmd = [sys.executable, "-m", "distft.train", *overrides, f"run_dir={run_dir}", "resume=never"]
+    shown = "distft-train " + " ".join(shlex.quote(_relative(a)) for a in cmd[3:])
+    print("$", shown, flush=True)
+    started = time.time()
+    subprocess.run(cmd, cwd=ROOT, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                   env={**os.environ, "WANDB_MODE": "offline"})
+    summary = json.loads((run_dir / "summary.json").read_text())
+    events = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return {"command": shown, "wall_s": round(time.time() - started, 1), "summary": summary, "events": events}
+
+
+def part_sst2(out: Path, quick: bool) -> dict:
+    baseline = {}
+    path = ROOT / "bench" / "results" / "sst2_strategies.json"
+    if path.exists():
+        for row in json.loads(path.read_text()):
+            baseline[row["strategy"]] = row["accuracy"]
+    rows = []
+    for name, (overrides, target) in SST2_RUNS.items():
+        extra = ["data.max_train_examples=600", "trainer.epochs=1"] if quick else []
+        r = train(f"sst2-{name}", [*SST2_COMMON, *overrides, *extra], out)
+        s = r["summary"]
+        rows.append({"run": name, "accuracy": s["eval/accuracy"], "target": target,
+                     "non_private_accuracy": baseline.get(name.split("-")[0]),
+                     "epsilon": s["privacy/epsilon"], "delta": s["privacy/delta"],
+                     "noise_multiplier": s["privacy/noise_multiplier"], "steps": s["steps"],
+                     "trainable_params": s["trainable_params"], "wall_s": r["wall_s"], "command": r["command"]})
+        print(f"{name}: accuracy {s['eval/accuracy']:.4f} at epsilon {s['privacy/epsilon']:.2f}", flush=True)
+    return {"rows": rows}
+
+
+def part_smollm2(out: Path, quick: bool) -> dict:
+    rows = []
+    for name, overrides in SMOL_RUNS.items():
+        extra = ["trainer.max_steps=2", "data.max_validation_examples=8"] if quick else ["trainer.epochs=1"]
+        r = train(f"smollm2-{name}", [*SMOL_COMMON, *overrides, *extra], out)
+        s = r["summary"]
+        evals = [(e["step"], e["eval/loss"]) for e in r["events"] if "eval/loss" in e]
+        rows.append({"run": name, "untrained_loss": evals[0][1], "held_out_loss": s["eval/loss"], "steps": s["steps"],
+                     "epsilon": s.get("privacy/epsilon"), "noise_multiplier": s.get("privacy/noise_multiplier"),
+                     "wall_s": r["wall_s"], "command": r["command"]})
+        print(f"{name}: held-out loss {evals[0][1]:.4f} -> {s['eval/loss']:.4f}", flush=True)
+    return {"rows": rows}
+
+
+def part_cost(out: Path, quick: bool) -> dict:
+    """The same physical batch (32 examples of SST-2, LoRA): seconds per step and peak
+    memory without and with DP. Under DP the logical batch is the physical one, so a step
+    is one forward and backward over about 32 examples in both runs."""
+    steps = 6 if quick else 40
+    common = [*SST2_COMMON, *LORA, "trainer.batch_size=32", f"trainer.max_steps={steps}", "logger.log_every=1",
+              "trainer.lr=1e-3", "data.max_validation_examples=64"]
+    result = {}
+    for name, extra in (("non-private", []), ("dp", ["privacy=dp", "privacy.noise_multiplier=1.0",
+                                                     "privacy.target_epsilon=null"])):
+        r = train(f"cost-{name}", [*common, *extra], out)
+        timed = [e for e in r["events"] if "step_seconds" in e][5:]  # after the first steps' warm-up
+        result[name] = {"step_s": statistics.median(e["step_seconds"] for e in timed),
+                        "s_per_example": sum(e["step_seconds"] for e in timed) / max(1, sum(e["rows"] for e in timed)),
+                        "peak_mb": max(r["summary"]["peak_memory_mb_per_process"]), "command": r["command"]}
+    result["step_time_ratio"] = result["dp"]["step_s"] / result["non-private"]["step_s"]
+    result["per_example_time_ratio"] = result["dp"]["s_per_example"] / result["non-private"]["s_per_example"]
+    result["peak_memory_ratio"] = result["dp"]["peak_mb"] / result["non-private"]["peak_mb"]
+    print(f"cost: step time x{result['step_time_ratio']:.2f}, per example x{result['per_example_time_ratio']:.2f}, "
+          f"peak memory x{result['peak_memory_ratio']:.2f}", flush=True)
+    return result
+
+
+def report(results: dict, out: Path, machine: str) -> None:
+    lines = [f"Machine: {machine}. Command: `python bench/privacy.py {' '.join(sys.argv[1:])}`", ""]
+    if "sst2" in results:
+        lines += ["## MiniLM + SST-2 (8,000 train, 872 validation), DP-SGD, delta 1e-5", "",
+                  "| run | accuracy | non-private | target | epsilon | noise | steps | trainable | wall s |",
+                  "|---|---|---|---|---|---|---|---|---|"]
+        for r in results["sst2"]["rows"]:
+            np_acc = f"{r['non_private_accuracy']:.4f}" if r["non_private_accuracy"] is not None else "-"
+            target = f"{r['target']}" if r["target"] else "-"
+            lines.append(f"| {r['run']} | {r['accuracy']:.4f} | {np_acc} | {target} | {r['epsilon']:.2f} | "
+                         f"{r['noise_multiplier']:.3f} | {r['steps']} | {r['trainable_params']:,} | {r['wall_s']} |")
+        lines += ["", "Non-private accuracies: bench/results/sst2_strategies.json. Commands:", ""]
+        lines += [f"    {r['command']}" for r in results["sst2"]["rows"]] + [""]
+    if "smollm2" in results:
+        lines += ["## SmolLM2-135M-Instruct + LoRA, Alpaca subset (held-out loss)", "",
+                  "| run | untrained | after | epsilon | steps | wall s |", "|---|---|---|---|---|---|"]
+        for r in results["smollm2"]["rows"]:
+            eps = f"{r['epsilon']:.2f}" if r["epsilon"] is not None else "-"
+            lines.append(f"| {r['run']} | {r['untrained_loss']:.4f} | {r['held_out_loss']:.4f} | {eps} | "
+                         f"{r['steps']} | {r['wall_s']} |")
+        lines += ["", "Commands:", ""] + [f"    {r['command']}" for r in results["smollm2"]["rows"]] + [""]
+    if "cost" in results:
+        c = results["cost"]
+        lines += ["## Cost at the same physical batch (LoRA, SST-2, 32 examples a step)", "",
+                  "| | median step s | peak memory MB |", "|---|---|---|",
+                  f"| non-private | {c['non-private']['step_s']:.3f} | {c['non-private']['peak_mb']:.0f} |",
+                  f"| DP-SGD | {c['dp']['step_s']:.3f} | {c['dp']['peak_mb']:.0f} |", "",
+                  f"DP / non-private: step time x{c['step_time_ratio']:.2f} (target at most 1.5), per example "
+                  f"x{c['per_example_time_ratio']:.2f}, peak memory x{c['peak_memory_ratio']:.2f} (target at most 1.3; "
+                  "CPU: resident memory sampled during the run).", "",
+                  "Commands:", "", f"    {c['non-private']['command']}", f"    {c['dp']['command']}", ""]
+    (out / "privacy.md").write_text("\n".join(lines))
+    print("\n".join(lines))
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--only", nargs="*", choices=["sst2", "smollm2", "cost"])
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--out", default=str(ROOT / "bench" / "results"))
+    args = ap.parse_args()
+    if not SST2.is_dir() or not ALPACA.is_file():
+        print(f"SST-2 or Alpaca not found under {SHARED}", file=sys.stderr)
+        return 2
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    machine = f"{platform.machine()}, {os.cpu_count()} CPU cores, torch {__import__('torch').__version__}"
+    path = out / "privacy.json"
+    results = json.loads(path.read_text()) if path.exists() and not args.quick else {}
+    parts = {"sst2": part_sst2, "smollm2": part_smollm2, "cost": part_cost}
+    for name in args.only or list(parts):
+        results[name] = parts[name](out, args.quick)
+        results["machine"] = machine
+        if not args.quick:
+            path.write_text(json.dumps(results, indent=2))
+    report(results, out, machine)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
