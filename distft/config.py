@@ -145,7 +145,7 @@ class DPPrivacyConfig(PrivacyConfig):
     max_grad_norm: float = 1.0
     accountant: str = "prv"
     logical_batch_size: Optional[int] = None
-    grad_sample_mode: str = "hooks"
+    grad_sample_mode: str = "auto"
     secure_mode: bool = False
 
 

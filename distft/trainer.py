@@ -401,10 +401,17 @@ class Trainer:
             penalty = None
             for i, mb in enumerate(micro):
                 mb = self._to_device(mb)
-                loss = self.task.example_losses(self._forward(mb), mb).sum() if per_example else self._loss_sum(mb)
-                loss_sum += loss.detach()
                 last_micro = i == len(micro) - 1
-                objective = loss if per_example else loss / n_targets
+                if per_example:
+                    # Privacy clips each example's gradient in its own backward (no
+                    # regularizer under it: refused at config time).
+                    losses = self.task.example_losses(self._forward(mb), mb)
+                    loss_sum += losses.detach().sum()
+                    self.privacy.backward(losses, self.optimizer, last_micro)
+                    continue
+                loss = self._loss_sum(mb)
+                loss_sum += loss.detach()
+                objective = loss / n_targets
                 if last_micro:
                     # Once per step, with the last micro-batch: each rank adds R / N, and the
                     # backend's exchange (which sums the ranks' normalised losses) makes it R.
@@ -412,7 +419,6 @@ class Trainer:
                     if penalty is not None:
                         objective = objective + penalty / self.backend.world_size
                 self.backend.backward(objective, sync=last_micro)
-                self.privacy.after_backward(self.optimizer, last_micro)
             self._sample_memory()  # gradients are held now
             # The stop request rides on the loss all-reduce: every rank learns of a signal
             # any rank received at the same step, and of a non-finite loss on any rank.

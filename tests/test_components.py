@@ -117,8 +117,11 @@ def test_privacy_contract(name, cfg_for):
                                       privacy.optimizer_factory(lambda m: torch.optim.SGD(m.parameters(), lr=0.1)))
     assert isinstance(optimizer, torch.optim.Optimizer)
     for last in (False, True):
-        backend.backward(wrapped(torch.randn(5, 3)).pow(2).sum(1).sum())
-        privacy.after_backward(optimizer, last)
+        losses = wrapped(torch.randn(5, 3)).pow(2).sum(1)
+        if privacy.per_example:
+            privacy.backward(losses, optimizer, last)
+        else:
+            backend.backward(losses.sum())
     _, stepped = backend.step(wrapped, optimizer, 1.0)
     assert stepped and not torch.equal(model.weight, before)
     assert all(isinstance(v, float) for v in privacy.metrics().values())

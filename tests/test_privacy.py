@@ -122,6 +122,43 @@ def test_per_example_gradients_of_a_llama_with_hf_rmsnorm(mode, tied):
     _check_grad_samples(model, inputs, example_loss, mode)
 
 
+@pytest.mark.parametrize("strategy", ["full", "lora"])
+def test_ghost_clipping_takes_the_steps_of_per_example_gradients(cfg_for, tmp_path, strategy):
+    """Ghost clipping (norms only, two backward passes) and materialised per-example
+    gradients clip the same way: without noise, the same losses step by step, with a clip
+    small enough to bind and two micro-batches a step."""
+    runs = []
+    for mode in ("hooks", "ghost"):
+        _, out = train(cfg_for, tmp_path, mode, f"strategy={strategy}", f"privacy.grad_sample_mode={mode}",
+                       "privacy.noise_multiplier=0", "privacy.target_epsilon=null", "privacy.max_grad_norm=0.05",
+                       "trainer.batch_size=4", "privacy.logical_batch_size=8", "trainer.max_steps=5",
+                       *(["strategy.dropout=0.0"] if strategy == "lora" else []))
+        runs.append(losses(tmp_path / mode))
+    assert runs[0] == pytest.approx(runs[1], rel=1e-4)
+
+
+def test_auto_mode_and_tied_weights(cfg_for, tmp_path, caplog):
+    """auto: ghost clipping under full fine-tuning, hooks under LoRA; ghost clipping with
+    trainable tied embeddings is refused with the reason."""
+    import logging
+
+    caplog.set_level(logging.INFO, logger="distft")
+    for strategy, expected in (("full", "ghost"), ("lora", "hooks")):
+        cfg = cfg_for(*DP, f"strategy={strategy}", "trainer.max_steps=1")
+        cfg.run_dir = str(tmp_path / strategy)
+        t = Trainer(cfg).setup()
+        assert t.privacy.mode == expected
+    cfg = cfg_for(*DP, "strategy=full", "privacy.grad_sample_mode=ghost", "model.from_config.tie_word_embeddings=true")
+    cfg.run_dir = str(tmp_path / "tied")
+    with pytest.raises(ConfigError, match="tied input and output embeddings"):
+        Trainer(cfg).setup()
+    cfg = cfg_for(*DP, "strategy=full", "model.from_config.tie_word_embeddings=true", "trainer.max_steps=2")
+    cfg.run_dir = str(tmp_path / "tied-auto")
+    t = Trainer(cfg).setup()
+    assert t.privacy.mode == "hooks"  # auto falls back to per-layer hooks, which handle tied weights
+    t.train()
+
+
 # ---------------------------------------------------------------- sampling
 def test_poisson_sampling_varies_splits_into_physical_batches_and_resumes(cfg_for):
     from types import SimpleNamespace

@@ -14,8 +14,9 @@ class Privacy(Component):
     - `wrap_model(model)`: before the backend wraps it (per-sample gradients);
     - `optimizer_factory(make)`: decorates the factory the backend calls to build the
       optimizer (noise and per-sample clipping);
-    - `after_backward(optimizer, last)`: after each micro-batch's backward (DP-SGD clips
-      and sums the micro-batch's per-example gradients, so memory holds one at a time);
+    - `backward(losses, optimizer, last)`: with `per_example`, the backward of each
+      micro-batch's per-example losses (DP-SGD clips and sums the micro-batch's
+      per-example gradients there, so memory holds one micro-batch's at a time);
     - `stop_reason()`: asked before each step; a reason ends the run there (a spent budget);
     - `metrics()`: numbers to log beside the eval metrics and in the summary (epsilon);
     - `card()`: a section for the exported model's README.
@@ -36,8 +37,10 @@ class Privacy(Component):
     def optimizer_factory(self, make: Callable) -> Callable:
         return make
 
-    def after_backward(self, optimizer, last: bool) -> None:
-        pass
+    def backward(self, losses: torch.Tensor, optimizer, last: bool) -> None:
+        """With `per_example`: the backward of one micro-batch's per-example losses (and
+        whatever clipping it needs), instead of the backend's."""
+        raise NotImplementedError(f"privacy={self.name} declares per_example but has no backward")
 
     def stop_reason(self) -> Optional[str]:
         return None

@@ -35,7 +35,7 @@ from distft.samplers.poisson import generator_state, set_generator_state
 log = logging.getLogger("distft")
 
 ACCOUNTANTS = ("prv", "rdp", "gdp")
-GRAD_SAMPLE_MODES = ("hooks", "functorch")
+GRAD_SAMPLE_MODES = ("auto", "hooks", "functorch", "ghost")
 # Why a backend without the "dp" capability cannot run DP-SGD.
 _WHY_NOT = {
     "fsdp": "FSDP shards each gradient across processes before Opacus could clip it per example "
@@ -59,17 +59,40 @@ def _fill_missing_grad_samples(params) -> None:
             p.grad_sample = torch.zeros((rows, *p.shape), dtype=p.dtype, device=p.device)
 
 
-def _dp_optimizer(optimizer, distributed: bool, **kwargs):
-    from opacus.optimizers import DistributedDPOptimizer, DPOptimizer
+def _dp_optimizer(optimizer, distributed: bool, ghost: bool, **kwargs):
+    from opacus.optimizers import (DistributedDPOptimizer, DistributedDPOptimizerFastGradientClipping,
+                                   DPOptimizer, DPOptimizerFastGradientClipping)
 
-    base = DistributedDPOptimizer if distributed else DPOptimizer
+    if ghost:
+        base = DistributedDPOptimizerFastGradientClipping if distributed else DPOptimizerFastGradientClipping
 
-    class StepsEvenWhenEmpty(base):
-        def pre_step(self, closure=None):
-            _fill_missing_grad_samples(self.params)
-            return super().pre_step(closure)
+        class StepsEvenWhenEmpty(base):
+            # The step's clipped sum is already in summed_grad (DifferentialPrivacy.backward);
+            # an empty Poisson batch adds zeros and still takes its noisy step.
+            def pre_step(self, closure=None):
+                for p in self.params:
+                    if p.grad is None:
+                        p.grad = torch.zeros_like(p)
+                return super().pre_step(closure)
+    else:
+        base = DistributedDPOptimizer if distributed else DPOptimizer
+
+        class StepsEvenWhenEmpty(base):
+            def pre_step(self, closure=None):
+                _fill_missing_grad_samples(self.params)
+                return super().pre_step(closure)
 
     return StepsEvenWhenEmpty(optimizer, **kwargs)
+
+
+def _shared_trainable(model) -> list:
+    """Names of trainable tensors used by more than one layer (tied embeddings)."""
+    owners: Dict[int, list] = {}
+    for name, module in model.named_modules():
+        for pname, p in module.named_parameters(recurse=False):
+            if p.requires_grad:
+                owners.setdefault(id(p), []).append(f"{name}.{pname}" if name else pname)
+    return [names for names in owners.values() if len(names) > 1]
 
 
 def _positions_per_example(module, args, kwargs):
@@ -189,38 +212,68 @@ class DifferentialPrivacy(Privacy):
         self.accountant = create_accountant(self.cfg.accountant)
         self.noise_generator = torch.Generator(device=run.device).manual_seed(run.cfg.seed + 104729)
 
+    def grad_sample_mode(self, model) -> str:
+        """`auto`: ghost clipping under full fine-tuning (per-example gradients of every
+        weight would hold batch x model size; ghost clipping computes only their norms,
+        at the cost of a second backward) unless trainable weights are tied, which ghost
+        clipping cannot handle; per-layer hooks otherwise (LoRA, BitFit, partial: the
+        per-example gradients are small and one backward is cheaper)."""
+        mode = self.cfg.grad_sample_mode
+        if mode != "auto":
+            return mode
+        trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        total = sum(p.numel() for p in model.parameters())
+        return "ghost" if trainable > 0.5 * total and not _shared_trainable(model) else "hooks"
+
     def wrap_model(self, model):
-        from opacus import GradSampleModule
         from opacus.distributed import DifferentiallyPrivateDistributedDataParallel as DPDDP
+        from opacus.grad_sample import GradSampleModule, GradSampleModuleFastGradientClipping
+        from opacus.grad_sample.gsm_base import AbstractGradSampleModule
 
         from distft.backends.base import WRAPPERS
 
-        for wrapper in ((GradSampleModule, "_module"), (DPDDP, "module")):
+        for wrapper in ((AbstractGradSampleModule, "_module"), (DPDDP, "module")):
             if wrapper not in WRAPPERS:
                 WRAPPERS.append(wrapper)
-
         if _takes_position_ids(model):
             model.register_forward_pre_hook(_positions_per_example, with_kwargs=True)
+        self.mode = mode = self.grad_sample_mode(model)
+        if mode == "ghost":
+            shared = _shared_trainable(model)
+            if shared:
+                raise ConfigError(
+                    f"privacy.grad_sample_mode=ghost: trainable weights are shared by several layers ({shared[0]}, "
+                    "e.g. tied input and output embeddings); ghost clipping computes each layer's gradient norm "
+                    "on its own and would miss their cross term. Use privacy.grad_sample_mode=hooks, or untie them")
+        samplers = GradSampleModuleFastGradientClipping.NORM_SAMPLERS if mode == "ghost" else GradSampleModule.GRAD_SAMPLERS
         by_torch_func = sorted({type(m).__name__ for m in model.modules()
                                 if any(p.requires_grad for p in m.parameters(recurse=False))
-                                and (self.cfg.grad_sample_mode == "functorch"
-                                     or type(m) not in GradSampleModule.GRAD_SAMPLERS)})
+                                and (mode == "functorch" or type(m) not in samplers)})
         try:
-            wrapped = GradSampleModule(model, batch_first=True, loss_reduction="sum", strict=True,
-                                       force_functorch=self.cfg.grad_sample_mode == "functorch")
+            if mode == "ghost":
+                wrapped = GradSampleModuleFastGradientClipping(
+                    model, batch_first=True, loss_reduction="sum", strict=True, max_grad_norm=self.cfg.max_grad_norm,
+                    use_ghost_clipping=True)
+            else:
+                wrapped = GradSampleModule(model, batch_first=True, loss_reduction="sum", strict=True,
+                                           force_functorch=mode == "functorch")
         except NotImplementedError as e:
             raise ConfigError(f"privacy=dp: Opacus cannot compute per-example gradients for this model: {e}") from None
+        self.gsm = wrapped
         if run_main(self.run):
-            log.info("DP-SGD: per-example gradients by Opacus' %s; %s", self.cfg.grad_sample_mode,
-                     f"torch.func for layers without a per-layer sampler: {', '.join(by_torch_func)}"
-                     if by_torch_func and self.cfg.grad_sample_mode == "hooks" else "every trainable layer covered")
+            how = {"hooks": "Opacus' per-layer samplers", "functorch": "torch.func",
+                   "ghost": "ghost clipping (norms only, two backward passes)"}[mode]
+            rest = (f"; per-example gradients by torch.func for layers without a per-layer sampler: "
+                    f"{', '.join(by_torch_func)}" if by_torch_func and mode != "functorch" else "")
+            log.info("DP-SGD: per-example clipping by %s (privacy.grad_sample_mode=%s)%s", how,
+                     self.cfg.grad_sample_mode, rest)
         return wrapped
 
     def optimizer_factory(self, make):
         def build(model):
             self._calibrate(self.run.max_steps)
             optimizer = _dp_optimizer(
-                make(model), self.world > 1, noise_multiplier=self.noise_multiplier,
+                make(model), self.world > 1, self.mode == "ghost", noise_multiplier=self.noise_multiplier,
                 max_grad_norm=self.cfg.max_grad_norm, expected_batch_size=self.expected_batch / self.world,
                 loss_reduction="mean", generator=self.noise_generator, secure_mode=self.cfg.secure_mode)
             optimizer.attach_step_hook(self._account)
@@ -289,7 +342,11 @@ class DifferentialPrivacy(Privacy):
         return float(self.accountant.get_epsilon(delta=self.cfg.delta))
 
     # ------------------------------------------------------------------ the loop's hooks
-    def after_backward(self, optimizer, last: bool) -> None:
+    def backward(self, losses: torch.Tensor, optimizer, last: bool) -> None:
+        if self.mode == "ghost":
+            self._ghost_backward(losses, optimizer)
+            return
+        losses.sum().backward()
         _fill_missing_grad_samples(optimizer.params)
         if not last:
             # Clip this micro-batch's per-example gradients into the step's sum now and free
@@ -297,6 +354,28 @@ class DifferentialPrivacy(Privacy):
             optimizer.clip_and_accumulate()
             for p in optimizer.params:
                 p.grad_sample = None
+
+    def _ghost_backward(self, losses: torch.Tensor, optimizer) -> None:
+        # Opacus' DPTensorFastGradientClipping.backward does these two passes for one batch
+        # and zeroes the accumulated gradient in between, so with several micro-batches a
+        # step the passes are made here and each micro-batch's clipped sum is accumulated.
+        params = optimizer.params
+        losses.sum().backward(retain_graph=True)  # the hooks compute per-example norms
+        for p in params:
+            p.grad = None  # the unclipped gradient of the first pass
+            if getattr(p, "_norm_sample", None) is None:  # a tensor this micro-batch did not reach
+                p._norm_sample = torch.zeros(len(losses), device=p.device)
+        coef = self.gsm.get_clipping_coef().to(losses.device).detach()
+        for p in params:
+            p._norm_sample = None
+        self.gsm.disable_hooks()
+        try:
+            (coef * losses).sum().backward()  # each example's gradient scaled to its clip
+        finally:
+            self.gsm.enable_hooks()
+        optimizer.accumulate()  # into p.summed_grad; the step adds the noise once
+        for p in params:
+            p.grad = None
 
     def stop_reason(self) -> Optional[str]:
         if self.allowed_steps is None or self.run.step < self.allowed_steps:
