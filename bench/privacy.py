@@ -44,7 +44,7 @@ SST2_RUNS = {  # name -> (overrides, target accuracy or None)
     "lora-eps8": ([*LORA, *DP_SST2, "privacy.target_epsilon=8", "trainer.lr=3e-3", "trainer.epochs=4"], 0.80),
     "lora-eps3": ([*LORA, *DP_SST2, "privacy.target_epsilon=3", "trainer.lr=3e-3", "trainer.epochs=4"], None),
     "lora-eps1": ([*LORA, *DP_SST2, "privacy.target_epsilon=1", "trainer.lr=3e-3", "trainer.epochs=4"], None),
-    "full-eps8": (["strategy=full", *DP_SST2, "privacy.target_epsilon=8", "trainer.lr=5e-4", "trainer.epochs=4"],
+    "full-eps8": (["strategy=full", *DP_SST2, "privacy.target_epsilon=8", "trainer.lr=5e-4", "trainer.epochs=2"],
                   None),
 }
 
