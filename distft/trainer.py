@@ -390,10 +390,10 @@ class Trainer:
             # large batch.
             # Under DP the unit is the example: the objective sums per-example losses.
             per_example = self.privacy.per_example
-            local_targets = sum(len(mb["input_ids"]) if per_example else self.task.count_targets(mb) for mb in micro)
+            local_rows = sum(len(mb["input_ids"]) for mb in micro)
+            local_targets = local_rows if per_example else sum(self.task.count_targets(mb) for mb in micro)
             local_tokens = sum(int(mb["attention_mask"].sum()) for mb in micro)
             local_padded = sum(mb["input_ids"].numel() for mb in micro)
-            local_rows = sum(len(mb["input_ids"]) for mb in micro)
             n_targets, tokens, padded, rows = self.backend.all_reduce_sum(
                 [local_targets, local_tokens, local_padded, local_rows])
             n_targets = max(n_targets, 1.0)
@@ -547,6 +547,7 @@ class Trainer:
         self.state["bad_evals"] += 1
         patience = t.early_stopping.patience
         if patience and self.state["bad_evals"] >= patience:
+            self.stop_reason = f"early stopping: eval/{name} has not improved for {patience} evals"
             if self.main:
                 log.info("early stopping at step %d: eval/%s has not improved for %d evals (best %.4f at step %s)",
                          step, name, patience, best, self.state["best_step"])
