@@ -5,6 +5,7 @@
     python bench/privacy.py --only smollm2   # SmolLM2-135M + LoRA on Alpaca at epsilon 8
     python bench/privacy.py --only cost      # LoRA step time and peak memory, DP vs not
     python bench/privacy.py --quick          # small shapes, a smoke run (asserts no number)
+    python bench/privacy.py --runs lora-eps8 full-eps8   # some of the SST-2 runs
 
 Every accuracy is of the final weights (no selection on the validation set). The
 non-private numbers beside the SST-2 ones come from bench/results/sst2_strategies.json
@@ -81,7 +82,7 @@ def train(name: str, overrides, out: Path) -> dict:
     return {"command": shown, "wall_s": round(time.time() - started, 1), "summary": summary, "events": events}
 
 
-def part_sst2(out: Path, quick: bool) -> dict:
+def part_sst2(out: Path, quick: bool, runs=None) -> dict:
     baseline = {}
     path = ROOT / "bench" / "results" / "sst2_strategies.json"
     if path.exists():
@@ -89,7 +90,9 @@ def part_sst2(out: Path, quick: bool) -> dict:
             baseline[row["strategy"]] = row["accuracy"]
     rows = []
     for name, (overrides, target) in SST2_RUNS.items():
-        extra = ["data.max_train_examples=600", "trainer.epochs=1"] if quick else []
+        if (quick and name != "lora-eps8") or (runs and name not in runs):
+            continue
+        extra = ["data.max_train_examples=600", "data.max_validation_examples=64", "trainer.epochs=1"] if quick else []
         r = train(f"sst2-{name}", [*SST2_COMMON, *overrides, *extra], out)
         s = r["summary"]
         rows.append({"run": name, "accuracy": s["eval/accuracy"], "target": target,
@@ -138,7 +141,7 @@ def part_cost(out: Path, quick: bool) -> dict:
     return result
 
 
-def report(results: dict, out: Path, machine: str) -> None:
+def report(results: dict, out: Path, machine: str, stem: str) -> None:
     lines = [f"Machine: {machine}. Command: `python bench/privacy.py {' '.join(sys.argv[1:])}`", ""]
     if "sst2" in results:
         lines += ["## MiniLM + SST-2 (8,000 train, 872 validation), DP-SGD, delta 1e-5", "",
@@ -169,13 +172,14 @@ def report(results: dict, out: Path, machine: str) -> None:
                   f"x{c['per_example_time_ratio']:.2f}, peak memory x{c['peak_memory_ratio']:.2f} (target at most 1.3; "
                   "CPU: resident memory sampled during the run).", "",
                   "Commands:", "", f"    {c['non-private']['command']}", f"    {c['dp']['command']}", ""]
-    (out / "privacy.md").write_text("\n".join(lines))
+    (out / f"{stem}.md").write_text("\n".join(lines))
     print("\n".join(lines))
 
 
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--only", nargs="*", choices=["sst2", "smollm2", "cost"])
+    ap.add_argument("--runs", nargs="*", choices=sorted(SST2_RUNS), help="some of the SST-2 runs (the others kept)")
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--out", default=str(ROOT / "bench" / "results"))
     args = ap.parse_args()
@@ -185,15 +189,22 @@ def main() -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     machine = f"{platform.machine()}, {os.cpu_count()} CPU cores, torch {__import__('torch').__version__}"
-    path = out / "privacy.json"
+    stem = "privacy-quick" if args.quick else "privacy"  # a smoke run never replaces the results
+    path = out / f"{stem}.json"
     results = json.loads(path.read_text()) if path.exists() and not args.quick else {}
     parts = {"sst2": part_sst2, "smollm2": part_smollm2, "cost": part_cost}
     for name in args.only or list(parts):
-        results[name] = parts[name](out, args.quick)
+        if name == "sst2":
+            part = part_sst2(out, args.quick, args.runs)
+            kept = [r for r in results.get("sst2", {}).get("rows", []) if args.runs and r["run"] not in args.runs]
+            order = list(SST2_RUNS)
+            part["rows"] = sorted(kept + part["rows"], key=lambda r: order.index(r["run"]))
+            results[name] = part
+        else:
+            results[name] = parts[name](out, args.quick)
         results["machine"] = machine
-        if not args.quick:
-            path.write_text(json.dumps(results, indent=2))
-    report(results, out, machine)
+        path.write_text(json.dumps(results, indent=2))
+    report(results, out, machine, stem)
     return 0
 
 

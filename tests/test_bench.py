@@ -66,3 +66,19 @@ def test_mfu_quick(tmp_path):
     md = (tmp_path / "BENCHMARKS.md").read_text()
     assert "Model FLOPs utilisation" in md and precision.cpu_capability() in md
     assert (f"bf16 cases skipped: {why}" in md) != bf16
+
+
+def test_privacy_cost_quick(tmp_path):
+    """bench/privacy.py's cost part: a non-private and a DP-SGD LoRA run at the same
+    physical batch, both measured, the DP one with its epsilon."""
+    shared_data("sst2")
+    proc = subprocess.run([sys.executable, "bench/privacy.py", "--quick", "--only", "cost", "--out", str(tmp_path)],
+                          cwd=ROOT, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    cost = json.loads((tmp_path / "privacy-quick.json").read_text())["cost"]
+    for run in ("non-private", "dp"):
+        assert cost[run]["step_s"] > 0 and cost[run]["peak_mb"] > 0 and cost[run]["s_per_example"] > 0
+    assert cost["step_time_ratio"] > 0 and cost["peak_memory_ratio"] > 0
+    dp = json.loads((tmp_path / "runs" / "privacy-cost-dp" / "summary.json").read_text())
+    assert dp["privacy/epsilon"] > 0 and dp["privacy/noisy_steps"] == 6
+    assert "DP / non-private: step time" in (tmp_path / "privacy-quick.md").read_text()
