@@ -176,5 +176,5 @@ def test_array_job_runs_one_config_per_task(cluster, tmp_path):
         run_dir = tmp_path / "out" / f"slurm-distft-array-{job}-{i}"
         assert json.loads((run_dir / "summary.json").read_text())["steps"] == 4
         config = (run_dir / "config.yaml").read_text()
-        assert f"lr: {lr}" in config and f"scheduler: {scheduler}" in config, config
+        assert f"lr: {lr}" in config and f"shape: {scheduler}" in config, config  # the scheduler node
         assert [e["lr"] for e in read_metrics(run_dir) if "lr" in e][0] == pytest.approx(lr)
