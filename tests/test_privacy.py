@@ -369,6 +369,7 @@ def test_dp_ddp_two_processes_match_one(tmp_path):
 
 # ---------------------------------------------------------------- refusals
 @pytest.mark.parametrize("overrides,match", [
+    (["backend=zero1"], "ZeRO partitions"),
     (["backend=zero2"], "ZeRO partitions"),
     (["backend=zero3"], "ZeRO partitions"),
     (["backend=fsdp"], "FSDP shards"),

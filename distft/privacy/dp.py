@@ -37,13 +37,12 @@ log = logging.getLogger("distft")
 ACCOUNTANTS = ("prv", "rdp", "gdp")
 GRAD_SAMPLE_MODES = ("auto", "hooks", "functorch", "ghost")
 # Why a backend without the "dp" capability cannot run DP-SGD.
+_ZERO = ("ZeRO partitions and reduces gradients inside DeepSpeed's engine, where Opacus cannot clip them per "
+         "example; use backend=ddp or single")
 _WHY_NOT = {
     "fsdp": "FSDP shards each gradient across processes before Opacus could clip it per example "
             "(Opacus' ghost_fsdp mode is not wired in yet); use backend=ddp or single",
-    "zero2": "ZeRO partitions and reduces gradients inside DeepSpeed's engine, where Opacus cannot clip "
-             "them per example; use backend=ddp or single",
-    "zero3": "ZeRO partitions and reduces gradients inside DeepSpeed's engine, where Opacus cannot clip "
-             "them per example; use backend=ddp or single",
+    "zero1": _ZERO, "zero2": _ZERO, "zero3": _ZERO,
 }
 
 
