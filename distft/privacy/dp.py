@@ -125,6 +125,7 @@ class DifferentialPrivacy(Privacy):
         self.noise_generator: Optional[torch.Generator] = None
         self.allowed_steps: Optional[int] = None
         self.run = None
+        self._spent: Optional[tuple] = None  # (noisy steps, epsilon) last computed
 
     # ------------------------------------------------------------------ config time
     def check(self, cfg) -> None:
@@ -310,12 +311,15 @@ class DifferentialPrivacy(Privacy):
         """The epsilon of `steps` noisy steps at this run's noise and sample rate."""
         from opacus.accountants import create_accountant
 
-        if steps == 0:
+        accountant = create_accountant(self.cfg.accountant)
+        accountant.history = [(self.noise_multiplier, self.sample_rate, steps)] if steps else []
+        return self._epsilon_of(accountant)
+
+    def _epsilon_of(self, accountant) -> float:
+        if not accountant.history:
             return 0.0
         if self.noise_multiplier == 0:
             return math.inf
-        accountant = create_accountant(self.cfg.accountant)
-        accountant.history = [(self.noise_multiplier, self.sample_rate, steps)]
         return float(accountant.get_epsilon(delta=self.cfg.delta))
 
     def _steps_within(self, budget: float, planned: int) -> int:
@@ -333,12 +337,12 @@ class DifferentialPrivacy(Privacy):
         return lo
 
     def epsilon(self) -> float:
-        """The epsilon spent so far, from the accountant's history."""
-        if not self.accountant.history:
-            return 0.0
-        if self.noise_multiplier == 0:
-            return math.inf
-        return float(self.accountant.get_epsilon(delta=self.cfg.delta))
+        """The epsilon spent so far, from the accountant's history (asked once per number
+        of noisy steps: the log, the summary and the model card of one step share it)."""
+        steps = sum(h[2] for h in self.accountant.history)
+        if self._spent is None or self._spent[0] != steps:
+            self._spent = (steps, self._epsilon_of(self.accountant))
+        return self._spent[1]
 
     # ------------------------------------------------------------------ the loop's hooks
     def backward(self, losses: torch.Tensor, optimizer, last: bool) -> None:
@@ -346,10 +350,10 @@ class DifferentialPrivacy(Privacy):
             self._ghost_backward(losses, optimizer)
             return
         losses.sum().backward()
-        _fill_missing_grad_samples(optimizer.params)
         if not last:
             # Clip this micro-batch's per-example gradients into the step's sum now and free
             # them; the last one is clipped in the optimizer's step, then noise is added once.
+            _fill_missing_grad_samples(optimizer.params)
             optimizer.clip_and_accumulate()
             for p in optimizer.params:
                 p.grad_sample = None
