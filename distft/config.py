@@ -78,7 +78,12 @@ class TaskConfig:
     num_labels: Optional[int] = None  # classification: inferred from the training labels if unset
     mask_prompt: bool = True  # instruction: loss only on the response tokens
     template: str = "alpaca"  # instruction: alpaca (instruction/input/output) | chat (messages)
-    # classification mixtures: each task's head reads the encoder's pooled features
+    # classification: `model` is the model's own sequence-classification head (BERT's reads
+    # the [CLS] token through its pooler); `pooled` pools the last hidden states
+    # (task.pooling) into a new head of task.head_hidden layers, as sentence encoders are
+    # trained to be read (MiniLM's embeddings are mean-pooled). Mixtures always pool.
+    head: str = "model"  # model | pooled
+    head_hidden: List[int] = field(default_factory=list)  # pooled: hidden widths ([] = linear)
     pooling: str = "mean"  # mean | first | last
     head_dropout: float = 0.1
     metric: str = "loss"  # the eval metric that early stopping and best-checkpoint use

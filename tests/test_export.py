@@ -58,6 +58,9 @@ def distft_logits(trainer):
         ("partial", "causal_lm", ["strategy.unfreeze_top_layers=1"]),  # a new block: plain LlamaForCausalLM
         ("lora", "causal_lm", ["strategy.merge_on_export=true"]),
         ("lora", "classification", ["strategy.merge_on_export=true"]),
+        # a head on pooled hidden states: written whole (adapters folded in), its own modeling file
+        ("lora", "classification", ["task.head=pooled", "task.head_hidden=[16]"]),
+        ("full", "classification", ["task.head=pooled", "task.pooling=first"]),
     ],
 )
 def test_export_reloads_without_distft(cfg_for, strategy, task, extra):
@@ -67,7 +70,8 @@ def test_export_reloads_without_distft(cfg_for, strategy, task, extra):
     summary = trainer.train()
     final = trainer.run_dir / "final"
     expected = distft_logits(trainer)
-    if strategy == "lora":
+    pooled = "task.head=pooled" in extra
+    if strategy == "lora" and not pooled:
         assert (final / "adapter_model.safetensors").is_file()
         got = reload_logits(final, task, "adapter")
         torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)
@@ -75,7 +79,8 @@ def test_export_reloads_without_distft(cfg_for, strategy, task, extra):
         torch.testing.assert_close(merged, expected, rtol=1e-3, atol=1e-4)
     else:
         assert (final / "model.safetensors").is_file()
-        got = reload_logits(final, task, "full", remote=(strategy == "partial" and task == "classification"))
+        remote = pooled or (strategy == "partial" and task == "classification")
+        got = reload_logits(final, task, "full", remote=remote)
         torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)
     assert summary["final_dir"] == str(final)
     assert json.loads((trainer.run_dir / "summary.json").read_text())["trainable_params"] == trainer.trainable

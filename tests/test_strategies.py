@@ -52,3 +52,36 @@ def test_strategy_trains_only_intended_parameters(cfg_for, strategy, task):
     assert len(losses) == 12
     assert sum(losses[-3:]) / 3 < sum(losses[:3]) / 3, losses
     assert 0 < trainer.trainable <= trainer.total
+
+
+@pytest.mark.parametrize("strategy", ["full", "partial", "lora", "bitfit"])
+def test_pooled_head_with_every_strategy(cfg_for, strategy):
+    """task.head=pooled: a new head on mean-pooled hidden states, trained by every strategy
+    beside what the strategy itself trains of the backbone."""
+    cfg = cfg_for(f"strategy={strategy}", "task=classification", "task.head=pooled", "task.head_hidden=[16]",
+                  "trainer.max_steps=12", "trainer.lr=1e-2", "trainer.eval_every=0",
+                  "trainer.save_every=0", "trainer.weight_decay=0.0")
+    trainer = Trainer(cfg).setup()
+    before = {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
+    trainable = {n for n, p in trainer.model.named_parameters() if p.requires_grad}
+    trainer.train()
+    backbone = {
+        "full": lambda n: True, "partial": lambda n: False, "lora": lambda n: "lora_" in n,
+        "bitfit": lambda n: n.endswith(".bias"),
+    }[strategy]
+    assert trainable == {n for n in before if n.startswith("head.") or backbone(n)}
+    assert any(n.startswith("head.1.") for n in trainable)  # the hidden layer of head_hidden=[16]
+    for name, p in trainer.model.named_parameters():
+        assert torch.equal(before[name], p.detach()) != (name in trainable), name
+    losses = [e["loss"] for e in trainer.metrics.history if "loss" in e]
+    assert sum(losses[-3:]) / 3 < sum(losses[:3]) / 3, losses
+
+
+def test_pooled_head_refusals(cfg_for):
+    from distft.errors import ConfigError
+
+    for extra, needle in ((["task.head=cls"], "task.head='cls'"), (["task.pooling=max", "task.head=pooled"], "task.pooling"),
+                          (["task.head_hidden=[8]"], "task.head=pooled"),
+                          (["task.head=pooled", "strategy=partial", "strategy.head=mlp"], "brings its own heads")):
+        with pytest.raises(ConfigError, match=needle.replace("[", r"\[")):
+            Trainer(cfg_for("task=classification", *extra)).setup()

@@ -30,7 +30,7 @@ class PartialStrategy(Strategy):
             raise ConfigError(f"strategy.head={self.cfg.head!r}: choose auto, mlp or block")
         kind = self.head_kind(task)
         if kind == "mlp" and task.own_heads:
-            raise ConfigError(f"strategy.head=mlp: task={task.name} brings one head per task already; "
+            raise ConfigError(f"strategy.head=mlp: task={task.name} brings its own heads already; "
                               "use strategy.head=auto (train them) or block")
         if kind == "mlp" and task.predicts != "label":
             raise ConfigError(

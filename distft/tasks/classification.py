@@ -1,10 +1,10 @@
-from typing import Dict
+from typing import Dict, List, Optional
 
 import torch
 import torch.nn.functional as F
 
 from distft.data.sources import require_label, require_text, where
-from distft.errors import DataError
+from distft.errors import ConfigError, DataError
 from distft.tasks.base import LABEL, Task, pad
 
 
@@ -14,6 +14,62 @@ class ClassificationTask(Task):
     name = "classification"
     predicts = LABEL
     metrics = ("loss", "accuracy")
+
+    @classmethod
+    def check(cls, cfg) -> None:
+        super().check(cfg)
+        if cfg.task.head not in ("model", "pooled"):
+            raise ConfigError(f"task.head={cfg.task.head!r}: choose model (the model's own classification head) "
+                              "or pooled (a new head on pooled hidden states)")
+        if cfg.task.pooling not in ("mean", "first", "last"):
+            raise ConfigError(f"task.pooling={cfg.task.pooling!r}: choose mean, first or last")
+        if cfg.task.head == "model" and list(cfg.task.head_hidden):
+            raise ConfigError("task.head_hidden is the pooled head's hidden widths: set task.head=pooled with it")
+
+    @classmethod
+    def info_for(cls, cfg):
+        from distft.strategies.base import TaskInfo
+
+        return TaskInfo(cfg.task.name, cfg.task.num_labels, cls.predicts, own_heads=cfg.task.head == "pooled")
+
+    def info(self, num_labels: Optional[int] = None):
+        from distft.strategies.base import TaskInfo
+
+        return TaskInfo(self.name, num_labels, self.predicts, own_heads=self.cfg.head == "pooled")
+
+    def build_model(self, model_cfg, tokenizer, num_labels, seed):
+        if self.cfg.head == "model":
+            return super().build_model(model_cfg, tokenizer, num_labels, seed)
+        from distft.models.head_model import MlpHeadConfig, MlpHeadForSequenceClassification
+
+        base = super().build_model(model_cfg, tokenizer, num_labels, seed).base_model
+        config = MlpHeadConfig(backbone=base.config, head_hidden=list(self.cfg.head_hidden),
+                               head_dropout=self.cfg.head_dropout, pooling=self.cfg.pooling,
+                               num_labels=num_labels, pad_token_id=tokenizer.pad_token_id)
+        torch.manual_seed(seed + 1)  # the head's draw, apart from whatever the loading drew
+        return MlpHeadForSequenceClassification(config, backbone=base)
+
+    @property
+    def exported_by_strategy(self) -> bool:
+        return self.cfg.head == "model"
+
+    def export(self, model, strategy, out_dir: str, base_dir: Optional[str]) -> List[str]:
+        """A pooled head is distft's MlpHead model: written whole (LoRA adapters folded into
+        a copy of the backbone), it loads with AutoModelForSequenceClassification
+        (trust_remote_code=True), adapters or not."""
+        if self.cfg.head == "model":
+            return super().export(model, strategy, out_dir, base_dir)
+        import copy
+
+        from distft.models.head_model import MlpHeadForSequenceClassification
+
+        if hasattr(model.backbone, "merge_and_unload"):
+            merged = MlpHeadForSequenceClassification(model.config, backbone=copy.deepcopy(model.backbone).merge_and_unload())
+            merged.head.load_state_dict(model.head.state_dict())
+            model = merged
+        model.save_pretrained(out_dir, safe_serialization=True)
+        self.tokenizer.save_pretrained(out_dir)
+        return [out_dir]
 
     def labels_of(self, records):
         return [require_label(r, self.data_cfg.label_field) for r in records]
