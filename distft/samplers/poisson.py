@@ -34,7 +34,10 @@ class PoissonSampler(Sampler):
     masks; every rank draws the same global batch from the same seeded generator and
     keeps its share, so N processes train on exactly the examples one process would.
     This rank's share is cut into physical micro-batches of at most trainer.batch_size
-    (a logical batch larger than memory still makes one noisy step)."""
+    (a logical batch larger than memory still makes one noisy step), shortest examples
+    first: each example's gradient is clipped on its own, so how the logical batch is cut
+    changes nothing but the padding (SST-2 micro-batches in draw order held 3.3 padded
+    tokens per real one)."""
 
     variable_batch = True
 
@@ -54,6 +57,8 @@ class PoissonSampler(Sampler):
         self.sample_rate = self.expected_batch / n
         self.physical = run.cfg.trainer.batch_size
         self.rank, self.world = run.backend.rank, run.backend.world_size
+        tokenized = isinstance(run.train_examples[0], dict) and "input_ids" in run.train_examples[0]
+        self.lengths = [len(e["input_ids"]) for e in run.train_examples] if tokenized else None
         if self.generator is None:
             self.generator = torch.Generator().manual_seed(run.cfg.seed + 7919)
         self.masks = UniformWithReplacementSampler(num_samples=n, sample_rate=self.sample_rate,
@@ -70,6 +75,8 @@ class PoissonSampler(Sampler):
             self._stream = iter(self.masks)
             chosen = next(self._stream)
         self.steps_done += 1
+        if self.lengths is not None:  # every rank sorts the same draw: shares of like lengths
+            chosen = sorted(chosen, key=lambda i: (self.lengths[i], i))
         mine = chosen[self.rank :: self.world]
         return [mine[i : i + self.physical] for i in range(0, len(mine), self.physical)]
 
