@@ -58,6 +58,10 @@ class DataConfig:
     # Held-out share of train used for validation when no validation file is given.
     validation_split: float = 0.1
     max_train_examples: Optional[int] = None
+    # Keep a seeded random share of the (first max_train_examples) training examples: a
+    # count or a fraction (regularizer=replay's rehearsal buffer uses them).
+    sample_train_examples: Optional[int] = None
+    sample_train_fraction: Optional[float] = None
     max_validation_examples: Optional[int] = None
     # Tokenised examples are cached here, keyed by a hash of data + tokenizer + settings;
     # null turns the cache off.
@@ -131,7 +135,30 @@ class PartialStrategyConfig(StrategyConfig):
 
 @dataclass
 class RegularizerConfig:
-    name: str = "none"  # none (distft/regularizers/)
+    name: str = "none"  # none | l2sp | ewc | replay (distft/regularizers/)
+
+
+@dataclass
+class L2SPRegularizerConfig(RegularizerConfig):
+    name: str = "l2sp"
+    strength: float = 0.01  # strength/2 * ||theta - theta_start||^2 over trainable non-head tensors
+
+
+@dataclass
+class EWCRegularizerConfig(RegularizerConfig):
+    name: str = "ewc"
+    strength: float = 1000.0  # strength/2 * sum F (theta - theta*)^2
+    fisher_examples: Optional[int] = 1000  # training examples the Fisher is estimated on (null: all)
+    decay: float = 1.0  # online EWC: F <- decay * F_earlier + F_this_stage
+
+
+@dataclass
+class ReplayRegularizerConfig(RegularizerConfig):
+    name: str = "replay"
+    # Examples kept of each earlier stage's training data and mixed into later stages:
+    # a count, or a fraction of that stage's training set; chosen from the seed.
+    size: Optional[int] = 1000
+    fraction: Optional[float] = None
 
 
 @dataclass
@@ -283,7 +310,8 @@ STRATEGY_SCHEMAS = {
 }
 # Per-choice schemas of the axes whose node differs by choice; a choice a plugin registers
 # without a schema here is checked by its own `check`.
-REGULARIZER_SCHEMAS = {"none": RegularizerConfig}
+REGULARIZER_SCHEMAS = {"none": RegularizerConfig, "l2sp": L2SPRegularizerConfig, "ewc": EWCRegularizerConfig,
+                       "replay": ReplayRegularizerConfig}
 PRIVACY_SCHEMAS = {"none": PrivacyConfig, "dp": DPPrivacyConfig}
 _PER_CHOICE = {"strategy": STRATEGY_SCHEMAS, "regularizer": REGULARIZER_SCHEMAS, "privacy": PRIVACY_SCHEMAS}
 

@@ -211,6 +211,9 @@ class MixtureTask(Task):
     def loss_sum(self, logits, batch):
         return self.tasks[0].loss_sum(logits, batch)
 
+    def example_losses(self, logits, batch):
+        return self.tasks[0].example_losses(logits, batch)
+
     def eval_stats(self, logits, batch):
         out = {}
         for i, m in enumerate(self.members):

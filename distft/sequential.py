@@ -8,9 +8,10 @@ task adds its own head on the shared encoder. The stage-by-task matrix goes to
 RUN_DIR/forgetting.json and forgetting.png.
 
 Where a stage's data and starting weights are assembled (`stage_config`) is the one
-place a guard against forgetting plugs in: replay sets an earlier member's train=true with
-a small weight; a regulariser (L2-SP, EWC) reads the previous stage's weights from
-`init_from`.
+place a guard against forgetting plugs in: the regularizer's `stage_data` may change the
+stage's mixture (replay trains a buffer of each earlier stage); a penalty (L2-SP, EWC)
+anchors at the weights the stage starts from (`init_from`) or reads what the previous
+stage handed on (`inputs`, e.g. EWC's Fisher).
 """
 from __future__ import annotations
 
@@ -57,6 +58,9 @@ def stage_config(cfg, k: int, init_from: Optional[str], inputs: Optional[Dict[st
         for i in range(k + 1):
             tasks[names[i]] = {"data": stages[i].get("data") or {}, "task": stages[i].get("task") or {},
                                "train": i == k}
+        from distft.regularizers import REGULARIZERS
+
+        REGULARIZERS.build(cfg.regularizer).stage_data(tasks, k)
         out.data.name = "mixture"
         out.data.tasks = tasks
         out.data.sampler = "proportional"

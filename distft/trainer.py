@@ -642,6 +642,9 @@ class Trainer:
                 readme.write_text((readme.read_text().rstrip() + "\n\n" if readme.exists() else "") + card)
             ckpt.commit_dir(tmp, out)
         peaks = self.backend.gather_object(round(self.peak_memory_mb, 1))
+        # The folder of the exported weights, what a next stage starts from (a regularizer's
+        # artifacts anchor to it).
+        self.exported_weights = ckpt.exported_weights(self.run_dir, self.step, exported_step)
         secs = self.state["train_seconds"]
         summary = {
             "steps": self.step,
@@ -670,8 +673,7 @@ class Trainer:
             "objective_direction": "maximize" if cfg.task.greater_is_better else "minimize",
             # What a next stage starts from (sequential recipes): the exported weights'
             # folder, and whatever the regularizer leaves for it.
-            "artifacts": {"weights": str(ckpt.exported_weights(self.run_dir, self.step, exported_step)),
-                          **self.regularizer.artifacts(self)},
+            "artifacts": {"weights": str(self.exported_weights), **self.regularizer.artifacts(self)},
         }
         if self.main:
             tmp = self.run_dir / "summary.json.tmp"

@@ -1,6 +1,7 @@
 """Loading, validating, cleaning and splitting the records of a run."""
 from __future__ import annotations
 
+import math
 import random
 from typing import Dict, List, Tuple
 
@@ -54,9 +55,27 @@ def load_records(cfg, task: str, seed: int, template: str = "alpaca") -> Tuple[L
             split_info = {"validation": str(cfg.validation or cfg.train)}
     if cfg.max_train_examples:
         train = train[: cfg.max_train_examples]
+    if cfg.sample_train_examples is not None or cfg.sample_train_fraction is not None:
+        train = _sample(cfg, train, seed)
     if cfg.max_validation_examples:
         val = val[: cfg.max_validation_examples]
     return train, val, split_info
+
+
+def _sample(cfg, train: List[Record], seed: int) -> List[Record]:
+    """A seeded random share of `train`, in file order (the same on every run and rank)."""
+    if cfg.sample_train_examples is not None and cfg.sample_train_fraction is not None:
+        raise ConfigError("data.sample_train_examples and data.sample_train_fraction: give one of them")
+    if cfg.sample_train_fraction is not None:
+        if not 0 < cfg.sample_train_fraction <= 1:
+            raise ConfigError(f"data.sample_train_fraction={cfg.sample_train_fraction}: must be in (0, 1]")
+        n = max(1, math.ceil(len(train) * cfg.sample_train_fraction))
+    else:
+        if cfg.sample_train_examples < 1:
+            raise ConfigError(f"data.sample_train_examples={cfg.sample_train_examples}: must be >= 1")
+        n = min(cfg.sample_train_examples, len(train))
+    keep = sorted(random.Random(seed + 15485863).sample(range(len(train)), n))
+    return [train[i] for i in keep]
 
 
 __all__ = ["DATA_KINDS", "Record", "check_data_config", "load_records", "read_jsonl", "read_records", "generate"]

@@ -24,3 +24,8 @@ class Regularizer(Component):
         """Files a later stage needs (name -> path under run.run_dir), written at the end
         of a run (e.g. EWC's Fisher estimate); sequential stages pass them on."""
         return {}
+
+    def stage_data(self, tasks: Dict[str, Dict], k: int) -> None:
+        """Sequential fine-tuning: adjust stage k's mixture before it runs. `tasks` maps
+        each stage so far (earlier ones first) to its {data, task, train} spec; only stage
+        k trains unless changed here (replay trains a buffer of the earlier ones)."""
