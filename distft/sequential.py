@@ -58,8 +58,10 @@ def stage_config(cfg, k: int, init_from: Optional[str], inputs: Optional[Dict[st
         for i in range(k + 1):
             tasks[names[i]] = {"data": stages[i].get("data") or {}, "task": stages[i].get("task") or {},
                                "train": i == k}
+        from distft.registry import import_plugins
         from distft.regularizers import REGULARIZERS
 
+        import_plugins(cfg.plugins)  # a plugin's regularizer may shape the stage too
         REGULARIZERS.build(cfg.regularizer).stage_data(tasks, k)
         out.data.name = "mixture"
         out.data.tasks = tasks
@@ -127,13 +129,23 @@ def run_sequential(cfg, recipe=None) -> Dict:
     if recipe is None and trainer is not None:
         trainer.close()
     result = forgetting_report(names, metric, matrix)
+    result["regularizer"] = OmegaConf.to_container(cfg.regularizer, resolve=True)
     root = Path(cfg.run_dir)
+    # The experiment's own summary: the last stage's, with what the forgetting matrix says
+    # (each earlier task's drop, the new task's metric) and the guard that ran.
+    out = {**summary, "forgetting": result, "final_dir": str(Path(summary["final_dir"])),
+           "regularizer": result["regularizer"], "drop": result["forgetting"],
+           "new_task": names[-1], f"new_task_{metric}": matrix[-1][-1],
+           "stage_dirs": {name: str(root / "stages" / f"{k + 1}-{name}") for k, name in enumerate(names)}}
     if _is_main():
         root.mkdir(parents=True, exist_ok=True)
         (root / "forgetting.json").write_text(json.dumps(result, indent=2))
         _heatmap(result, root / "forgetting.png")
+        tmp = root / "summary.json.tmp"
+        tmp.write_text(json.dumps(out, indent=2))
+        tmp.replace(root / "summary.json")
         log.info("forgetting matrix (%s after each stage):\n%s", metric, format_matrix(result))
-    return {**summary, "forgetting": result, "final_dir": str(Path(summary["final_dir"]))}
+    return out
 
 
 def _is_main() -> bool:
@@ -179,6 +191,11 @@ def _heatmap(result: Dict, path: Path) -> None:
     for (r, c), v in np.ndenumerate(m):
         if not np.isnan(v):
             ax.text(c, r, f"{v:.3f}", ha="center", va="center", color="w" if v < np.nanmean(m) else "k")
+    reg = result.get("regularizer") or {}
+    if reg.get("name", "none") != "none":
+        ax.set_title("regularizer=" + reg["name"] + "".join(f", {k} {v}" for k, v in reg.items()
+                                                          if k in ("strength", "size", "fraction") and v is not None),
+                     fontsize=9)
     fig.colorbar(im, ax=ax)
     fig.tight_layout()
     fig.savefig(path, dpi=120)

@@ -31,6 +31,9 @@ def test_two_stages_report_the_forgetting_matrix(tmp_path):
     assert a11 > 0.8, "stage 1 learns its task"
     assert result["forgetting"]["sent"] == pytest.approx(a11 - a21)
     assert (run / "forgetting.png").stat().st_size > 1000
+    top = json.loads((run / "summary.json").read_text())
+    assert top["drop"] == result["forgetting"] and top["new_task"] == "color"
+    assert top["new_task_accuracy"] == pytest.approx(a22) and top["regularizer"]["name"] == "none"
     assert "forgetting matrix" in proc.stdout + proc.stderr
 
     stage1, stage2 = run / "stages" / "1-sent", run / "stages" / "2-color"
