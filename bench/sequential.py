@@ -82,7 +82,7 @@ def sequential(strategy: str, setting: str, experiment: str, shared_first: Path,
         wall = run(args, quick)
         wall_file.write_text(json.dumps({"args": args, "wall_s": wall}))
     result = json.loads((run_dir / "forgetting.json").read_text())
-    png = out / f"sequential-{experiment.replace('sequential_', '')}-{strategy}-{setting}.png"
+    png = out / f"sequential-{experiment.replace('sequential_', '')}-{strategy}-{setting}{'-quick' if quick else ''}.png"
     shutil.copy(run_dir / "forgetting.png", png)
     return {"strategy": strategy, "setting": setting, "experiment": experiment, "matrix": result["matrix"],
             "tasks": result["tasks"], "forgetting": result["forgetting"], "wall_s": None if wall is None else round(wall, 1),
