@@ -141,13 +141,13 @@ class RegularizerConfig:
 @dataclass
 class L2SPRegularizerConfig(RegularizerConfig):
     name: str = "l2sp"
-    strength: float = 0.01  # strength/2 * ||theta - theta_start||^2 over trainable non-head tensors
+    strength: float = 0.1  # strength/2 * ||theta - theta_start||^2 over trainable non-head tensors
 
 
 @dataclass
 class EWCRegularizerConfig(RegularizerConfig):
     name: str = "ewc"
-    strength: float = 1000.0  # strength/2 * sum F (theta - theta*)^2
+    strength: float = 5000.0  # strength/2 * sum F (theta - theta*)^2
     fisher_examples: Optional[int] = 1000  # training examples the Fisher is estimated on (null: all)
     decay: float = 1.0  # online EWC: F <- decay * F_earlier + F_this_stage
 
