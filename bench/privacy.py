@@ -47,6 +47,16 @@ LORA = ["strategy=lora", "strategy.r=16", "strategy.alpha=32", "strategy.target_
 # clip; at lr 1e-3 the loss still climbed (1.16 at step 44: Adam moves every weight by about
 # the rate whatever the noise); at 3e-4 it stayed at 0.69 for all 96 steps (accuracy 0.509,
 # bench/results/privacy.md). Not yet a working recipe: the 0.80 target is open.
+# What the noiseless runs (privacy.noise_multiplier=0, 30 steps of 64, task.head=pooled,
+# LoRA r8 on query/value, lr 1e-3) showed next: clipping alone stops learning. At the
+# start every example's gradient norm is about 3.6 (the new head's (p - y) x over MiniLM
+# features of norm 5 dominates); with privacy.max_grad_norm 1 or 3 the run stays at 0.51-0.52
+# (its loss rising), with 10 it matches non-private training (0.68). Clipped below that
+# norm, each example adds a vector of the same length whatever its error, so the head's
+# bias is pushed toward the majority class at a constant rate and the weights along a
+# fixed direction: nothing balances the push as the loss does. A working recipe needs the
+# head's per-example gradient below the clip at the start (normalised pooled features, a
+# larger clip with the noise that comes with it, or a head trained before privately).
 # Physical micro-batches of 64.
 DP_LORA = ["strategy=lora", "strategy.r=8", "strategy.alpha=16", "strategy.target_modules=[query,value,dense]"]
 DP_SST2 = ["privacy=dp", "privacy.delta=1e-5", "privacy.max_grad_norm=1.0", "privacy.logical_batch_size=512",
