@@ -4,7 +4,7 @@
     python bench/sequential.py --strategies lora       # one strategy's table
     python bench/sequential.py --settings plain replay # some settings (rows of other settings are kept)
     python bench/sequential.py --three                 # only the 3-stage runs (SST-2, AG News, TREC)
-    python bench/sequential.py --quick                 # 200 examples a stage: a smoke run (asserts nothing)
+    python bench/sequential.py --quick                 # 96 examples a stage: a smoke run (asserts nothing)
 
 Each setting runs `distft-train experiment=sequential_sst2_agnews ... regularizer=...`, one
 epoch per stage, final weights (no selection on validation). Stage 1 (SST-2) is one run
@@ -63,7 +63,7 @@ def _relative(arg: str) -> str:
 def run(cmd_args, quick: bool) -> float:
     cmd = [sys.executable, "-m", "distft.train", *cmd_args]
     if quick:
-        cmd += ["data.max_train_examples=200", "data.max_validation_examples=100"]
+        cmd += ["data.max_train_examples=96", "data.max_validation_examples=48"]
     print("$ distft-train " + " ".join(_relative(a) for a in cmd[3:]), flush=True)
     started = time.time()
     subprocess.run(cmd, cwd=ROOT, check=True, stdout=subprocess.DEVNULL, env={**os.environ, "WANDB_MODE": "offline"})
