@@ -20,18 +20,13 @@ import torch
 from distft.errors import ConfigError
 from distft.regularizers.base import Regularizer
 
-_HEAD_PARTS = ("classifier", "score", "head", "heads", "modules_to_save", "original_module")
-
-
-def is_head(name: str) -> bool:
-    """A task head's tensor: HF's classifier/score, distft's MlpHead/mixture heads, and
-    peft's copies of them."""
-    return any(part in _HEAD_PARTS for part in name.split("."))
-
-
 def penalized_names(model) -> list:
-    """The trainable tensors a penalty covers: every trainable one but the heads."""
-    return [n for n, p in model.named_parameters() if p.requires_grad and not is_head(n)]
+    """The trainable tensors a penalty covers: every trainable one but the task heads the
+    strategies know (distft.strategies.base.head_parameter_names)."""
+    from distft.strategies.base import head_parameter_names
+
+    heads = set(head_parameter_names(model))
+    return [n for n, p in model.named_parameters() if p.requires_grad and n not in heads]
 
 
 class AnchoredPenalty(Regularizer):
@@ -96,4 +91,4 @@ class AnchoredPenalty(Regularizer):
         return 0.5 * self.cfg.strength * total
 
 
-__all__ = ["AnchoredPenalty", "is_head", "penalized_names"]
+__all__ = ["AnchoredPenalty", "penalized_names"]

@@ -83,7 +83,10 @@ def head_parameter_names(model: nn.Module) -> list[str]:
     `distft_heads` (MlpHead's `head`, a mixture's `heads`); a transformers
     sequence-classification model has `score` or `classifier`."""
     tops = tuple(getattr(model, "distft_heads", ())) + _HF_HEADS
-    return [name for name, _ in model.named_parameters() if name.split(".")[0] in tops]
+    names = [name for name, _ in model.named_parameters() if name.split(".")[0] in tops]
+    if hasattr(model, "get_base_model"):  # a peft-wrapped task model: its heads (and their trained copies) inside
+        names += [f"base_model.model.{name}" for name in head_parameter_names(model.get_base_model())]
+    return names
 
 
 def declared_heads(model: nn.Module) -> list:
