@@ -47,6 +47,8 @@ class DataConfig:
     input_field: str = "input"
     output_field: str = "output"
     messages_field: str = "messages"  # chat: a list of {role, content}
+    tokens_field: str = "tokens"  # token_classification: the words, a list of strings
+    tags_field: str = "tags"  # token_classification: one BIO tag (a string) per word
     max_length: int = 128  # tokens per example
     too_long: str = "truncate"  # truncate | drop examples longer than max_length
     min_tokens: int = 0  # drop examples with fewer tokens
@@ -90,6 +92,11 @@ class TaskConfig:
     head_hidden: List[int] = field(default_factory=list)  # pooled: hidden widths ([] = linear)
     pooling: str = "mean"  # mean | first | last
     head_dropout: float = 0.1
+    # token_classification: the tag set, as a list or a file of one tag per line (null: O,
+    # then the tags of the training data sorted); label order = the head's output order.
+    labels: Optional[Any] = None
+    subtoken_labels: str = "first"  # first: only a word's first sub-token is labelled | all (B- continued as I-)
+    repair_iob: bool = False  # read an I-X that follows neither B-X nor I-X as B-X instead of refusing it
     metric: str = "loss"  # the eval metric that early stopping and best-checkpoint use
     greater_is_better: bool = False
 
@@ -131,6 +138,42 @@ class PartialStrategyConfig(StrategyConfig):
     head_hidden: List[int] = field(default_factory=lambda: [256])
     head_dropout: float = 0.1
     pooling: str = "mean"  # mean | first | last (mlp head)
+
+
+@dataclass
+class ClassifierConfig:
+    """strategy=feature's scikit-learn classifier (distft/features.py)."""
+
+    name: str = "logistic"  # logistic | svm (linear) | mlp
+    # Any scikit-learn classifier class instead (e.g. sklearn.ensemble.RandomForestClassifier),
+    # built with `params`; saved with skops, as it cannot be a model head.
+    _target_: Optional[str] = None
+    # A list is searched by stratified cross-validation (cv folds, `scoring`), a number is used as is.
+    C: Any = field(default_factory=lambda: [0.01, 0.1, 1.0, 10.0])  # logistic / svm: inverse L2 strength
+    alpha: Any = 1e-4  # mlp: L2 strength
+    hidden: List[int] = field(default_factory=lambda: [256])  # mlp: hidden widths
+    activation: str = "relu"  # mlp: relu | tanh | logistic | identity
+    early_stopping: bool = True  # mlp: hold out 10% and stop when it stops improving
+    standardize: bool = True  # scale features to zero mean and unit variance first (folded into an exported head)
+    class_weight: Optional[str] = None  # null | balanced
+    max_iter: int = 2000
+    cv: int = 5
+    scoring: Optional[str] = None  # null: accuracy (sequence tasks), f1_macro (token tasks)
+    n_jobs: Optional[int] = None  # cross-validation folds in parallel (null: 1, -1: every core)
+    params: Dict[str, Any] = field(default_factory=dict)  # further keyword arguments of the classifier
+
+
+@dataclass
+class FeatureStrategyConfig(StrategyConfig):
+    name: str = "feature"
+    pooling: str = "mean"  # mean | first | last (sequence tasks; token tasks read each word's first sub-token)
+    layer: int = -1  # which hidden_states entry (0 = embeddings, -1 = last layer)
+    last_k: int = 1  # > 1: the mean of the last k layers instead
+    batch_size: int = 64  # examples per forward pass while embedding
+    # Embeddings are cached here (safetensors), keyed by model, data, pooling, layers and max
+    # length; null turns the cache off.
+    cache_dir: Optional[str] = "${oc.env:DISTFT_FEATURE_CACHE,${oc.env:HOME,.}/.cache/distft/features}"
+    classifier: ClassifierConfig = field(default_factory=ClassifierConfig)
 
 
 @dataclass
@@ -307,6 +350,7 @@ STRATEGY_SCHEMAS = {
     "partial": PartialStrategyConfig,
     "lora": LoraStrategyConfig,
     "bitfit": BitFitStrategyConfig,
+    "feature": FeatureStrategyConfig,
 }
 # Per-choice schemas of the axes whose node differs by choice; a choice a plugin registers
 # without a schema here is checked by its own `check`.

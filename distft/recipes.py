@@ -11,8 +11,10 @@ gradient loop (feature extraction + scikit-learn, a search) is a recipe too.
 """
 from __future__ import annotations
 
+import sys
 from typing import Dict, Optional
 
+from distft.errors import ConfigError
 from distft.registry import Registry
 
 
@@ -69,9 +71,25 @@ class SequentialRun(Recipe):
             self.trainer.close()
 
 
+def recipe_name(cfg) -> str:
+    """The experiment's recipe, or the strategy's own when it is not a gradient loop
+    (strategy=feature: embeddings + scikit-learn)."""
+    from distft.strategies.base import STRATEGIES
+
+    own = getattr(STRATEGIES.get(cfg.strategy.name), "recipe", None)
+    if own is None:
+        return cfg.experiment.name
+    if cfg.experiment.name != "single":
+        raise ConfigError(f"strategy={cfg.strategy.name} runs as its own recipe and cannot be a stage of "
+                          f"experiment={cfg.experiment.name}")
+    if "distft.features" not in sys.modules:
+        import distft.features  # noqa: F401  (registers the feature recipe)
+    return own
+
+
 def run_recipe(cfg) -> Dict:
     """Build the recipe the config names and take it through its life cycle."""
-    recipe = RECIPES.get(cfg.experiment.name)(cfg).setup()
+    recipe = RECIPES.get(recipe_name(cfg))(cfg).setup()
     summary = recipe.run()
     recipe.cleanup()
     return summary

@@ -60,6 +60,14 @@ def _main(cfg: DictConfig) -> None:
         return
     metric = summary.get("metric")
     value = summary.get(f"eval/{metric}")
+    if "classifier" in summary:  # strategy=feature: a scikit-learn classifier on frozen features
+        feats = summary["features"]
+        print(f"done: {summary['classifier']} on {feats['train_rows']} x {feats['dim']} features"
+              + (" (from the cache)" if feats["cache_hit"] else "") + f", eval/{metric}="
+              + (f"{value:.4f}" if value is not None else "n/a")
+              + f"; model in {summary['final_dir']} ({summary['exported_as']})")
+        _exit_cleanly_if_distributed()
+        return
     print(
         f"done: {summary['steps']} steps, eval/{metric}="
         + (f"{value:.4f}" if value is not None else "n/a")

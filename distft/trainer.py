@@ -368,7 +368,7 @@ class Trainer:
             metrics = self.evaluate()
             self.metrics.log({"step": 0, **{f"eval/{k}": v for k, v in metrics.items()}})
             if self.main:
-                bar.write("step 0: " + "  ".join(f"eval/{k}={v:.4f}" for k, v in metrics.items()))
+                bar.write("step 0: " + self._console(metrics))
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)  # training's peak, not loading's
         self.model.train()
@@ -527,7 +527,7 @@ class Trainer:
         self.metrics.log({"step": self.step, **{f"eval/{k}": v for k, v in metrics.items()}, **self.privacy.metrics()})
         self.last_eval = (self.step, metrics)
         if self.main:
-            bar.write(f"step {self.step}: " + "  ".join(f"eval/{k}={v:.4f}" for k, v in metrics.items()))
+            bar.write(f"step {self.step}: " + self._console(metrics))
         stop = False
         for hook in self.eval_hooks:
             stop = bool(hook(self.step, metrics)) or stop
@@ -553,6 +553,11 @@ class Trainer:
                          step, name, patience, best, self.state["best_step"])
             return True
         return False
+
+    def _console(self, metrics: Dict[str, float]) -> str:
+        """The eval line: the task's named metrics (per-type breakdowns stay in the metrics file)."""
+        shown = {k: v for k, v in metrics.items() if k in self.task.metrics} or metrics
+        return "  ".join(f"eval/{k}={v:.4f}" for k, v in shown.items())
 
     @torch.no_grad()
     def evaluate(self) -> Dict[str, float]:

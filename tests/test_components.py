@@ -143,7 +143,7 @@ def test_privacy_contract(name, cfg_for):
 
 
 @pytest.mark.parametrize("name", registered_strategies())
-@pytest.mark.parametrize("predicts", ["next_tokens", "label"])
+@pytest.mark.parametrize("predicts", ["next_tokens", "label", "token_labels"])
 def test_strategy_contract(name, predicts, cfg_for, tmp_path):
     """Every strategy serves both kinds of head: something trains, the task's declared
     head trains, and the export writes a folder."""
@@ -151,13 +151,13 @@ def test_strategy_contract(name, predicts, cfg_for, tmp_path):
 
     cfg = cfg_for(f"strategy={name}")
     strategy = build_strategy(cfg.strategy)
-    info = TaskInfo("t", 3 if predicts == "label" else None, predicts)
+    info = TaskInfo("t", None if predicts == "next_tokens" else 3, predicts)
     strategy.check(info)
     tokenizer = load_tokenizer(cfg.model, None)
     model = strategy.apply(load_model(cfg.model, predicts, tokenizer, info.num_labels), info)
     trainable = [n for n, p in model.named_parameters() if p.requires_grad]
     assert trainable
-    if predicts == "label":
+    if predicts != "next_tokens":
         assert any(p.requires_grad for p in declared_heads(model)) or any("modules_to_save" in n for n in trainable)
     assert strategy.export(model, str(tmp_path / "out"), None)
 

@@ -12,10 +12,12 @@ from distft.trainer import Trainer
 
 LOADER = r"""
 import json, sys, torch
-from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
+from transformers import (AutoModelForCausalLM, AutoModelForSequenceClassification, AutoModelForTokenClassification,
+                          AutoTokenizer)
 spec = json.loads(sys.argv[1])
 path, kind = spec["path"], spec["kind"]
-auto = AutoModelForSequenceClassification if spec["task"] == "classification" else AutoModelForCausalLM
+auto = {"classification": AutoModelForSequenceClassification,
+        "token_classification": AutoModelForTokenClassification}.get(spec["task"], AutoModelForCausalLM)
 tok = AutoTokenizer.from_pretrained(path, trust_remote_code=spec.get("remote", False))
 if kind == "adapter":
     from peft import PeftModel, PeftConfig
@@ -61,6 +63,8 @@ def distft_logits(trainer):
         # a head on pooled hidden states: written whole (adapters folded in), its own modeling file
         ("lora", "classification", ["task.head=pooled", "task.head_hidden=[16]"]),
         ("full", "classification", ["task.head=pooled", "task.pooling=first"]),
+        ("bitfit", "token_classification", []),
+        ("lora", "token_classification", ["strategy.merge_on_export=true"]),  # peft TOKEN_CLS, its head saved
     ],
 )
 def test_export_reloads_without_distft(cfg_for, strategy, task, extra):

@@ -7,7 +7,8 @@ from distft.strategies import registered_strategies
 from distft.trainer import Trainer
 
 LR = {"full": 3e-3, "lora": 1e-2, "bitfit": 1e-2, "partial": 1e-2}
-TASKS = ["causal_lm", "instruction", "classification"]
+TASKS = ["causal_lm", "instruction", "classification", "token_classification"]
+HEADED = ("classification", "token_classification")  # a new task head (score) that every strategy trains
 
 
 def intended(strategy: str, task: str, name: str) -> bool:
@@ -16,14 +17,15 @@ def intended(strategy: str, task: str, name: str) -> bool:
     if strategy == "full":
         return True
     if strategy == "bitfit":
-        return name.endswith(".bias") or (task == "classification" and head)
+        return name.endswith(".bias") or (task in HEADED and head)
     if strategy == "lora":
         # peft trains a copy of the head (modules_to_save) and keeps the original frozen
         return "lora_" in name or "modules_to_save" in name
     if strategy == "partial":
         if task == "classification":
             return name.startswith("head.")  # the new MLP head on pooled features
-        return ".layers.2." in name  # the new block on top of the 2-layer tiny model
+        # the new block on top of the 2-layer tiny model (and a token head)
+        return ".layers.2." in name or (task in HEADED and head)
 
 
 def test_all_strategies_registered():

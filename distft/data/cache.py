@@ -47,7 +47,7 @@ def _tokenizer_digest(tokenizer) -> str:
 
 
 def cache_key(data_cfg, task_cfg, tokenizer, seed: int) -> str:
-    parts = {
+    parts: Dict = {
         "version": CACHE_VERSION,
         "data": OmegaConf.to_container(data_cfg, resolve=True),
         "task": OmegaConf.to_container(task_cfg, resolve=True),
@@ -58,6 +58,9 @@ def cache_key(data_cfg, task_cfg, tokenizer, seed: int) -> str:
                          for name, spec in OmegaConf.to_container(data_cfg.tasks, resolve=True).items()},
         "tokenizer": _tokenizer_digest(tokenizer),
     }
+    labels = OmegaConf.select(task_cfg, "labels")
+    if isinstance(labels, str):  # token_classification's tag set as a file: its contents count
+        parts["labels_file"] = _file_digest(labels)
     parts["data"].pop("cache_dir", None)
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:24]
 

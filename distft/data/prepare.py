@@ -6,7 +6,6 @@ from typing import Dict, List, Optional, Tuple
 from distft.data import load_records
 from distft.data.packing import pack, packing_stats
 from distft.data.clean import SplitReport, check_clean_config, clean_records, fit_lengths, overlap
-from distft.errors import ConfigError
 
 
 def prepare(data_cfg, task, seed: int) -> Tuple[List[Dict], List[Dict], Optional[int], Dict]:
@@ -21,14 +20,9 @@ def prepare(data_cfg, task, seed: int) -> Tuple[List[Dict], List[Dict], Optional
     train_records = clean_records(train_records, data_cfg, task.text_fields(), task.key_fields(), reports["train"])
     val_records = clean_records(val_records, data_cfg, task.text_fields(), task.key_fields(), reports["validation"])
 
-    num_labels = None
-    if task.predicts == "label":
-        labels = task.labels_of(train_records)
-        num_labels = task_cfg.num_labels or 1 + max(labels)
-        if num_labels < 2:
-            raise ConfigError(f"{data_cfg.train}: classification needs at least two labels")
-        task.check_labels(train_records, num_labels)
-        task.check_labels(val_records, num_labels)
+    # The task fixes its label set from the training records and checks every record
+    # against it (naming the file and line of the first bad one).
+    num_labels, label_report = task.fit_labels(train_records, val_records)
 
     train = fit_lengths(task.encode(train_records), train_records, data_cfg, reports["train"])
     val = fit_lengths(task.encode(val_records), val_records, data_cfg, reports["validation"])
@@ -43,6 +37,7 @@ def prepare(data_cfg, task, seed: int) -> Tuple[List[Dict], List[Dict], Optional
         **{k: r.to_dict() for k, r in reports.items()},
         "validation_also_in_train": overlap(train_records, val_records, task.key_fields()),
         "packing": packed,
+        **(label_report or {}),
         "settings": {"max_length": data_cfg.max_length, "too_long": data_cfg.too_long,
                      "min_tokens": data_cfg.min_tokens, "dedup": data_cfg.dedup, "drop_empty": data_cfg.drop_empty},
     }

@@ -12,10 +12,16 @@ from transformers import AutoConfig, AutoModel, PretrainedConfig, PreTrainedMode
 from transformers.modeling_outputs import SequenceClassifierOutput
 
 
+# The activations a head may use between its layers (scikit-learn's MLP names among them,
+# so a fitted MLPClassifier can become a head).
+ACTIVATIONS = {"gelu": nn.GELU, "relu": nn.ReLU, "tanh": nn.Tanh, "logistic": nn.Sigmoid, "identity": nn.Identity}
+
+
 class MlpHeadConfig(PretrainedConfig):
     model_type = "distft_mlp_head"
 
-    def __init__(self, backbone=None, head_hidden=(256,), head_dropout=0.1, pooling="mean", num_labels=None, **kwargs):
+    def __init__(self, backbone=None, head_hidden=(256,), head_dropout=0.1, pooling="mean", num_labels=None,
+                 activation="gelu", feature_layers=None, **kwargs):
         # A saved config carries id2label, not num_labels: passing a default here would
         # override the label count read back from disk.
         if num_labels is not None:
@@ -27,6 +33,10 @@ class MlpHeadConfig(PretrainedConfig):
         self.head_hidden = list(head_hidden)
         self.head_dropout = head_dropout
         self.pooling = pooling
+        self.activation = activation  # between hidden layers: gelu | relu | tanh | logistic | identity
+        # Hidden states read: None = the last layer's output; else indices into the model's
+        # hidden_states (0 = embeddings, -1 = last), averaged.
+        self.feature_layers = list(feature_layers) if feature_layers is not None else None
 
     def backbone_config(self) -> PretrainedConfig:
         cfg = dict(self.backbone)
@@ -44,7 +54,7 @@ class MlpHeadForSequenceClassification(PreTrainedModel):
         width = config.backbone.get("hidden_size") or self.backbone.config.hidden_size
         layers: list[nn.Module] = []
         for hidden in config.head_hidden:
-            layers += [nn.Dropout(config.head_dropout), nn.Linear(width, hidden), nn.GELU()]
+            layers += [nn.Dropout(config.head_dropout), nn.Linear(width, hidden), ACTIVATIONS[config.activation]()]
             width = hidden
         layers += [nn.Dropout(config.head_dropout), nn.Linear(width, config.num_labels)]
         self.head = nn.Sequential(*layers)
@@ -68,8 +78,12 @@ class MlpHeadForSequenceClassification(PreTrainedModel):
     def forward(self, input_ids=None, attention_mask=None, labels=None, **kwargs):
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
-        out = self.backbone(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
-        logits = self.head(self.pool(out.last_hidden_state, attention_mask))
+        layers = self.config.feature_layers
+        out = self.backbone(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=bool(layers),
+                            **kwargs)
+        hidden = out.last_hidden_state if not layers else \
+            torch.stack([out.hidden_states[i] for i in layers]).mean(0)
+        logits = self.head(self.pool(hidden, attention_mask))
         loss = None
         if labels is not None:
             loss = nn.functional.cross_entropy(logits.float(), labels)

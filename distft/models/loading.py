@@ -12,6 +12,7 @@ from transformers import (
     AutoConfig,
     AutoModelForCausalLM,
     AutoModelForSequenceClassification,
+    AutoModelForTokenClassification,
     AutoTokenizer,
     LlamaConfig,
     PreTrainedModel,
@@ -64,6 +65,9 @@ def _apply_dropout(config, dropout: Optional[float]) -> None:
     for key, value in list(config.to_dict().items()):
         if "dropout" in key and isinstance(value, float):
             setattr(config, key, dropout)
+    # A task head's dropout when the config leaves it unset (None): token-classification
+    # heads then fall back to hidden_dropout or a fixed 0.1.
+    config.classifier_dropout = dropout
 
 
 def load_tokenizer(cfg, path: Optional[str]):
@@ -83,18 +87,27 @@ def load_tokenizer(cfg, path: Optional[str]):
     return tok
 
 
-def load_model(cfg, predicts: str, tokenizer, num_labels: Optional[int] = None, seed: int = 0) -> PreTrainedModel:
+_HEADS = {"next_tokens": AutoModelForCausalLM, "label": AutoModelForSequenceClassification,
+          "token_labels": AutoModelForTokenClassification}
+
+
+def load_model(cfg, predicts: str, tokenizer, num_labels: Optional[int] = None, seed: int = 0,
+               label_names: Optional[list] = None) -> PreTrainedModel:
     """Load `cfg` with the head for what the task predicts (distft.tasks.base.PREDICTS):
-    next_tokens -> the causal LM head, label -> a sequence-classification head with
-    `num_labels` outputs."""
-    if predicts not in ("next_tokens", "label"):
+    next_tokens -> the causal LM head, label -> a sequence-classification head and
+    token_labels -> a token-classification head, each with `num_labels` outputs (named
+    `label_names` in the config, so an exported model reports them)."""
+    if predicts not in _HEADS:
         raise ConfigError(f"no model head for a task that predicts {predicts!r}")
     dtype = DTYPES.get(cfg.dtype)
     if dtype is None:
         raise ConfigError(f"model.dtype={cfg.dtype!r}: choose one of {sorted(DTYPES)}")
     attn = choose_attn_implementation(cfg.attn_implementation, dtype)
-    auto_cls = AutoModelForSequenceClassification if predicts == "label" else AutoModelForCausalLM
-    extra = {"num_labels": num_labels} if predicts == "label" else {}
+    auto_cls = _HEADS[predicts]
+    extra = {} if predicts == "next_tokens" else {"num_labels": num_labels}
+    if label_names:
+        extra["id2label"] = dict(enumerate(label_names))
+        extra["label2id"] = {name: i for i, name in enumerate(label_names)}
     path = resolve_model_path(cfg)
 
     if cfg.from_config is not None:

@@ -1,5 +1,5 @@
 """Fine-tuning strategies, one file each, registered by name."""
-from distft.strategies import bitfit, full, lora, partial  # noqa: F401  (registers them)
+from distft.strategies import bitfit, feature, full, lora, partial  # noqa: F401  (registers them)
 from distft.strategies.base import (
     Strategy,
     TaskInfo,

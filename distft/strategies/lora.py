@@ -7,7 +7,7 @@ from distft.strategies.base import Strategy, register_strategy
 @register_strategy("lora")
 class LoraStrategy(Strategy):
     """peft LoRA adapters on the target modules; a classification head stays trainable
-    (peft's SEQ_CLS task keeps `classifier`/`score` in modules_to_save, so the adapter
+    (peft's SEQ_CLS and TOKEN_CLS tasks keep `classifier`/`score` in modules_to_save, so the adapter
     file carries it). On distft's own head models (`backbone` + declared heads) the
     adapters go on the backbone and the heads train whole."""
 
@@ -28,7 +28,8 @@ class LoraStrategy(Strategy):
         if getattr(model, "distft_heads", None):
             model.backbone = get_peft_model(model.backbone, LoraConfig(**kwargs, task_type=TaskType.FEATURE_EXTRACTION))
             return model
-        task_type = TaskType.SEQ_CLS if task.predicts == "label" else TaskType.CAUSAL_LM
+        task_type = {"label": TaskType.SEQ_CLS, "token_labels": TaskType.TOKEN_CLS}.get(task.predicts,
+                                                                                         TaskType.CAUSAL_LM)
         return get_peft_model(model, LoraConfig(**kwargs, task_type=task_type))
 
     def export(self, model, out_dir, base_dir):

@@ -3,8 +3,9 @@ from distft.errors import ConfigError
 from distft.tasks.base import IGNORE, LABEL, NEXT_TOKENS, PREDICTS, TOKEN_LABELS, Task
 from distft.tasks.causal_lm import CausalLMTask, InstructionTask
 from distft.tasks.classification import ClassificationTask
+from distft.tasks.token_classification import TokenClassificationTask
 
-TASKS = {t.name: t for t in (CausalLMTask, InstructionTask, ClassificationTask)}
+TASKS = {t.name: t for t in (CausalLMTask, InstructionTask, ClassificationTask, TokenClassificationTask)}
 
 
 def task_class(cfg) -> type:

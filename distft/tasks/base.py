@@ -74,6 +74,11 @@ class Task:
 
         return prepare(self.data_cfg, self, seed)
 
+    def fit_labels(self, train_records, val_records):
+        """(num_labels, what to add to the data report) from the cleaned records, after
+        checking each record's labels; None for a task without labels."""
+        return None, None
+
     def prepared(self, num_labels: Optional[int], report: Dict) -> List[str]:
         """Called with what `prepare` gave (also when it came from the cache); returns the
         lines to log about the data."""

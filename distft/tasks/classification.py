@@ -71,6 +71,15 @@ class ClassificationTask(Task):
         self.tokenizer.save_pretrained(out_dir)
         return [out_dir]
 
+    def fit_labels(self, train_records, val_records):
+        labels = self.labels_of(train_records)
+        num_labels = self.cfg.num_labels or 1 + max(labels)
+        if num_labels < 2:
+            raise ConfigError(f"{self.data_cfg.train}: classification needs at least two labels")
+        self.check_labels(train_records, num_labels)
+        self.check_labels(val_records, num_labels)
+        return num_labels, None
+
     def labels_of(self, records):
         return [require_label(r, self.data_cfg.label_field) for r in records]
 
