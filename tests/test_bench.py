@@ -101,3 +101,36 @@ def test_sequential_quick(tmp_path):
     table = (tmp_path / "sequential-quick.md").read_text()
     assert "| replay |" in table and "SST-2, AG News, TREC" in table
     assert all((tmp_path / r["png"]).stat().st_size > 1000 for r in rows)
+
+
+def test_features_quick(tmp_path):
+    """bench/features.py --quick: three classifiers on one feature choice (the first embeds,
+    the others read the cache), each exported head scoring as scikit-learn did, and
+    distft's embeddings equal to sentence-transformers' for the throughput comparison."""
+    shared_data("sst2")
+    proc = subprocess.run([sys.executable, "bench/features.py", "--quick", "--only", "accuracy", "throughput",
+                           "--out", str(tmp_path)], cwd=ROOT, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    result = json.loads((tmp_path / "features-quick.json").read_text())
+    rows = result["accuracy"]
+    assert [r["cache_hit"] for r in rows] == [False, True, True]
+    for r in rows:
+        assert r["exported_as"].startswith("head")
+        assert r["exported_head_accuracy"] == pytest.approx(r["accuracy"], abs=0.011)  # at most 1 of 100 flips
+    t = result["throughput"]
+    assert t["max_cosine_gap"] < 1e-4 and min(t["texts_per_second"].values()) > 0
+    assert "sentence-transformers `encode`" in (tmp_path / "features-quick.md").read_text()
+
+
+def test_ner_quick(tmp_path):
+    """bench/ner.py --quick: the feature row and the transformers.Trainer row, scored with
+    seqeval on words."""
+    shared_data("ner")
+    proc = subprocess.run([sys.executable, "bench/ner.py", "--quick", "--rows", "feature", "hf_trainer",
+                           "--out", str(tmp_path)], cwd=ROOT, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    rows = {r["row"]: r for r in json.loads((tmp_path / "ner-quick.json").read_text())["rows"]}
+    assert sorted(rows) == ["feature", "hf_trainer"]
+    assert all(0 <= r["f1"] <= 1 for r in rows.values())
+    assert set(rows["feature"]["per_type_f1"]) == {"corporation", "creative-work", "group", "location", "person",
+                                                   "product"}
