@@ -21,7 +21,7 @@ from transformers.modeling_outputs import SequenceClassifierOutput
 
 from distft.config import DataConfig, TaskConfig
 from distft.errors import ConfigError
-from distft.tasks import TASKS, Task, build_task
+from distft.tasks import IGNORE, TASKS, TOKEN_LABELS, Task, build_task
 
 log = logging.getLogger(__name__)
 
@@ -72,12 +72,11 @@ def members(cfg) -> List[Member]:
         if m.data_cfg.packing:
             raise ConfigError(f"data.tasks.{m.name}: packing is not available inside a mixture")
     predicts = {TASKS[m.task_cfg.name].predicts for m in out}
-    if len(predicts) > 1:
+    if len(predicts) > 1 and "next_tokens" in predicts:
         kinds = sorted({m.task_cfg.name for m in out})
-        raise ConfigError(f"data=mixture: the tasks {kinds} need different model heads; a mixture is "
-                          "either all classification (one head per task) or all causal_lm/instruction")
-    if predicts - {"label", "next_tokens"}:
-        raise ConfigError(f"data=mixture: tasks that predict {sorted(predicts)[0]} cannot be mixed yet")
+        raise ConfigError(f"data=mixture: the tasks {kinds} need different models; a mixture is either "
+                          "classification and token_classification tasks (one head each on a shared encoder) "
+                          "or causal_lm/instruction tasks (the shared LM head)")
     if cfg.data.sampler not in SAMPLERS:
         raise ConfigError(f"data.sampler={cfg.data.sampler!r}: choose one of {list(SAMPLERS)}")
     if cfg.data.sampler == "temperature" and cfg.data.temperature <= 0:
@@ -135,16 +134,23 @@ class MixtureTask(Task):
         self.run_cfg = cfg
         self.members = members(cfg)
         self.tasks: List[Task] = [build_task(m.task_cfg, m.data_cfg, tokenizer) for m in self.members]
-        self.predicts = self.tasks[0].predicts
+        self.kinds = [t.predicts for t in self.tasks]
+        self.predicts = mixture_predicts(self.kinds)
+        # Any token-level member makes every head write [batch, length, labels] logits
+        # (a sequence head at position 0), collated by `collate_mixed`.
+        self.mixed = TOKEN_LABELS in self.kinds
         self.num_labels: List[Optional[int]] = [None] * len(self.members)
         self.sizes: List[int] = []
-        base = self.tasks[0].eval_stats_keys
-        self.eval_stats_keys = tuple(f"{m.name}/{k}" for m in self.members for k in base)
+        self._stats_keys()
         self.metrics = self.metric_names(cfg)
+
+    def _stats_keys(self) -> None:
+        self.eval_stats_keys = tuple(f"{m.name}/{k}" for m, t in zip(self.members, self.tasks)
+                                     for k in t.eval_stats_keys)
 
     @property
     def has_heads(self) -> bool:
-        return self.predicts == "label"
+        return self.predicts != "next_tokens"
 
     @classmethod
     def check(cls, cfg) -> None:
@@ -153,16 +159,18 @@ class MixtureTask(Task):
 
     @classmethod
     def metric_names(cls, cfg) -> tuple:
+        """The metrics every member reports (averaged over members), then each member's own."""
         ms = members(cfg)
-        base = tuple(TASKS[ms[0].task_cfg.name].metrics)
-        return base + tuple(f"{m.name}/{k}" for m in ms for k in base)
+        own = [tuple(TASKS[m.task_cfg.name].metrics) for m in ms]
+        common = tuple(k for k in own[0] if all(k in o for o in own))
+        return common + tuple(f"{m.name}/{k}" for m, o in zip(ms, own) for k in o)
 
     @classmethod
     def info_for(cls, cfg):
         from distft.strategies.base import TaskInfo
 
-        predicts = TASKS[members(cfg)[0].task_cfg.name].predicts
-        return TaskInfo(cls.name, None, predicts, own_heads=predicts == "label")
+        predicts = mixture_predicts([TASKS[m.task_cfg.name].predicts for m in members(cfg)])
+        return TaskInfo(cls.name, None, predicts, own_heads=predicts != "next_tokens")
 
     def info(self, num_labels=None):
         from distft.strategies.base import TaskInfo
@@ -177,11 +185,16 @@ class MixtureTask(Task):
 
         self.num_labels = num_labels
         self.sizes = report["mixture"]["sizes"]
-        return [f"data {m.name}: {summary_line(report[m.name])}" for m in self.members]
+        lines = []
+        for m, task, n in zip(self.members, self.tasks, num_labels):
+            # each member takes what it needs of its own report (a tag set, ...)
+            lines += [line.replace("data:", f"data {m.name}:", 1) for line in task.prepared(n, report[m.name])]
+        self._stats_keys()
+        return lines
 
     def build_model(self, model_cfg, tokenizer, num_labels, seed):
         if self.has_heads:
-            return build_classifier(model_cfg, tokenizer, self.num_labels, self.cfg, seed)
+            return build_classifier(model_cfg, tokenizer, self.num_labels, self.cfg, seed, self.kinds)
         return super().build_model(model_cfg, tokenizer, None, seed)
 
     @property
@@ -190,7 +203,8 @@ class MixtureTask(Task):
 
     def export(self, model, strategy, out_dir, base_dir):
         if self.has_heads:
-            return export_classifier(model, self.members, out_dir, self.tokenizer, self.tokenizer.pad_token_id)
+            return export_classifier(model, self.members, out_dir, self.tokenizer, self.tokenizer.pad_token_id,
+                                     self.tasks)
         return super().export(model, strategy, out_dir, base_dir)
 
     def order(self, seed):
@@ -201,28 +215,53 @@ class MixtureTask(Task):
         return ("input_ids", "attention_mask", "task_ids") if self.has_heads else ("input_ids", "attention_mask")
 
     def collate(self, examples):
+        if self.mixed:
+            return collate_mixed(self, examples)
         batch = self.tasks[0].collate(examples)  # same fields for every member of a kind
         batch["task_ids"] = torch.tensor([e["task"] for e in examples], dtype=torch.long)
         return batch
 
-    def count_targets(self, batch):
-        return self.tasks[0].count_targets(batch)
-
-    def loss_sum(self, logits, batch):
-        return self.tasks[0].loss_sum(logits, batch)
-
-    def example_losses(self, logits, batch):
-        return self.tasks[0].example_losses(logits, batch)
-
-    def eval_stats(self, logits, batch):
-        out = {}
-        for i, m in enumerate(self.members):
+    def _members_of(self, logits, batch):
+        """(member index, its task, its rows' logits, its rows' batch) for each member in
+        the batch; a mixed batch's fields and logits are cut to what that member's task reads."""
+        for i, task in enumerate(self.tasks):
             rows = (batch["task_ids"] == i).nonzero().flatten()
             if rows.numel() == 0:
                 continue
             sub = {k: v[rows] for k, v in batch.items()}
-            for k, v in self.tasks[i].eval_stats(logits[rows], sub).items():
-                out[f"{m.name}/{k}"] = v
+            own = logits[rows]
+            if self.mixed:
+                n = self.num_labels[i]
+                if self.kinds[i] == TOKEN_LABELS:
+                    sub["labels"] = sub.pop("token_labels")
+                    own = own[:, :, :n]
+                else:
+                    own = own[:, 0, :n]
+            yield i, task, own, sub
+
+    def count_targets(self, batch):
+        if self.mixed:
+            return int((batch["labels"] != IGNORE).sum() + (batch["token_labels"] != IGNORE).sum())
+        return self.tasks[0].count_targets(batch)
+
+    def loss_sum(self, logits, batch):
+        if self.mixed:
+            return sum(task.loss_sum(own, sub) for _, task, own, sub in self._members_of(logits, batch))
+        return self.tasks[0].loss_sum(logits, batch)
+
+    def example_losses(self, logits, batch):
+        if self.mixed:
+            out = logits.new_zeros(logits.size(0), dtype=torch.float32)
+            for i, task, own, sub in self._members_of(logits, batch):
+                out[batch["task_ids"] == i] = task.example_losses(own, sub)
+            return out
+        return self.tasks[0].example_losses(logits, batch)
+
+    def eval_stats(self, logits, batch):
+        out = {}
+        for i, task, own, sub in self._members_of(logits, batch):
+            for k, v in task.eval_stats(own, sub).items():
+                out[f"{self.members[i].name}/{k}"] = v
         return out
 
     def finish_eval(self, sums):
@@ -233,9 +272,45 @@ class MixtureTask(Task):
             res = self.tasks[i].finish_eval(own)
             per_task.append(res)
             metrics.update({f"{m.name}/{k}": v for k, v in res.items()})
-        for k in per_task[0]:  # the unweighted mean over tasks: each task counts the same
-            metrics[k] = sum(r[k] for r in per_task) / len(per_task)
+        for k in per_task[0]:  # the unweighted mean over tasks of what all report: each task counts the same
+            if all(k in r for r in per_task):
+                metrics[k] = sum(r[k] for r in per_task) / len(per_task)
         return metrics
+
+
+def mixture_predicts(kinds) -> str:
+    """What a mixture predicts as a whole: a language-model mixture next tokens; one of
+    classification heads (sequence and/or token) labels, token labels only when all are."""
+    if "next_tokens" in kinds:
+        return "next_tokens"
+    return TOKEN_LABELS if all(k == TOKEN_LABELS for k in kinds) else "label"
+
+
+def collate_mixed(mixture: "MixtureTask", examples):
+    """One batch of sequence and token examples: shared input_ids/attention_mask/task_ids;
+    `labels` (one per row, IGNORE on token rows) and `token_labels`, `word_pos`,
+    `word_tags` (IGNORE / -1 on sequence rows), each member's collate filling its own rows."""
+    from distft.tasks.base import pad
+
+    n = len(examples)
+    input_ids = pad([e["input_ids"] for e in examples], mixture.tokenizer.pad_token_id)
+    width = input_ids.size(1)
+    words = max([len(e.get("word_pos", ())) for e in examples] + [1])
+    batch = {"input_ids": input_ids, "attention_mask": torch.zeros_like(input_ids),
+             "task_ids": torch.tensor([e["task"] for e in examples], dtype=torch.long),
+             "labels": torch.full((n,), IGNORE, dtype=torch.long),
+             "token_labels": torch.full((n, width), IGNORE, dtype=torch.long),
+             "word_pos": torch.full((n, words), -1, dtype=torch.long),
+             "word_tags": torch.full((n, words), IGNORE, dtype=torch.long)}
+    for i, e in enumerate(examples):
+        batch["attention_mask"][i, : len(e["input_ids"])] = 1
+        if mixture.kinds[e["task"]] == TOKEN_LABELS:
+            batch["token_labels"][i, : len(e["labels"])] = torch.tensor(e["labels"])
+            batch["word_pos"][i, : len(e["word_pos"])] = torch.tensor(e["word_pos"])
+            batch["word_tags"][i, : len(e["word_tags"])] = torch.tensor(e["word_tags"])
+        else:
+            batch["labels"][i] = e["label"]
+    return batch
 
 
 class MultiHeadClassifier(nn.Module):
@@ -245,11 +320,15 @@ class MultiHeadClassifier(nn.Module):
 
     distft_heads = ("heads",)  # what every strategy trains besides its choice of the backbone
 
-    def __init__(self, backbone: nn.Module, num_labels: Sequence[int], dropout: float, pooling: str):
+    def __init__(self, backbone: nn.Module, num_labels: Sequence[int], dropout: float, pooling: str,
+                 kinds: Optional[Sequence[str]] = None):
         super().__init__()
         self.backbone = backbone
         self.config = backbone.config
         self.pooling = pooling
+        # label: the head reads pooled features; token_labels: every position's hidden state.
+        self.kinds = list(kinds or ["label"] * len(num_labels))
+        self.per_token = TOKEN_LABELS in self.kinds
         width = backbone.config.hidden_size
         self.heads = nn.ModuleList([nn.Sequential(nn.Dropout(dropout), nn.Linear(width, n)) for n in num_labels])
         for head in self.heads:
@@ -269,28 +348,39 @@ class MultiHeadClassifier(nn.Module):
     def forward(self, input_ids, attention_mask, task_ids):
         hidden = self.backbone(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
         pooled = self.pool(hidden, attention_mask)
-        logits = pooled.new_full((pooled.size(0), max(self.num_labels)), -1e4)
+        if self.per_token:  # [batch, length, labels]; a sequence head writes position 0
+            logits = hidden.new_full((*hidden.shape[:2], max(self.num_labels)), -1e4)
+        else:
+            logits = pooled.new_full((pooled.size(0), max(self.num_labels)), -1e4)
         for t, head in enumerate(self.heads):
             # Every head runs, on its rows or on none: a head absent from a batch still
             # joins the graph (with zero gradient), as DDP expects of every parameter.
             rows = (task_ids == t).nonzero().flatten()
-            logits[rows, : self.num_labels[t]] = head(pooled[rows]).to(logits.dtype)
+            n = self.num_labels[t]
+            if self.kinds[t] == TOKEN_LABELS:
+                logits[rows, :, :n] = head(hidden[rows]).to(logits.dtype)
+            elif self.per_token:
+                logits[rows, 0, :n] = head(pooled[rows]).to(logits.dtype)
+            else:
+                logits[rows, :n] = head(pooled[rows]).to(logits.dtype)
         return SequenceClassifierOutput(logits=logits)
 
 
-def build_classifier(model_cfg, tokenizer, num_labels: Sequence[int], task_cfg, seed: int):
+def build_classifier(model_cfg, tokenizer, num_labels: Sequence[int], task_cfg, seed: int, kinds=None):
     """A shared pretrained encoder (the model's base, without its own head) and new heads;
     the run's strategy then decides what of the encoder trains (the heads always do)."""
     from distft.models.loading import load_model
 
     base = load_model(model_cfg, "label", tokenizer, num_labels[0], seed=seed).base_model
     torch.manual_seed(seed + 1)
-    return MultiHeadClassifier(base, num_labels, task_cfg.head_dropout, task_cfg.pooling)
+    return MultiHeadClassifier(base, num_labels, task_cfg.head_dropout, task_cfg.pooling, kinds)
 
 
-def export_classifier(model: MultiHeadClassifier, members_: List[Member], out_dir, tokenizer, pad_token_id) -> list:
-    """One model per task in final/<task>/, each a plain backbone + its head that loads with
-    AutoModelForSequenceClassification (trust_remote_code: the head is distft's MlpHead)."""
+def export_classifier(model: MultiHeadClassifier, members_: List[Member], out_dir, tokenizer, pad_token_id,
+                      tasks=None) -> list:
+    """One model per task in final/<task>/, each a plain backbone + its head: a sequence
+    task's loads with AutoModelForSequenceClassification (trust_remote_code: the head is
+    distft's MlpHead), a token task's is a stock AutoModelForTokenClassification."""
     import copy
     import os
 
@@ -300,16 +390,46 @@ def export_classifier(model: MultiHeadClassifier, members_: List[Member], out_di
     if hasattr(backbone, "merge_and_unload"):  # LoRA: fold the adapters into a copy
         backbone = copy.deepcopy(backbone).merge_and_unload()
     written = []
-    for m, head, n in zip(members_, model.heads, model.num_labels):
+    for i, (m, head, n) in enumerate(zip(members_, model.heads, model.num_labels)):
+        folder = os.path.join(out_dir, m.name)
+        if model.kinds[i] == TOKEN_LABELS:
+            _export_token_member(backbone, head, n, tasks[i].label_names, folder, tokenizer)
+            written.append(folder)
+            continue
         config = MlpHeadConfig(backbone=backbone.config, head_hidden=[], head_dropout=head[0].p,
                                pooling=model.pooling, num_labels=n, pad_token_id=pad_token_id)
         single = MlpHeadForSequenceClassification(config, backbone=backbone)
         single.head.load_state_dict(head.state_dict())
-        folder = os.path.join(out_dir, m.name)
         single.save_pretrained(folder, safe_serialization=True)
         tokenizer.save_pretrained(folder)
         written.append(folder)
     return written
+
+
+def _export_token_member(backbone, head, n: int, label_names, folder: str, tokenizer) -> None:
+    """The shared encoder + a token task's head as the stock token-classification model of
+    the backbone's architecture (its head is dropout + one linear, as here)."""
+    from transformers import AutoModelForTokenClassification
+
+    config = copy_config(backbone.config, num_labels=n, id2label=dict(enumerate(label_names)),
+                         label2id={t: j for j, t in enumerate(label_names)}, classifier_dropout=head[0].p)
+    single = AutoModelForTokenClassification.from_config(config)
+    single.base_model.load_state_dict(backbone.state_dict())
+    out = getattr(single, "classifier", None) or getattr(single, "score")
+    with torch.no_grad():
+        out.weight.copy_(head[1].weight)
+        out.bias.copy_(head[1].bias)
+    single.save_pretrained(folder, safe_serialization=True)
+    tokenizer.save_pretrained(folder)
+
+
+def copy_config(config, **changes):
+    import copy
+
+    config = copy.deepcopy(config)
+    for k, v in changes.items():
+        setattr(config, k, v)
+    return config
 
 
 def prepare_mixture(cfg, mixture: MixtureTask, seed: int):

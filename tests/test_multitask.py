@@ -104,11 +104,58 @@ def test_mixture_refusals(tmp_path, cfg_for):
 
     args = write_tasks(tmp_path)
     for extra, message in ((["data.sampler=bogus"], "data.sampler='bogus'"),
-                           (["+data.tasks.color.task.name=causal_lm"], "need different model heads")):
+                           (["+data.tasks.color.task.name=causal_lm"], "need different models")):
         with pytest.raises(ConfigError, match=message):
             check_config(cfg_for(*args, *extra))
     with pytest.raises(ConfigError, match="data.tasks is empty"):
         check_config(cfg_for("task=classification", "data=mixture"))
+
+
+def test_sentence_and_token_tasks_share_one_encoder(tmp_path):
+    """A sentence task beside a named-entity task: one encoder, a pooled head and a
+    per-token head; each reports its own metrics, and each exports as a model of its kind
+    that scores its validation set as the run did (the token one a stock
+    AutoModelForTokenClassification)."""
+    from transformers import AutoModelForTokenClassification
+
+    from distft.data.synthetic import generate
+
+    args = write_tasks(tmp_path)[:4]  # task=classification, data=mixture, the sentiment task
+    for split, n, seed in (("train", 160, 0), ("val", 40, 1)):
+        with open(tmp_path / f"ner_{split}.jsonl", "w") as f:
+            for r in generate("token_classification", n, seed):
+                f.write(json.dumps({"tokens": r["tokens"], "tags": r["tags"]}) + "\n")
+    args += [f"+data.tasks.ner.data.train={tmp_path / 'ner_train.jsonl'}",
+             f"+data.tasks.ner.data.validation={tmp_path / 'ner_val.jsonl'}",
+             "+data.tasks.ner.task.name=token_classification", "task.head_dropout=0.0",
+             "task.metric=ner/f1"]  # accuracy, the classification default, is not what a token task reports
+    run = tmp_path / "run"
+    run_cli(*TINY, *args, "trainer.max_steps=100", "trainer.eval_every=50", "trainer.lr=1e-2", f"run_dir={run}")
+    last = [e for e in read_metrics(run) if "eval/loss" in e][-1]
+    assert last["eval/sent/accuracy"] > 0.8 and last["eval/ner/f1"] > 0.5, last
+    assert {"eval/ner/f1_strict", "eval/ner/f1/person", "eval/ner/token_accuracy"} <= set(last)
+    assert last["eval/loss"] == pytest.approx((last["eval/sent/loss"] + last["eval/ner/loss"]) / 2)
+
+    folder = run / "final" / "ner"
+    model = AutoModelForTokenClassification.from_pretrained(folder).eval()
+    tok = AutoTokenizer.from_pretrained(folder)
+    assert set(model.config.id2label.values()) == {"O", "B-person", "I-person", "B-location", "I-location"}
+    from seqeval.metrics import f1_score
+
+    rows = [json.loads(line) for line in (tmp_path / "ner_val.jsonl").read_text().splitlines()]
+    gold, pred = [], []
+    with torch.no_grad():
+        for r in rows:
+            enc = tok(r["tokens"], is_split_into_words=True, return_tensors="pt")
+            ids = model(**enc).logits[0].argmax(-1).tolist()
+            firsts = {}
+            for pos, w in enumerate(enc.word_ids(0)):
+                if w is not None:
+                    firsts.setdefault(w, pos)
+            pred.append([model.config.id2label[ids[firsts[w]]] for w in range(len(r["tokens"]))])
+            gold.append(r["tags"])
+    assert f1_score(gold, pred) == pytest.approx(last["eval/ner/f1"])
+    assert (run / "final" / "sent" / "config.json").is_file()
 
 
 def test_language_model_mixture_reports_each_task(tmp_path):
