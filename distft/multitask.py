@@ -181,8 +181,6 @@ class MixtureTask(Task):
         return prepare_mixture(self.run_cfg, self, seed)
 
     def prepared(self, num_labels, report):
-        from distft.data.prepare import summary_line
-
         self.num_labels = num_labels
         self.sizes = report["mixture"]["sizes"]
         lines = []
