@@ -144,3 +144,16 @@ def test_cli_reports_one_clear_line(tmp_path):
     assert "Traceback" not in proc.stderr
     proc = run_cli(f"run_dir={tmp_path / 'run'}", "strategy=nonsense", check=False)
     assert proc.returncode != 0 and "strategy" in proc.stderr and "nonsense" in proc.stderr
+
+
+def test_token_file_with_a_bad_line_stops_the_cli_with_one_line(tmp_path):
+    """Through the real CLI: a tags list shorter than its words, on line 2 of the file."""
+    good_rows = [json.dumps({"tokens": ["Ada", "codes"], "tags": ["B-person", "O"]})] * 3
+    bad = write(tmp_path / "ner.jsonl", [good_rows[0], json.dumps({"tokens": ["a", "b", "c"], "tags": ["O", "O"]})])
+    val = write(tmp_path / "val.jsonl", good_rows)
+    proc = run_cli("task=token_classification", "data=files", f"data.train={bad}", f"data.validation={val}",
+                   f"run_dir={tmp_path / 'run'}", check=False)
+    assert proc.returncode == 2
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("distft: error:")]
+    assert errors == [f"distft: error: {bad}:2: 3 tokens but 2 tags; each word needs exactly one tag"]
+    assert not (tmp_path / "run" / "final").exists()
