@@ -145,13 +145,27 @@ def test_privacy_contract(name, cfg_for):
 @pytest.mark.parametrize("name", registered_strategies())
 @pytest.mark.parametrize("predicts", ["next_tokens", "label", "token_labels"])
 def test_strategy_contract(name, predicts, cfg_for, tmp_path):
-    """Every strategy serves both kinds of head: something trains, the task's declared
-    head trains, and the export writes a folder."""
+    """Every strategy serves every kind of head: something trains, the task's declared
+    head trains, and the export writes a folder. A strategy that runs as its own recipe
+    (not the gradient loop) refuses the loop, and at config time what it cannot serve."""
+    from distft.errors import ConfigError
     from distft.models import load_model, load_tokenizer
 
     cfg = cfg_for(f"strategy={name}")
     strategy = build_strategy(cfg.strategy)
     info = TaskInfo("t", None if predicts == "next_tokens" else 3, predicts)
+    if getattr(strategy, "recipe", None):
+        from distft.recipes import RECIPES, recipe_name
+
+        assert recipe_name(cfg) == strategy.recipe and strategy.recipe in RECIPES
+        if predicts == "next_tokens":
+            with pytest.raises(ConfigError):
+                strategy.check(info)
+            return
+        strategy.check(info)
+        with pytest.raises(ConfigError, match="own recipe"):
+            strategy.apply(load_model(cfg.model, predicts, load_tokenizer(cfg.model, None), 3), info)
+        return
     strategy.check(info)
     tokenizer = load_tokenizer(cfg.model, None)
     model = strategy.apply(load_model(cfg.model, predicts, tokenizer, info.num_labels), info)
