@@ -11,7 +11,6 @@ gradient loop (feature extraction + scikit-learn, a search) is a recipe too.
 """
 from __future__ import annotations
 
-import sys
 from typing import Dict, Optional
 
 from distft.errors import ConfigError
@@ -74,16 +73,18 @@ class SequentialRun(Recipe):
 def recipe_name(cfg) -> str:
     """The experiment's recipe, or the strategy's own when it is not a gradient loop
     (strategy=feature: embeddings + scikit-learn)."""
+    import distft.features  # noqa: F401  (registers the feature recipe)
+    import distft.strategies  # noqa: F401  (registers the built-in strategies)
+    from distft.registry import import_plugins
     from distft.strategies.base import STRATEGIES
 
+    import_plugins(cfg.plugins)  # a plugin's strategy may bring its own recipe
     own = getattr(STRATEGIES.get(cfg.strategy.name), "recipe", None)
     if own is None:
         return cfg.experiment.name
     if cfg.experiment.name != "single":
         raise ConfigError(f"strategy={cfg.strategy.name} runs as its own recipe and cannot be a stage of "
                           f"experiment={cfg.experiment.name}")
-    if "distft.features" not in sys.modules:
-        import distft.features  # noqa: F401  (registers the feature recipe)
     return own
 
 
