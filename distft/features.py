@@ -103,7 +103,7 @@ def gather_features(share: Dict[int, torch.Tensor], n: int, backend) -> Optional
     return [merged[i] for i in range(n)]
 
 
-def feature_cache_key(cfg, data_key: str, layers) -> str:
+def feature_cache_key(cfg, data_key: str, layers, precision: str) -> str:
     from distft.data.cache import _file_digest
     from distft.models.loading import resolve_model_path
 
@@ -116,7 +116,7 @@ def feature_cache_key(cfg, data_key: str, layers) -> str:
         "seed": cfg.seed,  # a model built from a config is initialised from it
         "pooling": cfg.strategy.pooling,
         "layers": layers,
-        "precision": cfg.trainer.precision,
+        "precision": precision,  # what ran (auto resolved): bf16 features differ from fp32 ones
     }
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:24]
 
@@ -313,7 +313,7 @@ class FeatureRun(Recipe):
         cfg, s = self.cfg, self.cfg.strategy
         path = None
         if s.cache_dir:
-            path = Path(s.cache_dir).expanduser() / f"{feature_cache_key(cfg, self.data_key, self.layers)}.safetensors"
+            path = Path(s.cache_dir).expanduser() / f"{feature_cache_key(cfg, self.data_key, self.layers, self.precision.name)}.safetensors"
         hit = path is not None and path.is_file()
         info: Dict = {"cache": str(path) if path else None, "cache_hit": hit}
         if hit:
