@@ -313,7 +313,8 @@ class FeatureRun(Recipe):
         cfg, s = self.cfg, self.cfg.strategy
         path = None
         if s.cache_dir:
-            path = Path(s.cache_dir).expanduser() / f"{feature_cache_key(cfg, self.data_key, self.layers, self.precision.name)}.safetensors"
+            key = feature_cache_key(cfg, self.data_key, self.layers, self.precision.name)
+            path = Path(s.cache_dir).expanduser() / f"{key}.safetensors"
         hit = path is not None and path.is_file()
         info: Dict = {"cache": str(path) if path else None, "cache_hit": hit}
         if hit:
