@@ -61,6 +61,13 @@ def pool(hidden: torch.Tensor, attention_mask: torch.Tensor, pooling: str) -> to
     return hidden[torch.arange(hidden.size(0), device=hidden.device), last]
 
 
+def hidden_of(outputs, layers: Optional[List[int]]) -> torch.Tensor:
+    """The hidden states features are read from: the last layer's, or the mean of `layers`."""
+    if not layers:
+        return outputs.last_hidden_state
+    return torch.stack([outputs.hidden_states[i] for i in layers]).mean(0)
+
+
 @torch.inference_mode()
 def embed(backbone, examples: List[Dict], collate, *, batch_size: int, pooling: str, layers: Optional[List[int]],
           device, autocast, per_word: bool = False, rank: int = 0, world_size: int = 1) -> Dict[int, torch.Tensor]:
@@ -76,8 +83,7 @@ def embed(backbone, examples: List[Dict], collate, *, batch_size: int, pooling: 
         ids, mask = batch["input_ids"].to(device), batch["attention_mask"].to(device)
         with autocast:
             res = backbone(input_ids=ids, attention_mask=mask, output_hidden_states=bool(layers))
-        hidden = res.last_hidden_state if not layers else torch.stack([res.hidden_states[i] for i in layers]).mean(0)
-        hidden = hidden.float()
+        hidden = hidden_of(res, layers).float()
         if per_word:
             pos = batch["word_pos"].to(device)
             rows = hidden.gather(1, pos.clamp(min=0).unsqueeze(-1).expand(-1, -1, hidden.size(-1)))

@@ -335,13 +335,9 @@ class MultiHeadClassifier(nn.Module):
         self.num_labels = list(num_labels)
 
     def pool(self, hidden, attention_mask):
-        mask = attention_mask.to(hidden.dtype).unsqueeze(-1)
-        if self.pooling == "mean":
-            return (hidden * mask).sum(1) / mask.sum(1).clamp(min=1.0)
-        if self.pooling == "first":
-            return hidden[:, 0]
-        last = attention_mask.sum(1).long() - 1
-        return hidden[torch.arange(hidden.size(0), device=hidden.device), last]
+        from distft.features import pool
+
+        return pool(hidden, attention_mask, self.pooling)
 
     def forward(self, input_ids, attention_mask, task_ids):
         hidden = self.backbone(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state

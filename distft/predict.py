@@ -128,11 +128,11 @@ class Predictor:
         return results
 
     def _skops_scores(self, enc, kwargs, items) -> torch.Tensor:
-        from distft.features import class_scores, pool
+        from distft.features import class_scores, hidden_of, pool
 
         layers = self.spec["layers"]
         res = self.model(**kwargs, output_hidden_states=bool(layers))
-        hidden = res.last_hidden_state if not layers else torch.stack([res.hidden_states[i] for i in layers]).mean(0)
+        hidden = hidden_of(res, layers)
         n = len(self.labels)
         if not self.token_task:
             feats = pool(hidden.float(), kwargs["attention_mask"], self.spec["pooling"]).numpy()
