@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import shutil
 import subprocess
 import sys
@@ -156,20 +155,12 @@ def main() -> int:
     if not NER.is_dir():
         print("this benchmark needs ../shared/data beside the checkout", file=sys.stderr)
         return 1
+    from bench.report import run_rows
+
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    stem = "ner-quick" if args.quick else "ner"
-    path = out / f"{stem}.json"
-    saved = json.loads(path.read_text()) if path.exists() else {}
-    rows = {r["row"]: r for r in saved.get("rows", [])}
-    machine = f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores"
-    for name in args.rows:
-        rows[name] = hf_trainer_row(out, args.quick) if name == "hf_trainer" else distft_row(name, out, args.quick)
-        print(json.dumps(rows[name]), flush=True)
-        ordered = [rows[n] for n in ORDER if n in rows]
-        path.write_text(json.dumps({"machine": machine, "rows": ordered}, indent=2))
-        (out / f"{stem}.md").write_text(report(machine, ordered))
-    print((out / f"{stem}.md").read_text())
+    run_rows(out, "ner-quick" if args.quick else "ner", ORDER, args.rows,
+             lambda name: hf_trainer_row(out, args.quick) if name == "hf_trainer" else distft_row(name, out, args.quick),
+             report)
     return 0
 
 

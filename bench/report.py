@@ -11,6 +11,26 @@ ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results"
 
 
+def run_rows(out: Path, stem: str, order: list, names: list, run_one, render) -> None:
+    """Run the named rows of a benchmark, keeping the rows of earlier invocations: after each
+    row, <stem>.json (machine, rows in `order`) and <stem>.md (`render(machine, rows)`)."""
+    import os
+    import platform
+
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / f"{stem}.json"
+    saved = json.loads(path.read_text()) if path.exists() else {}
+    rows = {r["row"]: r for r in saved.get("rows", [])}
+    machine = f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores"
+    for name in names:
+        rows[name] = run_one(name)
+        print(json.dumps(rows[name]), flush=True)
+        ordered = [rows[n] for n in order if n in rows]
+        path.write_text(json.dumps({"machine": machine, "rows": ordered}, indent=2))
+        (out / f"{stem}.md").write_text(render(machine, ordered))
+    print((out / f"{stem}.md").read_text())
+
+
 def _vs_hf(data: dict, folder: Path) -> list[str]:
     mem = data["memory"]
     mem_name = "peak CUDA MiB" if mem == "peak_cuda_mb" else "peak RSS MiB (training)"

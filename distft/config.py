@@ -314,6 +314,32 @@ class ExperimentConfig:
 
 
 @dataclass
+class SweepConfig:
+    """A hyperparameter search (distft-sweep, distft/sweep.py); distft-train ignores it.
+    conf/sweep/*.yaml hold ready-made ones."""
+
+    name: Optional[str] = None  # the study's name; the folder's when unset
+    dir: Optional[str] = None  # the study, trials.csv, best.yaml, the trials' run folders; default sweeps/<name>
+    # nested like the config: trainer: {lr: {type: float|int|categorical, low, high, log, step, choices, values}}
+    space: Dict[str, Any] = field(default_factory=dict)
+    sampler: str = "tpe"  # tpe | gp | random | grid
+    n_trials: Optional[int] = None  # trials of the whole study (all workers); grid: every point, this is ignored
+    # tpe / gp: random trials before the model-based ones; tpe default min(10, max(2, n_trials // 3)), gp 10
+    startup_trials: Optional[int] = None
+    pruner: str = "none"  # none | median | hyperband
+    pruner_startup_trials: int = 4  # median: trials that finish before any is pruned
+    pruner_warmup_evals: int = 1  # evals of a trial before it can be pruned
+    seed: int = 0  # the sampler's (worker i uses seed + i); trials keep the run's own seed
+    workers: int = 1  # worker processes this command starts on this machine
+    worker: Optional[int] = None  # this worker's index; SLURM_ARRAY_TASK_ID when unset
+    nproc: int = 1  # processes per trial (torchrun --nproc_per_node; backend=ddp or another)
+    # A running trial whose worker is gone (dead process on this host, or no heartbeat for
+    # this long from another host) is marked failed and retried from its last checkpoint.
+    stale_after_s: float = 60.0
+    max_failures: int = 3  # trials failing on their own (not killed) before the sweep stops
+
+
+@dataclass
 class TrainConfig:
     model: ModelConfig = MISSING
     data: DataConfig = MISSING
@@ -343,6 +369,7 @@ class TrainConfig:
     # Artifacts an earlier stage handed to this run (name -> path), e.g. a Fisher estimate
     # for EWC; sequential recipes fill it, a regularizer reads it in setup.
     inputs: Dict[str, Any] = field(default_factory=dict)
+    sweep: SweepConfig = field(default_factory=SweepConfig)
 
 
 STRATEGY_SCHEMAS = {

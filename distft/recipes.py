@@ -43,7 +43,10 @@ class SingleRun(Recipe):
     def setup(self):
         from distft.trainer import Trainer
 
+        from distft.sweep import attach_trial
+
         self.trainer = Trainer(self.cfg, teardown=False).setup()
+        attach_trial(self.trainer)  # a trial of distft-sweep: its evals go to the study's pruner
         return self
 
     def run(self):

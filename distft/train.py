@@ -42,6 +42,12 @@ def _exit_cleanly_if_distributed() -> None:
 
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="train")
 def _main(cfg: DictConfig) -> None:
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    if HydraConfig.get().mode == RunMode.MULTIRUN:
+        # --multirun: each job trains in its own folder, <run_dir>/<job number>
+        cfg.run_dir = HydraConfig.get().runtime.output_dir
     try:
         summary = run(cfg)
     except DistftError as e:

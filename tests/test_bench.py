@@ -134,3 +134,16 @@ def test_ner_quick(tmp_path):
     assert all(0 <= r["f1"] <= 1 for r in rows.values())
     assert set(rows["feature"]["per_type_f1"]) == {"corporation", "creative-work", "group", "location", "person",
                                                    "product"}
+
+
+def test_sweep_quick(tmp_path):
+    """bench/sweep.py --quick: every row on the tiny model, 2 trials a search."""
+    proc = subprocess.run([sys.executable, "bench/sweep.py", "--quick", "--out", str(tmp_path)], cwd=ROOT,
+                          capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    rows = {r["row"]: r for r in json.loads((tmp_path / "sweep-quick.json").read_text())["rows"]}
+    assert list(rows) == ["default", "grid", "tpe", "tpe_pruned"]
+    assert rows["grid"]["trials"] == 2 and rows["grid"]["best_params"]["trainer.lr"] in ("0.001", "0.01")
+    assert all(r["states"]["fail"] == 0 for n, r in rows.items() if n != "default")
+    assert (tmp_path / "sweep-tpe-quick.png").stat().st_size > 5000
+    assert "Pruned against unpruned TPE" in (tmp_path / "sweep-quick.md").read_text()

@@ -3,6 +3,7 @@ slurmd daemons, so a --nodes=2 job really spans two nodes, each running its own 
 
 Skipped, with the reason, only where SLURM cannot be installed (not root, no apt); under
 CI=true that is a failure instead."""
+import csv
 import json
 import os
 import re
@@ -178,3 +179,30 @@ def test_array_job_runs_one_config_per_task(cluster, tmp_path):
         config = (run_dir / "config.yaml").read_text()
         assert f"lr: {lr}" in config and f"shape: {scheduler}" in config, config  # the scheduler node
         assert [e["lr"] for e in read_metrics(run_dir) if "lr" in e][0] == pytest.approx(lr)
+
+
+def test_sweep_array_job_runs_two_workers_on_one_study(cluster, tmp_path):
+    folder = tmp_path / "study"
+    log = tmp_path / "sweep-%A_%a.out"
+    job = cluster.sbatch(["--array=0-1", f"--output={log}", "slurm/sweep.sbatch", "sweep=tiny_lr", f"sweep.dir={folder}",
+                          "sweep.n_trials=4", *TINY, "trainer.max_steps=6", "trainer.eval_every=3",
+                          "trainer.save_every=0"], cwd=ROOT,
+                         env={"PYTHON": sys.executable})
+    deadline = time.time() + 400
+    while time.time() < deadline:
+        tasks = {t.get("ArrayTaskId"): t.get("JobState") for t in cluster.array_jobs(job)}
+        if len(tasks) == 2 and all(s not in ("PENDING", "RUNNING", "COMPLETING") for s in tasks.values()):
+            break
+        time.sleep(0.5)
+    logs = {i: Path(str(log).replace("%A", str(job)).replace("%a", str(i))) for i in range(2)}
+    assert tasks == {"0": "COMPLETED", "1": "COMPLETED"}, (tasks, [p.read_text()[-3000:] for p in logs.values()])
+    for i in range(2):
+        assert f"sweep worker {i}" in logs[i].read_text()
+    with open(folder / "trials.csv") as f:
+        trials = list(csv.DictReader(f))
+    # Four trials between them, each run once, each in its own folder with its summary.
+    assert sorted(int(t["number"]) for t in trials) == [0, 1, 2, 3]
+    assert [t["state"] for t in trials] == ["complete"] * 4, trials
+    assert len({t["run_dir"] for t in trials}) == 4
+    for t in trials:
+        assert json.loads((Path(t["run_dir"]) / "summary.json").read_text())["objective"] == float(t["objective"])

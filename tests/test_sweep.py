@@ -1,0 +1,173 @@
+"""distft-sweep on the tiny model: grid and TPE studies, best.yaml, parallel workers on one
+study, a killed worker, a distributed trial, pruning, bad spaces; and Hydra's --multirun.
+Every trial is a real distft-train process; the study a real Optuna journal file."""
+import csv
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import ROOT, TINY, read_metrics, run_cli
+
+optuna = pytest.importorskip("optuna")
+
+pytestmark = pytest.mark.slow
+
+# Each trial: 8 steps, evals at 4 and 8.
+FAST = [*TINY, "trainer.max_steps=8", "trainer.eval_every=4", "trainer.save_every=4"]
+GRID3 = ["sweep.space.trainer.warmup_ratio=null",
+         "sweep.space.trainer.lr={type:float,low:1e-4,high:1e-1,log:true,values:[1e-3,3e-3,1e-2]}"]
+
+
+def sweep(folder, *overrides, check=True, timeout=600, **popen):
+    cmd = [sys.executable, "-m", "distft.sweep", "sweep=tiny_lr", f"sweep.dir={folder}", *FAST, *overrides]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    if popen:
+        return subprocess.Popen(cmd, cwd=ROOT, env=env, text=True, **popen)
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+    if check:
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    return proc
+
+
+def rows(folder):
+    with open(Path(folder) / "trials.csv") as f:
+        return list(csv.DictReader(f))
+
+
+def trial_lrs(folder):
+    """The learning rate each trial's run really used (its first logged step)."""
+    out = {}
+    for r in rows(folder):
+        if r["run_dir"] and (Path(r["run_dir"]) / "metrics.jsonl").exists():
+            out[int(r["number"])] = [e["lr"] for e in read_metrics(r["run_dir"]) if "lr" in e][-1]
+    return out
+
+
+def test_grid_with_two_workers_runs_every_point_once(tmp_path):
+    folder = tmp_path / "grid"
+    proc = sweep(folder, "sweep.sampler=grid", *GRID3, "sweep.workers=2", "scheduler=constant")
+    table = rows(folder)
+    assert [r["state"] for r in table] == ["complete"] * 3, table
+    lrs = sorted(float(r["trainer.lr"]) for r in table)
+    assert lrs == pytest.approx([1e-3, 3e-3, 1e-2])  # each point once, none twice
+    # Both workers took trials (their ids are in the study), and each trial ran at its lr.
+    study = optuna.load_study(study_name="tiny_lr", storage=_storage(folder))
+    assert len({t.user_attrs["worker"] for t in study.trials}) == 2, [t.user_attrs for t in study.trials]
+    ran = trial_lrs(folder)
+    for r in table:
+        assert ran[int(r["number"])] == pytest.approx(float(r["trainer.lr"]))
+        summary = json.loads((Path(r["run_dir"]) / "summary.json").read_text())
+        assert float(r["objective"]) == summary["objective"]
+    for png in ("history.png", "params.png"):
+        assert (folder / png).stat().st_size > 5000
+    assert "best: trial" in proc.stdout and "rerun it: distft-train --config-path" in proc.stdout
+
+
+def test_tpe_sweep_and_best_yaml_reproduces_the_best_trial(tmp_path):
+    folder = tmp_path / "tpe"
+    sweep(folder, "sweep.n_trials=3")
+    table = rows(folder)
+    assert len(table) == 3 and all(r["state"] == "complete" for r in table), table
+    assert len({r["trainer.lr"] for r in table}) == 3  # sampled, not repeated
+    best = min(table, key=lambda r: float(r["objective"]))  # causal_lm: loss, minimised
+    text = (folder / "best.yaml").read_text()
+    assert f"trial {best['number']}," in text
+    # Rerun it as the README says: the same objective, to the last digit.
+    rerun = tmp_path / "rerun"
+    proc = subprocess.run([sys.executable, "-m", "distft.train", "--config-path", str(folder), "--config-name", "best",
+                           f"run_dir={rerun}"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert json.loads((rerun / "summary.json").read_text())["objective"] == float(best["objective"])
+    # The same command again adds nothing (the study is complete); more trials extend it.
+    sweep(folder, "sweep.n_trials=3")
+    assert len(rows(folder)) == 3
+
+
+def test_killed_worker_then_the_same_command_completes_the_study(tmp_path):
+    folder = tmp_path / "killed"
+    args = ["sweep.n_trials=2", "trainer.max_steps=40", "trainer.save_every=5", "trainer.eval_every=20"]
+    worker = sweep(folder, *args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    # Wait until the first trial has written a checkpoint, then kill the worker outright.
+    deadline = time.time() + 300
+    while time.time() < deadline and not list(folder.glob("trials/0000/checkpoints/step-*")):
+        assert worker.poll() is None, "the worker ended before it was killed"
+        time.sleep(0.2)
+    worker.send_signal(signal.SIGKILL)
+    worker.wait()
+    time.sleep(1.0)  # the trial dies with its worker (PR_SET_PDEATHSIG)
+    study = optuna.load_study(study_name="tiny_lr", storage=_storage(folder))
+    assert [t.state.name for t in study.trials] == ["RUNNING"]
+    proc = sweep(folder, *args)
+    table = rows(folder)
+    states = [(r["number"], r["state"], r["retry_of"]) for r in table]
+    # Trial 0 failed with its worker; trial 1 retried it (same parameters, same run folder,
+    # resumed from its checkpoint); one more trial made the study's 2.
+    assert states[0] == ("0", "fail", "") and states[1] == ("1", "complete", "0"), states
+    assert [s for _, s, _ in states].count("complete") == 2, states
+    assert table[1]["trainer.lr"] == table[0]["trainer.lr"] and table[1]["run_dir"] == table[0]["run_dir"]
+    assert "resumed from" in (Path(table[1]["run_dir"]) / "trial.log").read_text()
+    assert "is gone; marking it failed" in proc.stderr
+
+
+def test_two_process_trial_gets_the_same_parameters_on_both_ranks(tmp_path):
+    folder = tmp_path / "ddp"
+    sweep(folder, "sweep.n_trials=1", "sweep.nproc=2", "backend=ddp")
+    (r,) = rows(folder)
+    assert r["state"] == "complete"
+    summary = json.loads((Path(r["run_dir"]) / "summary.json").read_text())
+    assert summary["processes"] == 2
+    log = (Path(r["run_dir"]) / "trial.log").read_text()
+    assert "trial 0: 2 rank(s) train with trainer.lr=" in log, log[-3000:]
+    assert f"trainer.lr={r['trainer.lr']}" in log.replace(repr(float(r["trainer.lr"])), r["trainer.lr"])
+
+
+def test_median_pruner_stops_a_bad_trial_and_keeps_its_folder(tmp_path):
+    folder = tmp_path / "pruned"
+    # Grid order is the enqueue order: a good learning rate first, then one that barely
+    # moves the loss; the median of trial 0 at the first eval prunes trial 1 there.
+    sweep(folder, "sweep.sampler=grid", "sweep.space.trainer.warmup_ratio=null",
+          "sweep.space.trainer.lr={type:categorical,choices:[0.01,1e-7]}",
+          "sweep.pruner=median", "sweep.pruner_startup_trials=1", "trainer.max_steps=16", "trainer.eval_every=4")
+    table = rows(folder)
+    assert [r["state"] for r in table] == ["complete", "pruned"], table
+    assert int(table[0]["steps"]) == 16 and int(table[1]["steps"]) == 4
+    assert json.loads((Path(table[1]["run_dir"]) / "summary.json").read_text())["stop_reason"].startswith("pruned")
+
+
+@pytest.mark.parametrize("override,message", [
+    ("sweep.space.trainer.lrr={type:float,low:1e-4,high:1e-2}", "sweep.space.trainer.lrr: no key trainer.lrr"),
+    ("sweep.space.trainer.lr={type:float,low:1e-2,high:1e-2}", "sweep.space.trainer.lr: empty range"),
+    ("sweep.space.trainer.lr={type:float,low:0.0,high:1e-2,log:true}", "a log range must be above zero"),
+    ("sweep.space.trainer.lr={type:categorical,choices:[1e-3]}", "needs at least two choices"),
+    ("sweep.space.trainer.batch_size={type:float,low:2.5,high:8.5}", "the sweep's space gives an invalid config"),
+    ("sweep.sampler=annealing", "sweep.sampler=annealing: one of tpe, gp, random, grid"),
+])
+def test_bad_space_is_refused_before_any_trial(tmp_path, override, message):
+    folder = tmp_path / "bad"
+    proc = sweep(folder, override, check=False)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("distft-sweep: error:")]
+    assert len(errors) == 1 and message in errors[0], proc.stderr[-3000:]
+    assert not (folder / "trials").exists() or not any((folder / "trials").iterdir())
+
+
+def test_hydra_multirun_grid_gives_each_job_its_own_run_folder(tmp_path):
+    out = tmp_path / "multi"
+    run_cli("--multirun", *TINY, "trainer.max_steps=2", "trainer.eval_every=0", "trainer.lr=1e-3,2e-3",
+            f"run_dir={out}")
+    for job, lr in ((0, 1e-3), (1, 2e-3)):
+        run = out / str(job)
+        assert json.loads((run / "summary.json").read_text())["steps"] == 2
+        assert [e["lr"] for e in read_metrics(run) if "lr" in e][0] == pytest.approx(lr)
+
+
+def _storage(folder):
+    from distft.sweep import storage
+
+    return storage(Path(folder))
