@@ -46,8 +46,8 @@ FEATURES = {
     "first token ([CLS])": ["strategy.pooling=first"],
 }
 CLASSIFIERS = {
-    "logistic (C by 5-fold CV)": ["strategy.classifier.name=logistic", "strategy.classifier.C=[0.003,0.01,0.03,0.1,0.3,1]"],
-    "linear SVM (C by 5-fold CV)": ["strategy.classifier.name=svm", "strategy.classifier.C=[0.0003,0.001,0.003,0.01,0.03]"],
+    "logistic (C by 5-fold CV)": ["strategy.classifier.name=logistic", "strategy.classifier.C=[0.0001,0.0003,0.001,0.003,0.01,0.03,0.1,0.3,1]"],
+    "linear SVM (C by 5-fold CV)": ["strategy.classifier.name=svm", "strategy.classifier.C=[0.00001,0.00003,0.0001,0.0003,0.001,0.003,0.01,0.03]"],
     "MLP (256, relu, early stopping)": ["strategy.classifier.name=mlp", "strategy.classifier.alpha=1e-3"],
 }
 
