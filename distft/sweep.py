@@ -269,10 +269,32 @@ class Sweep:
     # -- the loop
     def run(self) -> int:
         """Take trials until the study has its n_trials (or the grid is done); return how many ran here."""
-        import optuna
 
         ran = 0
-        while True:
+        self.signalled = None
+        self.current = None  # the running trial's process group
+
+        def forward(signum, frame):
+            # SLURM's cancel/time limit (SIGTERM) or its warning (SIGUSR1): the trial checkpoints
+            # and stops (distft-train's own handling), this worker queues it again and exits.
+            self.signalled = signal.Signals(signum).name
+            if self.current is not None:
+                try:
+                    os.killpg(self.current, signum)
+                except ProcessLookupError:
+                    pass
+
+        previous = {sig: signal.signal(sig, forward) for sig in (signal.SIGTERM, signal.SIGUSR1)}
+        try:
+            return self._loop(ran)
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+
+    def _loop(self, ran: int) -> int:
+        import optuna
+
+        while self.signalled is None:
             with self.lock:
                 self._fail_stale()
                 trials = self.study.get_trials(deepcopy=False)
@@ -297,6 +319,7 @@ class Sweep:
                 self._beat(trial.number)
             self._run_trial(trial, values, run_dir)
             ran += 1
+            self.report(show=False)  # trials.csv, the plots and best.yaml as the search goes
         return ran
 
     def _run_trial(self, trial, values: Dict[str, Any], run_dir: Path) -> None:
@@ -323,6 +346,9 @@ class Sweep:
             proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True,
                                     preexec_fn=_die_with_parent)
             trial.set_user_attr("pgid", proc.pid)
+            self.current = proc.pid
+            if self.signalled:  # a signal that came while the trial was starting
+                os.killpg(proc.pid, signal.Signals[self.signalled])
             stop = threading.Event()
             beat = threading.Thread(target=self._beat_until, args=(trial.number, stop), daemon=True)
             beat.start()
@@ -332,11 +358,17 @@ class Sweep:
                 if proc.poll() is None:
                     os.killpg(proc.pid, signal.SIGKILL)
                 stop.set()
+                self.current = None
         seconds = time.time() - started
         summary_path = run_dir / "summary.json"
         summary = json.loads(summary_path.read_text()) if rc == 0 and summary_path.exists() else None
         trial.set_user_attr("seconds", round(seconds, 1))
         with self.lock:
+            if (run_dir / "preempted.json").exists() and (summary is None or summary.get("preempted")):
+                log.warning("trial %d stopped with a checkpoint (%s); queued to resume", trial.number,
+                            self.signalled or "preempted")
+                self._retry(trial)
+                return
             if summary is None or summary.get("preempted") or summary.get("objective") is None:
                 why = (f"exit code {rc}" if rc else "stopped before the end (preempted)" if summary
                        else "no summary.json")
@@ -383,10 +415,17 @@ class Sweep:
                 except (ProcessLookupError, PermissionError):
                     pass
             log.warning("trial %d: its worker %s is gone; marking it failed and running it again", t.number, worker)
-            self.storage.set_trial_user_attr(t._trial_id, "retried", True)
-            self.study.tell(t.number, state=optuna.trial.TrialState.FAIL)
-            self.study.enqueue_trial(dict(t.params), user_attrs={
-                "retry_of": t.number, "resume_dir": t.user_attrs.get("run_dir")}, skip_if_exists=False)
+            self._retry(t)
+
+    def _retry(self, t) -> None:
+        """Fail a trial that did not finish through no fault of its own and queue its
+        parameters again, to resume in its run folder (caller holds the lock)."""
+        import optuna
+
+        self.storage.set_trial_user_attr(t._trial_id, "retried", True)
+        self.study.tell(t.number, state=optuna.trial.TrialState.FAIL)
+        self.study.enqueue_trial(dict(t.params), user_attrs={
+            "retry_of": t.number, "resume_dir": t.user_attrs.get("run_dir")}, skip_if_exists=False)
 
     # -- results
     def report(self, show: bool = True) -> Path:
@@ -403,7 +442,7 @@ class Sweep:
                          "seconds": t.user_attrs.get("seconds"), "run_dir": t.user_attrs.get("run_dir"),
                          "retry_of": t.user_attrs.get("retry_of")})
         path = self.dir / "trials.csv"
-        tmp = path.with_suffix(".csv.tmp")
+        tmp = path.with_suffix(f".csv.{os.getpid()}.tmp")  # workers may write at once
         with open(tmp, "w", newline="") as f:
             writer = csv.DictWriter(f, fieldnames=["number", "state", "objective", *keys, "steps", "seconds", "run_dir",
                                                    "retry_of"])
@@ -474,7 +513,7 @@ class Sweep:
 
 
 def _save(fig, path: Path) -> None:
-    tmp = path.with_name("." + path.name)
+    tmp = path.with_name(f".{os.getpid()}.{path.name}")
     fig.savefig(tmp, dpi=100, format="png")
     os.replace(tmp, path)
 
@@ -517,7 +556,7 @@ def write_best(trial, folder: Path, keys: List[str]) -> Path:
               f"# ({', '.join(f'{k}={override_value(trial.params[k])}' for k in keys)}), run in {run_dir}.\n"
               f"# Rerun: distft-train --config-path {folder} --config-name best [overrides]\n")
     path = folder / "best.yaml"
-    tmp = folder / ".best.yaml"
+    tmp = folder / f".{os.getpid()}.best.yaml"
     tmp.write_text(header + OmegaConf.to_yaml(node))
     os.replace(tmp, path)
     return path

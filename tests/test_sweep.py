@@ -64,8 +64,8 @@ def test_grid_with_two_workers_runs_every_point_once(tmp_path):
         assert ran[int(r["number"])] == pytest.approx(float(r["trainer.lr"]))
         summary = json.loads((Path(r["run_dir"]) / "summary.json").read_text())
         assert float(r["objective"]) == summary["objective"]
-    for png in ("history.png", "params.png"):
-        assert (folder / png).stat().st_size > 5000
+    for name in ("history.png", "params.png", "best.yaml"):
+        assert (folder / name).stat().st_size > 1000
     assert "best: trial" in proc.stdout and "rerun it: distft-train --config-path" in proc.stdout
 
 
@@ -78,6 +78,7 @@ def test_tpe_sweep_and_best_yaml_reproduces_the_best_trial(tmp_path):
     best = min(table, key=lambda r: float(r["objective"]))  # causal_lm: loss, minimised
     text = (folder / "best.yaml").read_text()
     assert f"trial {best['number']}," in text
+    assert (folder / "history.png").stat().st_size > 1000 and (folder / "params.png").stat().st_size > 1000
     # Rerun it as the README says: the same objective, to the last digit.
     rerun = tmp_path / "rerun"
     proc = subprocess.run([sys.executable, "-m", "distft.train", "--config-path", str(folder), "--config-name", "best",
@@ -89,30 +90,45 @@ def test_tpe_sweep_and_best_yaml_reproduces_the_best_trial(tmp_path):
     assert len(rows(folder)) == 3
 
 
-def test_killed_worker_then_the_same_command_completes_the_study(tmp_path):
+def test_stopped_or_killed_worker_then_the_same_command_completes_the_study(tmp_path):
     folder = tmp_path / "killed"
     args = ["sweep.n_trials=2", "trainer.max_steps=40", "trainer.save_every=5", "trainer.eval_every=20"]
-    worker = sweep(folder, *args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    # Wait until the first trial has written a checkpoint, then kill the worker outright.
-    deadline = time.time() + 300
-    while time.time() < deadline and not list(folder.glob("trials/0000/checkpoints/step-*")):
-        assert worker.poll() is None, "the worker ended before it was killed"
-        time.sleep(0.2)
+    run0 = folder / "trials" / "0000"
+
+    def start_and_wait_for_a_new_checkpoint():
+        seen = set(run0.glob("checkpoints/step-*"))
+        worker = sweep(folder, *args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.time() + 300
+        while time.time() < deadline and not set(run0.glob("checkpoints/step-*")) - seen:
+            assert worker.poll() is None, "the worker ended before it was stopped"
+            time.sleep(0.2)
+        return worker
+
+    # SIGTERM (a cancelled SLURM task): the trial checkpoints, the worker queues it again and exits.
+    worker = start_and_wait_for_a_new_checkpoint()
+    worker.send_signal(signal.SIGTERM)
+    assert worker.wait(timeout=120) == 0
+    study = optuna.load_study(study_name="tiny_lr", storage=_storage(folder))
+    assert [t.state.name for t in study.trials] == ["FAIL", "WAITING"]
+    # SIGKILL: nothing runs in the worker; its trial dies with it (PR_SET_PDEATHSIG) and
+    # stays RUNNING in the study until a worker looks.
+    worker = start_and_wait_for_a_new_checkpoint()
     worker.send_signal(signal.SIGKILL)
     worker.wait()
-    time.sleep(1.0)  # the trial dies with its worker (PR_SET_PDEATHSIG)
+    time.sleep(1.0)
     study = optuna.load_study(study_name="tiny_lr", storage=_storage(folder))
-    assert [t.state.name for t in study.trials] == ["RUNNING"]
+    assert [t.state.name for t in study.trials] == ["FAIL", "RUNNING"]
     proc = sweep(folder, *args)
+    assert "is gone; marking it failed" in proc.stderr
     table = rows(folder)
     states = [(r["number"], r["state"], r["retry_of"]) for r in table]
-    # Trial 0 failed with its worker; trial 1 retried it (same parameters, same run folder,
-    # resumed from its checkpoint); one more trial made the study's 2.
-    assert states[0] == ("0", "fail", "") and states[1] == ("1", "complete", "0"), states
-    assert [s for _, s, _ in states].count("complete") == 2, states
-    assert table[1]["trainer.lr"] == table[0]["trainer.lr"] and table[1]["run_dir"] == table[0]["run_dir"]
-    assert "resumed from" in (Path(table[1]["run_dir"]) / "trial.log").read_text()
-    assert "is gone; marking it failed" in proc.stderr
+    # Trials 1 and 2 took trial 0's parameters and run folder, each resuming from the last
+    # checkpoint; one more trial made the study's 2.
+    assert states == [("0", "fail", ""), ("1", "fail", "0"), ("2", "complete", "1"), ("3", "complete", "")], states
+    assert {r["trainer.lr"] for r in table[:3]} == {table[0]["trainer.lr"]}
+    assert {r["run_dir"] for r in table[:3]} == {str(run0)}
+    assert (run0 / "trial.log").read_text().count("resumed from") == 2
+    assert json.loads((run0 / "summary.json").read_text())["steps"] == 40
 
 
 def test_two_process_trial_gets_the_same_parameters_on_both_ranks(tmp_path):
