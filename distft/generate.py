@@ -47,6 +47,23 @@ def format_prompt(tokenizer, template: str, prompt: str) -> str:
     return prompt
 
 
+def not_a_causal_lm(model_dir: Path) -> Optional[str]:
+    """Why the folder cannot generate text, or None when it holds a causal LM (or an
+    adapter over one)."""
+    if not model_dir.is_dir():
+        return "no such folder"
+    adapter, config = model_dir / "adapter_config.json", model_dir / "config.json"
+    if adapter.is_file():
+        task = json.loads(adapter.read_text()).get("task_type")
+        return None if task in (None, "CAUSAL_LM") else f"an adapter for {task}, not a causal language model"
+    if not config.is_file():
+        return "not an exported model or adapter folder (no config.json)"
+    archs = json.loads(config.read_text()).get("architectures") or []
+    if archs and not any(a.endswith("ForCausalLM") for a in archs):
+        return f"a {archs[0]} model, not a causal language model (distft-predict classifies)"
+    return None
+
+
 def load(model_dir: Path):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -86,8 +103,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     args = ap.parse_args(argv)
 
     model_dir = Path(args.model)
-    if not (model_dir / "config.json").is_file() and not (model_dir / "adapter_config.json").is_file():
-        print(f"distft-generate: error: {model_dir}: not an exported model or adapter folder", file=sys.stderr)
+    why = not_a_causal_lm(model_dir)
+    if why:
+        print(f"distft-generate: error: {model_dir}: {why}", file=sys.stderr)
         return 2
     prompts = list(args.prompt)
     if args.prompts_file:

@@ -20,7 +20,7 @@ import argparse
 import json
 import sys
 from pathlib import Path
-from typing import Dict, List
+from typing import Dict, List, Optional
 
 import torch
 
@@ -42,6 +42,25 @@ def read_inputs(path: str, field: str, token_task: bool) -> List:
     return out
 
 
+def not_a_classifier(folder: Path) -> Optional[str]:
+    """Why the folder cannot classify, or None (read from its config, before loading)."""
+    if (folder / "classifier.skops").is_file():
+        return None
+    adapter, config = folder / "adapter_config.json", folder / "config.json"
+    if adapter.is_file():
+        task = json.loads(adapter.read_text()).get("task_type")
+        return None if task in ("SEQ_CLS", "TOKEN_CLS") else f"an adapter for {task}, not a classifier"
+    if not config.is_file():
+        return "no config.json, adapter_config.json or classifier.skops here"
+    raw = json.loads(config.read_text())
+    archs = raw.get("architectures") or []
+    if raw.get("model_type") == "distft_mlp_head" or any(
+            a.endswith(("ForSequenceClassification", "ForTokenClassification")) for a in archs):
+        return None
+    return (f"a {archs[0] if archs else raw.get('model_type')} model, not a classifier "
+            "(distft-generate answers prompts with a language model)")
+
+
 class Predictor:
     """An exported model and what it needs to turn inputs into predictions."""
 
@@ -51,6 +70,9 @@ class Predictor:
         self.folder = Path(folder)
         if not self.folder.is_dir():
             raise DistftError(f"{folder}: no such model folder")
+        why = not_a_classifier(self.folder)
+        if why:
+            raise DistftError(f"{folder}: {why}")
         # The tokenizer is a stock one even beside distft's head model (no remote code to run).
         self.tokenizer = AutoTokenizer.from_pretrained(str(self.folder), trust_remote_code=False)
         self.skops = (self.folder / "classifier.skops").is_file()

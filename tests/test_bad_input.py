@@ -1,11 +1,14 @@
 """Bad input stops before training with one message naming the file and line, or the key."""
 import json
+import os
+import subprocess
+import sys
 
 import pytest
 from hydra.errors import ConfigCompositionException
 from omegaconf.errors import ValidationError
 
-from conftest import run_cli
+from conftest import ROOT, run_cli
 from distft.errors import ConfigError, DataError
 from distft.trainer import Trainer
 
@@ -157,3 +160,47 @@ def test_token_file_with_a_bad_line_stops_the_cli_with_one_line(tmp_path):
     errors = [line for line in proc.stderr.splitlines() if line.startswith("distft: error:")]
     assert errors == [f"distft: error: {bad}:2: 3 tokens but 2 tags; each word needs exactly one tag"]
     assert not (tmp_path / "run" / "final").exists()
+
+
+def test_model_that_cannot_be_had_is_one_line(tmp_path):
+    """A missing folder, a folder without a model, a file, and a hub id offline: each one
+    line naming model.path, no traceback."""
+    from distft.errors import ConfigError
+    from distft.models.loading import check_model_source
+
+    with pytest.raises(ConfigError, match="model.path=/nonexistent/model: no such folder"):
+        check_model_source("/nonexistent/model")
+    with pytest.raises(ConfigError, match=r"the folder holds no model \(no config.json\)"):
+        check_model_source(str(tmp_path))
+    (tmp_path / "weights.bin").write_bytes(b"x")
+    with pytest.raises(ConfigError, match="a file, not a model folder"):
+        check_model_source(str(tmp_path / "weights.bin"))
+    assert check_model_source("org/name") is False  # a hub id: left to the hub
+    proc = run_cli("model=hf", "model.path=gpt2", "task=classification", f"run_dir={tmp_path / 'run'}", check=False,
+                   env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("distft: error:")]
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    assert len(errors) == 1 and "model.path=gpt2: not a local folder, and the hub id could not be fetched" in errors[0]
+    assert "HF_HUB_OFFLINE is set" in errors[0] and "set model.path=DIR" in errors[0]
+
+
+def test_generate_and_predict_refuse_a_model_of_another_task(tmp_path):
+    """Read from the folder's config before anything loads."""
+    from distft.generate import not_a_causal_lm
+    from distft.predict import not_a_classifier
+
+    clf, lm, adapter = tmp_path / "clf", tmp_path / "lm", tmp_path / "adapter"
+    for folder, body in ((clf, {"architectures": ["BertForSequenceClassification"]}),
+                         (lm, {"architectures": ["LlamaForCausalLM"]})):
+        folder.mkdir()
+        (folder / "config.json").write_text(json.dumps(body))
+    adapter.mkdir()
+    (adapter / "adapter_config.json").write_text(json.dumps({"task_type": "SEQ_CLS"}))
+    assert "a BertForSequenceClassification model, not a causal language model" in not_a_causal_lm(clf)
+    assert "an adapter for SEQ_CLS, not a causal language model" in not_a_causal_lm(adapter)
+    assert not_a_causal_lm(lm) is None
+    assert "a LlamaForCausalLM model, not a classifier" in not_a_classifier(lm)
+    assert not_a_classifier(clf) is None and not_a_classifier(adapter) is None
+    proc = subprocess.run([sys.executable, "-m", "distft.predict", str(lm), str(tmp_path / "in.jsonl")], cwd=ROOT,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "not a classifier" in proc.stderr and "Traceback" not in proc.stderr

@@ -48,6 +48,34 @@ def resolve_model_path(cfg) -> Optional[str]:
     return None
 
 
+def check_model_source(path: str, key: str = "model.path") -> bool:
+    """Say in one line what is wrong with a model location before transformers does in a
+    traceback; True for a local folder, False for a hub id. A hub id has one slash at most
+    (`gpt2`, `org/name`); anything else is meant as a path."""
+    folder = Path(path).expanduser()
+    hub_like = not path.startswith(("/", ".", "~")) and path.count("/") <= 1 and not folder.exists()
+    if hub_like:
+        return False
+    if not folder.exists():
+        raise ConfigError(f"{key}={path}: no such folder")
+    if not folder.is_dir():
+        raise ConfigError(f"{key}={path}: a file, not a model folder (a GGUF file goes in model.gguf_file, "
+                          "its folder in model.path)")
+    if not any((folder / name).is_file() for name in ("config.json", "adapter_config.json")) \
+            and not any(folder.glob("*.gguf")):
+        raise ConfigError(f"{key}={path}: the folder holds no model (no config.json)")
+    return True
+
+
+def _hub_error(path: str, key: str, err: Exception) -> ConfigError:
+    offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false")
+    return ConfigError(
+        f"{key}={path}: not a local folder, and the hub id could not be fetched"
+        + (" (HF_HUB_OFFLINE is set)" if offline else " (offline, or no such model?)")
+        + f"; download it where there is a network (`hf download {path} --local-dir DIR`) and set {key}=DIR"
+        + f" [{type(err).__name__}: {str(err).splitlines()[0][:160] if str(err) else ''}]")
+
+
 def choose_attn_implementation(requested: str, dtype: torch.dtype) -> str:
     """`auto`: flash_attention_2 when flash-attn is installed, CUDA is present and the
     dtype is half precision; otherwise PyTorch SDPA."""
@@ -76,10 +104,17 @@ def load_tokenizer(cfg, path: Optional[str]):
     source = cfg.tokenizer or path
     if source is None:
         raise ConfigError("model.tokenizer: a model built from a config needs `bytes` or a tokenizer path")
+    key = "model.tokenizer" if cfg.tokenizer else "model.path"
+    local = check_model_source(source, key) if not cfg.tokenizer else os.path.isdir(source)
     kwargs = {"trust_remote_code": cfg.trust_remote_code}
     if cfg.gguf_file and not cfg.tokenizer:
         kwargs["gguf_file"] = cfg.gguf_file
-    tok = AutoTokenizer.from_pretrained(source, **kwargs)
+    try:
+        tok = AutoTokenizer.from_pretrained(source, **kwargs)
+    except OSError as e:
+        if local:
+            raise ConfigError(f"{key}={source}: no tokenizer could be read there ({str(e).splitlines()[0][:200]})") from e
+        raise _hub_error(source, key, e) from e
     if tok.pad_token is None:
         # A decoder-only tokenizer often has no pad token; padding positions are masked by
         # position (attention mask), never by id, so reusing EOS is safe here.
@@ -126,11 +161,16 @@ def load_model(cfg, predicts: str, tokenizer, num_labels: Optional[int] = None, 
     else:
         if path is None:
             raise ConfigError(f"model.path: model={cfg.name} needs a local folder or hub id")
-        local = os.path.isdir(path)
+        local = check_model_source(path)
         config_kwargs = {"trust_remote_code": cfg.trust_remote_code, "local_files_only": local}
         if cfg.gguf_file:
             config_kwargs["gguf_file"] = cfg.gguf_file
-        config = AutoConfig.from_pretrained(path, **config_kwargs, **extra)
+        try:
+            config = AutoConfig.from_pretrained(path, **config_kwargs, **extra)
+        except OSError as e:
+            if local:
+                raise ConfigError(f"model.path={path}: {str(e).splitlines()[0][:200]}") from e
+            raise _hub_error(path, "model.path", e) from e
         if config.pad_token_id is None and tokenizer.pad_token_id is not None:
             config.pad_token_id = tokenizer.pad_token_id
         _apply_dropout(config, cfg.dropout)
