@@ -237,7 +237,7 @@ class BackendConfig:
 
 @dataclass
 class WandbConfig:
-    enabled: bool = True
+    enabled: bool = False  # conf/logger/wandb.yaml turns it on
     mode: str = "offline"  # offline | online | disabled
     project: str = "distft"
     entity: Optional[str] = None
@@ -247,9 +247,12 @@ class WandbConfig:
 
 @dataclass
 class LoggerConfig:
+    # The chosen logger (or the last of several: logger=[wandb,tensorboard]); each
+    # conf/logger/*.yaml only turns its own output on, so choices combine.
     name: str = "wandb"
     log_every: int = 1
     csv: bool = False
+    tensorboard: bool = False  # event files in run_dir/tensorboard (pip install tensorboard)
     progress_bar: bool = True
     plots: bool = True
     wandb: WandbConfig = field(default_factory=WandbConfig)

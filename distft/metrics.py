@@ -1,4 +1,4 @@
-"""Where metrics go: metrics.jsonl always; metrics.csv and W&B when configured; plots."""
+"""Where metrics go: metrics.jsonl always; metrics.csv, TensorBoard and W&B when configured; plots."""
 from __future__ import annotations
 
 import csv
@@ -19,6 +19,7 @@ class MetricsLogger:
         self.path = run_dir / "metrics.jsonl"
         self.history: List[Dict] = []
         self._wandb = None
+        self._tb = None
         self._config = config_dict
 
     def start(self, resume_step: Optional[int]) -> None:
@@ -35,6 +36,17 @@ class MetricsLogger:
             tmp.write_text("".join(json.dumps(e) + "\n" for e in kept))
             os.replace(tmp, self.path)
             self.history = kept
+        if self.cfg.tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError as e:
+                from distft.errors import ConfigError
+
+                raise ConfigError("logger=tensorboard needs the tensorboard package: pip install tensorboard "
+                                  "(or pip install -e '.[tensorboard]')") from e
+            # purge_step: a resumed run drops the events after its checkpoint, as metrics.jsonl does.
+            self._tb = SummaryWriter(log_dir=str(self.run_dir / "tensorboard"),
+                                     purge_step=None if resume_step is None else resume_step + 1)
         wcfg = self.cfg.wandb
         if wcfg.enabled and wcfg.mode != "disabled":
             import wandb
@@ -59,6 +71,10 @@ class MetricsLogger:
             f.write(json.dumps(event) + "\n")
         if self.cfg.csv:
             self._write_csv()
+        if self._tb is not None:
+            for key, value in event.items():
+                if key != "step" and isinstance(value, (int, float)) and not isinstance(value, bool):
+                    self._tb.add_scalar(key, value, global_step=event["step"])
         if self._wandb is not None:
             self._wandb.log({k: v for k, v in event.items() if k != "step"}, step=event["step"])
 
@@ -74,6 +90,10 @@ class MetricsLogger:
             return
         if self.cfg.plots:
             plot_curves(self.history, self.run_dir / "plots" / "curves.png")
+        if self._tb is not None:
+            self._tb.add_text("summary", "\n".join(f"    {k}: {v}" for k, v in summary.items()
+                                                   if isinstance(v, (int, float, str))))
+            self._tb.close()
         if self._wandb is not None:
             self._wandb.summary.update({k: v for k, v in summary.items() if isinstance(v, (int, float, str))})
             self._wandb.finish()

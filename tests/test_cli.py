@@ -38,11 +38,20 @@ def test_default_run_end_to_end(tmp_path):
     assert summary["tokens_per_second"] > 0 and summary["precision"] == picked
 
 
-def test_csv_logger_and_lora_override(tmp_path):
+def test_csv_and_tensorboard_loggers_and_lora_override(tmp_path):
     run_dir = tmp_path / "lora"
-    run_cli(f"run_dir={run_dir}", "strategy=lora", "logger=csv", "trainer.max_steps=5", "task=classification",
-            "trainer.precision=fp32")
+    run_cli(f"run_dir={run_dir}", "strategy=lora", "logger=[csv,tensorboard]", "trainer.max_steps=5",
+            "trainer.eval_every=2", "task=classification", "trainer.precision=fp32")
     assert (run_dir / "metrics.csv").read_text().startswith("step,")
     assert not (run_dir / "wandb").exists()
+    # TensorBoard's own event reader finds every logged scalar at its step.
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    board = EventAccumulator(str(run_dir / "tensorboard")).Reload()
+    events = read_metrics(run_dir)
+    for key in ("loss", "lr", "eval/accuracy", "eval/loss"):
+        logged = [(e["step"], e[key]) for e in events if key in e]
+        assert logged and [(s.step, s.value) for s in board.Scalars(key)] == [
+            (step, pytest.approx(value, rel=1e-6)) for step, value in logged], key
     assert (run_dir / "final" / "adapter_config.json").is_file()
     assert (run_dir / "base_model" / "config.json").is_file()
