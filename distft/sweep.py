@@ -620,7 +620,8 @@ def attach_trial(trainer) -> None:
             value = metrics.get(cfg.task.metric)
             if value is not None and math.isfinite(value):
                 trial.report(float(value), step)
-                prune = cfg.sweep.pruner != "none" and trial.should_prune()
+                # At the last step there is nothing left to save: the trial completes.
+                prune = cfg.sweep.pruner != "none" and step < trainer.max_steps and trial.should_prune()
         prune = bool(trainer.backend.broadcast_object(prune))
         if prune:
             trainer.stop_reason = f"pruned by the sweep's {cfg.sweep.pruner} pruner at step {step}"
