@@ -23,6 +23,7 @@ from tqdm.auto import tqdm
 from hydra.utils import instantiate
 
 from distft import checkpoint as ckpt
+from distft.card import write_cards
 from distft import chunked_loss
 from distft.backends import build_backend
 from distft.backends import supports as backend_supports
@@ -640,11 +641,8 @@ class Trainer:
                         p.data = p.data.float()
             tmp = ckpt.atomic_dir(out)
             model.eval()
-            self.task.export(model, self.strategy, str(tmp), self.base_dir)
-            card = self.privacy.card()
-            if card:  # beside what the export wrote (peft's adapter card, ...)
-                readme = tmp / "README.md"
-                readme.write_text((readme.read_text().rstrip() + "\n\n" if readme.exists() else "") + card)
+            written = self.task.export(model, self.strategy, str(tmp), self.base_dir) or []
+            write_cards(self, tmp, written, final_metrics)  # README.md: the model card, in each folder
             ckpt.commit_dir(tmp, out)
         peaks = self.backend.gather_object(round(self.peak_memory_mb, 1))
         # The folder of the exported weights, what a next stage starts from (a regularizer's

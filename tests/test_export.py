@@ -88,6 +88,26 @@ def test_export_reloads_without_distft(cfg_for, strategy, task, extra):
         torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)
     assert summary["final_dir"] == str(final)
     assert json.loads((trainer.run_dir / "summary.json").read_text())["trainable_params"] == trainer.trainable
+    # The model card: front matter the hub reads, the final eval in model-index.
+    front, body = model_card(final)
+    assert front["library_name"] == ("peft" if strategy == "lora" and not pooled else "transformers")
+    assert {"distft", strategy, task} <= set(front["tags"])
+    [result] = front["model-index"][0]["results"]
+    values = {m["type"]: m["value"] for m in result["metrics"]}
+    metric = cfg.task.metric
+    assert values[metric] == pytest.approx(summary[f"eval/{metric}"], rel=1e-5)
+    assert f"{trainer.trainable:,} of {trainer.total:,} parameters trained" in body
+    assert "train 96/96 kept" in body and "```yaml" in body and "strategy:" in body
+
+
+def model_card(folder):
+    """(front matter, body) of folder/README.md; the front matter must be valid YAML."""
+    import yaml
+
+    text = (folder / "README.md").read_text()
+    assert text.startswith("---\n"), text[:200]
+    head, body = text[4:].split("\n---\n", 1)
+    return yaml.safe_load(head), body
 
 
 def test_hf_model_from_a_local_folder(cfg_for, tmp_path):

@@ -10,6 +10,7 @@ from transformers import AutoModelForSequenceClassification, AutoTokenizer
 from conftest import TINY, losses, read_metrics, run_cli
 from distft.multitask import MixtureOrder, task_probabilities
 from distft.trainer import EpochBatches
+from test_export import model_card
 
 
 def test_sampler_probabilities():
@@ -85,6 +86,12 @@ def test_two_classification_tasks_one_encoder_two_heads(tmp_path):
                 assert logits.shape[-1] == n_labels
                 correct += int(logits.argmax(-1).item() == r["label"])
         assert correct / len(rows) == pytest.approx(last[f"eval/{name}/accuracy"])
+        # Its own model card, with its own metrics.
+        front, body = model_card(folder)
+        [result] = front["model-index"][0]["results"]
+        accuracy = {m["type"]: m["value"] for m in result["metrics"]}["accuracy"]
+        assert accuracy == pytest.approx(last[f"eval/{name}/accuracy"], rel=1e-5)
+        assert front["library_name"] == "transformers" and f": {name}" in body.splitlines()[1]
 
     # Resumed from a mid-run checkpoint, the mixture continues with the same losses.
     again = tmp_path / "again"
