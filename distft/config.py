@@ -331,7 +331,7 @@ class SweepConfig:
     startup_trials: Optional[int] = None
     pruner: str = "none"  # none | median | hyperband
     pruner_startup_trials: int = 4  # median: trials that finish before any is pruned
-    pruner_warmup_evals: int = 1  # evals of a trial before it can be pruned
+    pruner_warmup_evals: int = 1  # a trial can be pruned from its n-th eval on (never at its last step)
     seed: int = 0  # the sampler's (worker i uses seed + i); trials keep the run's own seed
     workers: int = 1  # worker processes this command starts on this machine
     worker: Optional[int] = None  # this worker's index; SLURM_ARRAY_TASK_ID when unset

@@ -41,9 +41,8 @@ class SingleRun(Recipe):
     """One training run: the loop of distft/trainer.py."""
 
     def setup(self):
-        from distft.trainer import Trainer
-
         from distft.sweep import attach_trial
+        from distft.trainer import Trainer
 
         self.trainer = Trainer(self.cfg, teardown=False).setup()
         attach_trial(self.trainer)  # a trial of distft-sweep: its evals go to the study's pruner

@@ -23,10 +23,10 @@ from tqdm.auto import tqdm
 from hydra.utils import instantiate
 
 from distft import checkpoint as ckpt
-from distft.card import write_cards
 from distft import chunked_loss
 from distft.backends import build_backend
 from distft.backends import supports as backend_supports
+from distft.card import write_cards
 from distft.config import validate_schema
 from distft import precision as precisions
 from distft import preemption
