@@ -147,7 +147,7 @@ def override_value(value) -> str:
 def parse_space(cfg) -> List[Param]:
     """The searched parameters, each checked against the composed config. The space nests
     like the config (sweep.space.trainer.lr: {type: float, ...}), so a command line can add
-    or drop one: sweep.space.trainer.lr={type:float,low:1e-5,high:1e-3,log:true}."""
+    or drop one: 'sweep.space.trainer.lr={type:float,low:1e-5,high:1e-3,log:true}' (quoted for the shell)."""
     space = OmegaConf.to_container(cfg.sweep.space, resolve=True) if cfg.sweep.space else {}
     if not space:
         raise ConfigError("sweep.space is empty: name a sweep config (sweep=tiny_lr, conf/sweep/) or give "
