@@ -144,6 +144,8 @@ def main() -> int:
     ap.add_argument("--settings", nargs="*", choices=list(SETTINGS), default=list(SETTINGS))
     ap.add_argument("--three", action="store_true", help="only the 3-stage runs")
     ap.add_argument("--no-three", action="store_true", help="skip the 3-stage runs")
+    ap.add_argument("--three-settings", nargs="*", choices=list(THREE), default=list(THREE),
+                    help="the settings of the 3-stage runs")
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--reuse", action="store_true",
                     help="reuse finished runs of the same commands (an interrupted benchmark goes on)")
@@ -171,7 +173,7 @@ def main() -> int:
                 keep(sequential(strategy, setting, "sequential_sst2_agnews", first, out, args.quick, args.reuse))
     if args.three or not args.no_three:
         first = first_stage("lora", out, args.quick, args.reuse or "lora" in args.strategies and not args.three)
-        for setting in THREE:
+        for setting in args.three_settings:
             keep(sequential("lora", setting, "sequential_sst2_agnews_trec", first, out, args.quick, args.reuse))
     print((out / f"{stem}.md").read_text())
     return 0
