@@ -127,8 +127,12 @@ def wait_for_step(proc, run_dir: Path, step: int, timeout: float = 300) -> None:
     """Return once the run in `run_dir` has logged `step` (or its process ended)."""
     deadline = time.time() + timeout
     while time.time() < deadline and proc.poll() is None:
-        if (Path(run_dir) / "metrics.jsonl").exists() and any(e.get("step", 0) >= step for e in read_metrics(run_dir)):
-            return
+        try:
+            if (Path(run_dir) / "metrics.jsonl").exists() and any(e.get("step", 0) >= step
+                                                                  for e in read_metrics(run_dir)):
+                return
+        except json.JSONDecodeError:
+            pass  # read while the trainer was appending a line: look again
         time.sleep(0.02)
 
 

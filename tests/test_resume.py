@@ -1,5 +1,6 @@
 """A run killed with SIGKILL and resumed with resume=auto gives the same per-step losses
 as an uninterrupted run (the torchtune recipe-test shape, through the real CLI)."""
+import json
 import os
 import signal
 import subprocess
@@ -25,8 +26,11 @@ def _kill_when_past(run_dir: Path, overrides, step: int) -> None:
     deadline = time.time() + 300
     try:
         while time.time() < deadline and proc.poll() is None:
-            if metrics.exists() and any(e.get("step", 0) >= step for e in read_metrics(run_dir)):
-                break
+            try:
+                if metrics.exists() and any(e.get("step", 0) >= step for e in read_metrics(run_dir)):
+                    break
+            except json.JSONDecodeError:
+                pass  # read while the trainer was appending a line: look again
             time.sleep(0.02)
     finally:
         os.kill(proc.pid, signal.SIGKILL)
