@@ -270,7 +270,6 @@ class Sweep:
     def run(self) -> int:
         """Take trials until the study has its n_trials (or the grid is done); return how many ran here."""
 
-        ran = 0
         self.signalled = None
         self.current = None  # the running trial's process group
 
@@ -286,14 +285,15 @@ class Sweep:
 
         previous = {sig: signal.signal(sig, forward) for sig in (signal.SIGTERM, signal.SIGUSR1)}
         try:
-            return self._loop(ran)
+            return self._loop()
         finally:
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
 
-    def _loop(self, ran: int) -> int:
+    def _loop(self) -> int:
         import optuna
 
+        ran = 0
         while self.signalled is None:
             with self.lock:
                 self._fail_stale()
