@@ -43,7 +43,7 @@ def hardware(device_type: str, processes: int, backend: str, precision: str) -> 
 
 def render(cfg, *, metrics: Dict[str, float], task_name: str, library: str, trainable: int, total: int,
            data_report: Optional[dict], hardware_line: str, train_seconds: float, tokens_per_second: Optional[float],
-           extra: List[str] = (), title: Optional[str] = None) -> str:
+           extra: List[str] = (), title: Optional[str] = None, before: Optional[Dict[str, float]] = None) -> str:
     base = base_model_id(cfg.model)
     dataset_id = cfg.data.train if cfg.data.name == "hub" else None
     scalar = {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float)) and "/" not in k}
@@ -82,7 +82,12 @@ def render(cfg, *, metrics: Dict[str, float], task_name: str, library: str, trai
             lines += [f"- Data: {summary_line(data_report)} (`data_report.json` in the run folder)."]
         except (KeyError, TypeError):  # a mixture's report: one entry per task
             lines += ["- Data: see `data_report.json` in the run folder."]
-    if metrics:
+    if metrics and before:  # trainer.eval_before_training: the starting weights beside the exported ones
+        lines += ["", "## Evaluation (validation split)", "", "| metric | before training | exported weights |",
+                  "|---|---|---|"]
+        lines += [f"| {k} | " + (f"{before[k]:.4f}" if isinstance(before.get(k), (int, float)) else "") + f" | {v:.4f} |"
+                  for k, v in metrics.items() if isinstance(v, (int, float))]
+    elif metrics:
         lines += ["", "## Evaluation (validation split, the exported weights)", "", "| metric | value |", "|---|---|"]
         lines += [f"| {k} | {v:.4f} |" for k, v in metrics.items() if isinstance(v, (int, float))]
     for section in extra:
@@ -111,6 +116,7 @@ def write_cards(trainer, root: Path, written: List[str], metrics: Dict[str, floa
                                          trainer.precision.name),
                   train_seconds=secs, tokens_per_second=trainer.state["tokens"] / secs if secs else None,
                   extra=[c for c in [trainer.privacy.card()] if c])
+    before = trainer.state.get("before") or {}
     members = {getattr(m, "name", None): m for m in getattr(trainer.task, "members", []) or []}
     folders = {Path(f).resolve() for f in written} | {root.resolve()}
     for folder in sorted(folders):
@@ -121,6 +127,8 @@ def write_cards(trainer, root: Path, written: List[str], metrics: Dict[str, floa
             title = f"{Path(str(cfg.run_dir)).name}: {name}"
         else:
             own, task_name, title = metrics, cfg.task.name, None
+        own_before = {k.split("/", 1)[1]: v for k, v in before.items() if k.startswith(f"{name}/")} \
+            if name in members else before
         library = "peft" if (folder / "adapter_config.json").is_file() else "transformers"
         (folder / "README.md").write_text(render(cfg, metrics=own, task_name=task_name, library=library,
-                                                 title=title, **common))
+                                                 title=title, before=own_before, **common))

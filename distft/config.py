@@ -9,8 +9,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional
 
+from pathlib import Path
+
 from hydra.core.config_store import ConfigStore
-from omegaconf import MISSING
+from omegaconf import MISSING, OmegaConf
 
 
 @dataclass
@@ -91,6 +93,10 @@ class TaskConfig:
     head: str = "model"  # model | pooled
     head_hidden: List[int] = field(default_factory=list)  # pooled: hidden widths ([] = linear)
     pooling: str = "mean"  # mean | first | last
+    # pooled: scale each pooled vector to unit length before the head (sentence-transformers'
+    # Normalize; all-MiniLM's embeddings are read so). It also bounds the new head's
+    # per-example gradient, which DP-SGD clips.
+    normalize: bool = False
     head_dropout: float = 0.1
     # token_classification: the tag set, as a list or a file of one tag per line (null: O,
     # then the tags of the training data sorted); label order = the head's output order.
@@ -405,6 +411,12 @@ def register_configs() -> None:
 
 
 register_configs()
+
+# ${bundled:NAME/FILE}: a file of the data shipped inside the package (distft/bundled/), so
+# a config names it wherever the command runs.
+BUNDLED_DIR = Path(__file__).resolve().parent / "bundled"
+if not OmegaConf.has_resolver("bundled"):
+    OmegaConf.register_new_resolver("bundled", lambda rel: str(BUNDLED_DIR / rel))
 
 
 def validate_schema(cfg) -> None:

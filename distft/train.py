@@ -80,6 +80,9 @@ def _main(cfg: DictConfig) -> None:
         + f" (best at step {summary['best_step']}); model in {summary['final_dir']}; "
         f"metrics in {os.path.join(summary.get('run_dir', cfg.run_dir), 'metrics.jsonl')}"
     )
+    before = (summary.get("before") or {}).get(metric)
+    if before is not None and value is not None:
+        print(f"eval/{metric}: {before:.4f} before training -> {value:.4f} after")
     if "forgetting" in summary:
         print(f"stage-by-task {summary['forgetting']['metric']} matrix in "
               f"{os.path.join(cfg.run_dir, 'forgetting.json')} and forgetting.png")

@@ -367,6 +367,7 @@ class Trainer:
         if t.eval_before_training and self.step == 0 and self.val_examples:
             # The starting point, for a "before" number beside the "after" ones.
             metrics = self.evaluate()
+            self.state["before"] = metrics  # checkpointed: a resumed run still reports it
             self.metrics.log({"step": 0, **{f"eval/{k}": v for k, v in metrics.items()}})
             if self.main:
                 bar.write("step 0: " + self._console(metrics))
@@ -658,6 +659,8 @@ class Trainer:
             "best_metric": self.state["best_metric"],
             "metric": cfg.task.metric,
             **{f"eval/{k}": v for k, v in final_metrics.items()},
+            # trainer.eval_before_training: the starting weights' metrics, for before/after
+            **({"before": self.state["before"]} if self.state.get("before") else {}),
             "trainable_params": self.trainable,
             "total_params": self.total,
             "tokens_per_second": self.state["tokens"] / secs if secs else None,

@@ -55,3 +55,26 @@ def test_csv_and_tensorboard_loggers_and_lora_override(tmp_path):
             (step, pytest.approx(value, rel=1e-6)) for step, value in logged], key
     assert (run_dir / "final" / "adapter_config.json").is_file()
     assert (run_dir / "base_model" / "config.json").is_file()
+
+
+@pytest.mark.realmodel
+def test_quickstart_fine_tunes_minilm_on_the_bundled_reviews(tmp_path):
+    """`bash scripts/train.sh`'s run (conf/quickstart.yaml), as the README shows it: the real
+    MiniLM on the 800 bundled review sentences, evaluated before and after."""
+    run_dir = tmp_path / "quickstart"
+    proc = run_cli("--config-name", "quickstart", f"run_dir={run_dir}", "trainer.precision=fp32",
+                   "logger=csv", "logger.progress_bar=false")
+    out = proc.stdout + proc.stderr
+    events = read_metrics(run_dir)
+    assert events[0]["step"] == 0 and "loss" not in events[0], "the starting weights are evaluated first"
+    before, after = events[0]["eval/accuracy"], events[-1]["eval/accuracy"]
+    assert before < 0.7 and after >= 0.85, (before, after)
+    assert f"eval/accuracy: {before:.4f} before training -> {after:.4f} after" in out
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["before"]["accuracy"] == before and summary["steps"] == 50  # 800 examples, batch 16
+    card = (run_dir / "final" / "README.md").read_text()
+    assert f"| accuracy | {before:.4f} | {after:.4f} |" in card
+    from transformers import AutoModelForSequenceClassification
+
+    model = AutoModelForSequenceClassification.from_pretrained(run_dir / "final", trust_remote_code=True)
+    assert model.config.num_labels == 2

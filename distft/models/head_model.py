@@ -21,7 +21,7 @@ class MlpHeadConfig(PretrainedConfig):
     model_type = "distft_mlp_head"
 
     def __init__(self, backbone=None, head_hidden=(256,), head_dropout=0.1, pooling="mean", num_labels=None,
-                 activation="gelu", feature_layers=None, **kwargs):
+                 activation="gelu", feature_layers=None, normalize=False, **kwargs):
         # A saved config carries id2label, not num_labels: passing a default here would
         # override the label count read back from disk.
         if num_labels is not None:
@@ -37,6 +37,9 @@ class MlpHeadConfig(PretrainedConfig):
         # Hidden states read: None = the last layer's output; else indices into the model's
         # hidden_states (0 = embeddings, -1 = last), averaged.
         self.feature_layers = list(feature_layers) if feature_layers is not None else None
+        # Scale each pooled vector to unit length before the head, as sentence-transformers'
+        # Normalize module does for encoders trained on cosine similarity (all-MiniLM).
+        self.normalize = bool(normalize)
 
     def backbone_config(self) -> PretrainedConfig:
         cfg = dict(self.backbone)
@@ -83,7 +86,10 @@ class MlpHeadForSequenceClassification(PreTrainedModel):
                             **kwargs)
         hidden = out.last_hidden_state if not layers else \
             torch.stack([out.hidden_states[i] for i in layers]).mean(0)
-        logits = self.head(self.pool(hidden, attention_mask))
+        pooled = self.pool(hidden, attention_mask)
+        if getattr(self.config, "normalize", False):
+            pooled = nn.functional.normalize(pooled, dim=-1)
+        logits = self.head(pooled)
         loss = None
         if labels is not None:
             loss = nn.functional.cross_entropy(logits.float(), labels)

@@ -25,6 +25,8 @@ class ClassificationTask(Task):
             raise ConfigError(f"task.pooling={cfg.task.pooling!r}: choose mean, first or last")
         if cfg.task.head == "model" and list(cfg.task.head_hidden):
             raise ConfigError("task.head_hidden is the pooled head's hidden widths: set task.head=pooled with it")
+        if cfg.task.head == "model" and cfg.task.get("normalize", False):
+            raise ConfigError("task.normalize scales the pooled features of task.head=pooled: set task.head=pooled with it")
 
     @classmethod
     def info_for(cls, cfg):
@@ -45,6 +47,7 @@ class ClassificationTask(Task):
         base = super().build_model(model_cfg, tokenizer, num_labels, seed).base_model
         config = MlpHeadConfig(backbone=base.config, head_hidden=list(self.cfg.head_hidden),
                                head_dropout=self.cfg.head_dropout, pooling=self.cfg.pooling,
+                               normalize=self.cfg.get("normalize", False),
                                num_labels=num_labels, pad_token_id=tokenizer.pad_token_id)
         torch.manual_seed(seed + 1)  # the head's draw, apart from whatever the loading drew
         return MlpHeadForSequenceClassification(config, backbone=base)
