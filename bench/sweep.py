@@ -57,7 +57,8 @@ QUICK_ROWS = {"grid": ["sweep.sampler=grid", "sweep.space.trainer.warmup_ratio=n
 def base(quick: bool) -> list:
     if quick:
         return list(QUICK)
-    return ["sweep=lora_sst2", f"data.train={SST2 / 'train.jsonl'}", f"data.validation={SST2 / 'validation.jsonl'}"]
+    return ["sweep=lora_sst2", "data=files", "data.text_field=text", f"data.train={SST2 / 'train.jsonl'}",
+            f"data.validation={SST2 / 'validation.jsonl'}"]
 
 
 def show(args) -> str:

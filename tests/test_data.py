@@ -115,3 +115,20 @@ def test_hub_without_network_names_the_dataset(cfg_for, tmp_path, monkeypatch):
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
     with pytest.raises(DataError, match=r"data.train=no-such-user/no-such-dataset \(split 'train'\): could not load"):
         Trainer(cfg_for("data=hub", "data.train=no-such-user/no-such-dataset", "data.cache_dir=null")).setup()
+
+
+def test_class_label_lists_become_tag_names_and_single_labels_stay_integers(tmp_path):
+    """A hub NER dataset stores its tags as Sequence(ClassLabel) ids (WNUT-17's ner_tags):
+    token_classification reads BIO strings, so lists of class labels are read as their names;
+    a sentence label (one ClassLabel) stays the integer classification reads."""
+    from datasets import ClassLabel, Dataset, Features, Sequence, Value
+
+    from distft.data.sources import read_records
+
+    features = Features({"tokens": Sequence(Value("string")),
+                         "ner_tags": Sequence(ClassLabel(names=["O", "B-location", "I-location"])),
+                         "label": ClassLabel(names=["neg", "pos"])})
+    Dataset.from_dict({"tokens": [["New", "York", "is", "big"]], "ner_tags": [[1, 2, 0, 0]], "label": [1]},
+                      features=features).save_to_disk(str(tmp_path / "saved"))
+    (row,) = read_records(str(tmp_path / "saved"), "disk", "train")
+    assert row["ner_tags"] == ["B-location", "I-location", "O", "O"] and row["label"] == 1

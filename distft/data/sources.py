@@ -85,6 +85,29 @@ def _with_rows(rows: List[Record], path: str) -> List[Record]:
     return rows
 
 
+def _dataset_rows(ds) -> List[Record]:
+    """A datasets.Dataset as records. A column of lists of class labels (a NER dataset's
+    `ner_tags`: Sequence(ClassLabel)) becomes its label names, the BIO strings that
+    task=token_classification reads; a single ClassLabel column (a sentence's label) stays
+    an integer, as task=classification reads it."""
+    from datasets import ClassLabel, features
+
+    # Sequence (datasets 3) and List / LargeList (datasets 4 and later) are the list features
+    list_types = tuple(t for t in (getattr(features, n, None) for n in ("Sequence", "List", "LargeList"))
+                       if isinstance(t, type))
+    names = {}
+    for column, feature in ds.features.items():
+        inner = getattr(feature, "feature", None) if isinstance(feature, list_types) else None
+        if isinstance(inner, ClassLabel):
+            names[column] = inner.names
+    rows = ds.to_list()
+    for row in rows:
+        for column, labels in names.items():
+            if isinstance(row.get(column), list):
+                row[column] = [labels[i] if isinstance(i, int) and 0 <= i < len(labels) else i for i in row[column]]
+    return rows
+
+
 def _read_table(path: str, fmt: str) -> List[Record]:
     from datasets import load_dataset
 
@@ -109,7 +132,7 @@ def _read_saved(path: str, split: str) -> List[Record]:
             raise DataError(f"{path}: has splits {sorted(ds)}, not {split!r}")
         ds = ds[split]
     assert isinstance(ds, Dataset)
-    return _with_rows(ds.to_list(), f"{path}[{split}]")
+    return _with_rows(_dataset_rows(ds), f"{path}[{split}]")
 
 
 def read_hub(name: str, config: Optional[str], split: str) -> List[Record]:
@@ -121,7 +144,7 @@ def read_hub(name: str, config: Optional[str], split: str) -> List[Record]:
     except Exception as e:
         raise DataError(f"data.train={name} (split {split!r}): could not load it from the hub "
                         f"({type(e).__name__}: {str(e).splitlines()[0][:300]})") from None
-    return _with_rows(ds.to_list(), f"{name}[{split}]")
+    return _with_rows(_dataset_rows(ds), f"{name}[{split}]")
 
 
 def where(record: Record) -> str:
