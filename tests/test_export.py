@@ -63,6 +63,7 @@ def distft_logits(trainer):
         # a head on pooled hidden states: written whole (adapters folded in), its own modeling file
         ("lora", "classification", ["task.head=pooled", "task.head_hidden=[16]"]),
         ("full", "classification", ["task.head=pooled", "task.pooling=first"]),
+        ("lora", "classification", ["task.head=pooled", "task.normalize=true"]),  # unit-length pooled features
         ("bitfit", "token_classification", []),
         ("lora", "token_classification", ["strategy.merge_on_export=true"]),  # peft TOKEN_CLS, its head saved
     ],

@@ -84,6 +84,23 @@ def test_pooled_head_refusals(cfg_for):
 
     for extra, needle in ((["task.head=cls"], "task.head='cls'"), (["task.pooling=max", "task.head=pooled"], "task.pooling"),
                           (["task.head_hidden=[8]"], "task.head=pooled"),
+                          (["task.normalize=true"], "task.head=pooled"),
                           (["task.head=pooled", "strategy=partial", "strategy.head=mlp"], "brings its own heads")):
         with pytest.raises(ConfigError, match=needle.replace("[", r"\[")):
             Trainer(cfg_for("task=classification", *extra)).setup()
+
+
+def test_pooled_head_normalize_feeds_unit_vectors(cfg_for):
+    """task.normalize=true: the head reads each pooled vector scaled to length 1 (as
+    sentence-transformers' Normalize does), which bounds its per-example gradient."""
+    import torch
+
+    trainer = Trainer(cfg_for("task=classification", "task.head=pooled", "task.normalize=true",
+                              "trainer.max_steps=1")).setup()
+    model = trainer.backend.unwrap(trainer.model)
+    assert model.config.normalize is True
+    seen = []
+    model.head.register_forward_pre_hook(lambda mod, args: seen.append(args[0].detach()))
+    batch = trainer.task.collate(trainer.val_examples[:4])
+    model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+    torch.testing.assert_close(seen[0].norm(dim=-1), torch.ones(4))
