@@ -132,3 +132,20 @@ def write_cards(trainer, root: Path, written: List[str], metrics: Dict[str, floa
         library = "peft" if (folder / "adapter_config.json").is_file() else "transformers"
         (folder / "README.md").write_text(render(cfg, metrics=own, task_name=task_name, library=library,
                                                  title=title, before=own_before, **common))
+
+
+def set_section(folder: Path, title: str, text: str) -> None:
+    """Put a `## title` section into every model card under `folder` (replacing one of the
+    same title, so a recipe run again writes it once), before the resolved config."""
+    for card in sorted(Path(folder).rglob("README.md")):
+        lines = card.read_text().split("\n")
+        heading = f"## {title}"
+        if heading in lines:  # drop the old section: up to the next heading of its level
+            start = lines.index(heading)
+            end = next((i for i in range(start + 1, len(lines)) if lines[i].startswith("## ")), len(lines))
+            lines = lines[:start] + lines[end:]
+        at = lines.index("## Configuration") if "## Configuration" in lines else len(lines)
+        lines[at:at] = [heading, "", *text.rstrip().split("\n"), ""]
+        tmp = card.with_name(card.name + ".tmp")
+        tmp.write_text("\n".join(lines))
+        tmp.replace(card)

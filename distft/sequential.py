@@ -141,6 +141,9 @@ def run_sequential(cfg, recipe=None) -> Dict:
         root.mkdir(parents=True, exist_ok=True)
         (root / "forgetting.json").write_text(json.dumps(result, indent=2))
         _heatmap(result, root / "forgetting.png")
+        from distft.card import set_section
+
+        set_section(Path(summary["final_dir"]), "Forgetting (sequential stages)", forgetting_card(result))
         tmp = root / "summary.json.tmp"
         tmp.write_text(json.dumps(out, indent=2))
         tmp.replace(root / "summary.json")
@@ -165,6 +168,22 @@ def forgetting_report(names: List[str], metric: str, matrix: List[List[Optional[
         forgetting[name] = (seen[-1] - best) if lower_better else (best - seen[-1])
     return {"metric": metric, "stages": names, "tasks": names, "matrix": matrix,
             "rows": "after stage", "columns": "evaluated on task", "forgetting": forgetting}
+
+
+def forgetting_card(result: Dict) -> str:
+    """The model card's section: the stage-by-task matrix as a table, and each earlier
+    task's drop from its best."""
+    names = result["tasks"]
+    lines = [f"Trained in {len(result['stages'])} stages, one after another; {result['metric']} on each "
+             "task's validation data after each stage:", "",
+             "| after stage | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
+    for stage, row in zip(result["stages"], result["matrix"]):
+        lines.append(f"| {stage} | " + " | ".join("" if v is None else f"{v:.4f}" for v in row) + " |")
+    reg = result.get("regularizer") or {}
+    drops = ", ".join(f"{k} {v:.4f}" for k, v in result["forgetting"].items())
+    lines += ["", f"Forgetting (best minus final, per earlier task): {drops or 'none'}; regularizer: "
+              f"`{reg.get('name', 'none')}`."]
+    return "\n".join(lines)
 
 
 def format_matrix(result: Dict) -> str:

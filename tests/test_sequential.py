@@ -49,10 +49,19 @@ def test_two_stages_report_the_forgetting_matrix(tmp_path):
     assert any(k.startswith("heads.0") for k in first) and not any(k.startswith("heads.1") for k in first)
     assert (stage2 / "final" / "sent" / "config.json").is_file() and (stage2 / "final" / "color").is_dir()
 
-    # Run again: finished stages are not trained again.
+    # The last stage's model cards (the export root and each task's folder) hold the matrix.
+    cards = sorted((stage2 / "final").rglob("README.md"))
+    assert len(cards) == 3
+    for card in cards:
+        text = card.read_text()
+        assert text.startswith("---\n") and f"| sent | {a11:.4f} |  |" in text, card
+        assert f"| color | {a21:.4f} | {a22:.4f} |" in text and text.index("## Forgetting") < text.index("## Configuration")
+
+    # Run again: finished stages are not trained again, and each card keeps one matrix.
     again = run_cli(*TINY, *stages_args(tmp_path), "trainer.max_steps=30", "trainer.lr=3e-3",
                     f"run_dir={run}")
     assert "already finished" in again.stdout + again.stderr
+    assert (stage2 / "final" / "README.md").read_text().count("## Forgetting") == 1
 
 
 def test_empty_stages_refused(tmp_path):
