@@ -73,8 +73,16 @@ class Predictor:
         why = not_a_classifier(self.folder)
         if why:
             raise DistftError(f"{folder}: {why}")
-        # The tokenizer is a stock one even beside distft's head model (no remote code to run).
-        self.tokenizer = AutoTokenizer.from_pretrained(str(self.folder), trust_remote_code=False)
+        # The tokenizer is a stock one even beside distft's head model (no remote code to run);
+        # handed that model's config, transformers does not read it as an unknown model type.
+        head_config = None
+        config_file = self.folder / "config.json"
+        if config_file.is_file() and json.loads(config_file.read_text()).get("model_type") == "distft_mlp_head":
+            from distft.models.head_model import MlpHeadConfig
+
+            head_config = MlpHeadConfig.from_pretrained(str(self.folder))
+        self.tokenizer = AutoTokenizer.from_pretrained(str(self.folder), trust_remote_code=False,
+                                                       **({"config": head_config} if head_config else {}))
         self.skops = (self.folder / "classifier.skops").is_file()
         if self.skops:
             self.spec = json.loads((self.folder / "features.json").read_text())
