@@ -275,6 +275,9 @@ class TrainerConfig:
     max_steps: int = -1  # optimizer steps; -1 = derive from epochs
     epochs: float = 1.0
     lr: float = 5e-4
+    # The task heads' learning rate (a new classification head, a pooled head, a mixture's
+    # heads); null: trainer.lr. The schedule scales it as it scales trainer.lr.
+    head_lr: Optional[float] = None
     batch_size: int = 16  # examples per micro-batch
     grad_accum: int = 1
     eval_batch_size: int = 64

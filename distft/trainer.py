@@ -265,7 +265,8 @@ class Trainer:
                                               grad_accum=t.grad_accum, state_format=self.backend.state_format)
             self.backend.prepare_resume(resume_from, written_by, self.ckpt_root / f".resharded-{resume_from.name}")
         self.model, self.optimizer = self.backend.wrap(
-            model, self.privacy.optimizer_factory(lambda m: build_optimizer(cfg.optimizer, m, t.weight_decay)))
+            model, self.privacy.optimizer_factory(lambda m: build_optimizer(cfg.optimizer, m, t.weight_decay,
+                                                                             t.head_lr)))
         self.scheduler = schedules.build_scheduler(cfg.scheduler, self.backend.scheduled_optimizer(self.optimizer),
                                                   self.max_steps)
         self.tap = self._chunked_loss_tap()
@@ -735,22 +736,38 @@ def _compile_blocks(model) -> None:
     log.info("torch.compile: %d blocks compiled in place", len(blocks))
 
 
-def build_optimizer(node, model, weight_decay: float):
-    """The config's optimizer over the model's trainable parameters, in two groups."""
+def build_optimizer(node, model, weight_decay: float, head_lr: Optional[float] = None):
+    """The config's optimizer over the model's trainable parameters, in two groups (four
+    with trainer.head_lr: the task heads at their own rate)."""
     try:
-        return instantiate(node, _param_groups(model, weight_decay), _convert_="all")
+        return instantiate(node, _param_groups(model, weight_decay, head_lr), _convert_="all")
     except Exception as e:  # a bad class path or argument: one line naming the node
         raise ConfigError(f"optimizer: cannot build {node.get('_target_')}: {str(e).splitlines()[0]}") from None
 
 
-def _param_groups(model, weight_decay: float):
+def _param_groups(model, weight_decay: float, head_lr: Optional[float] = None):
     # Weight decay on matrices only: biases and norm scales are left undecayed.
-    decay, no_decay = [], []
+    heads = set()
+    if head_lr is not None:
+        from distft.strategies.base import declared_heads
+
+        inner = model
+        while hasattr(inner, "_module") or hasattr(inner, "module"):  # Opacus' / DDP's wrappers
+            inner = getattr(inner, "_module", None) or inner.module
+        heads = {id(p) for p in declared_heads(inner)}
+        if not heads:
+            raise ConfigError("trainer.head_lr: this model declares no task head (a classification task's "
+                              "head, task.head=pooled, a mixture's heads); drop trainer.head_lr")
+    groups = {(h, d): [] for h in (False, True) for d in (True, False)}
     for name, p in model.named_parameters():
-        if not p.requires_grad:
-            continue
-        (no_decay if p.ndim < 2 else decay).append(p)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+        if p.requires_grad:
+            groups[(id(p) in heads, p.ndim >= 2)].append(p)
+    out = []
+    for (head, decay), params in groups.items():
+        if params or not head:  # the two plain groups always exist (checkpoints hold two)
+            out.append({"params": params, "weight_decay": weight_decay if decay else 0.0,
+                        **({"lr": head_lr} if head else {})})
+    return out
 
 
 __all__ = ["DistftError", "EpochBatches", "Trainer", "check_config"]

@@ -168,3 +168,30 @@ def test_compiled_blocks_train_like_eager(cfg_for, tmp_path, strategy, extra):
         assert len(blocks) == (2 if compiled else 0)
     assert runs[1] == pytest.approx(runs[0], rel=1e-3)
     assert names[0] == names[1]
+
+
+@pytest.mark.parametrize("extra", [[], ["task.head=pooled"], ["privacy=dp", "privacy.noise_multiplier=0.5",
+                                                                "privacy.target_epsilon=null"]])
+def test_head_lr_trains_the_head_at_its_own_rate(cfg_for, extra):
+    """trainer.head_lr: the task head in its own parameter groups. With trainer.lr=0 only the
+    head moves (also through Opacus' wrapper under DP)."""
+    from distft.strategies.base import declared_heads
+
+    trainer = Trainer(cfg_for("task=classification", "strategy=full", "trainer.lr=0.0", "trainer.head_lr=1e-2",
+                              "trainer.max_steps=3", *extra)).setup()
+    model = trainer.backend.unwrap(trainer.model)
+    while hasattr(model, "_module"):
+        model = model._module
+    heads = {id(p) for p in declared_heads(model)}
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    assert sorted(g["lr"] for g in trainer.optimizer.param_groups if g["params"])[-1] == pytest.approx(1e-2)
+    trainer.train()
+    moved = {n for n, p in model.named_parameters() if not torch.equal(p.detach(), before[n])}
+    assert moved and moved == {n for n, p in model.named_parameters() if id(p) in heads}
+
+
+def test_head_lr_needs_a_head(cfg_for):
+    from distft.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="trainer.head_lr"):
+        Trainer(cfg_for("trainer.head_lr=1e-2", "trainer.max_steps=1")).setup()
