@@ -28,6 +28,10 @@ class ModelConfig:
     attn_implementation: str = "auto"  # auto | sdpa | eager | flash_attention_2
     dropout: Optional[float] = None  # overrides every *dropout* probability of the config
     trust_remote_code: bool = False
+    # Under backends that shard parameters (fsdp, zero3): build the model with its weights
+    # mapped from safetensors, so each process reads only its shard (distft.models.lazy).
+    # auto | on (also a small model built from a config) | off (load whole everywhere)
+    sharded_loading: str = "auto"
 
 
 @dataclass

@@ -190,10 +190,10 @@ class MixtureTask(Task):
         self._stats_keys()
         return lines
 
-    def build_model(self, model_cfg, tokenizer, num_labels, seed):
+    def build_model(self, model_cfg, tokenizer, num_labels, seed, source=None):
         if self.has_heads:
-            return build_classifier(model_cfg, tokenizer, self.num_labels, self.cfg, seed, self.kinds)
-        return super().build_model(model_cfg, tokenizer, None, seed)
+            return build_classifier(model_cfg, tokenizer, self.num_labels, self.cfg, seed, self.kinds, source)
+        return super().build_model(model_cfg, tokenizer, None, seed, source)
 
     @property
     def exported_by_strategy(self) -> bool:
@@ -360,12 +360,13 @@ class MultiHeadClassifier(nn.Module):
         return SequenceClassifierOutput(logits=logits)
 
 
-def build_classifier(model_cfg, tokenizer, num_labels: Sequence[int], task_cfg, seed: int, kinds=None):
+def build_classifier(model_cfg, tokenizer, num_labels: Sequence[int], task_cfg, seed: int, kinds=None,
+                     source=None):
     """A shared pretrained encoder (the model's base, without its own head) and new heads;
     the run's strategy then decides what of the encoder trains (the heads always do)."""
     from distft.models.loading import load_model
 
-    base = load_model(model_cfg, "label", tokenizer, num_labels[0], seed=seed).base_model
+    base = load_model(model_cfg, "label", tokenizer, num_labels[0], seed=seed, source=source).base_model
     torch.manual_seed(seed + 1)
     return MultiHeadClassifier(base, num_labels, task_cfg.head_dropout, task_cfg.pooling, kinds)
 

@@ -10,6 +10,7 @@ import logging
 import math
 import os
 import random
+import shutil
 import time
 from pathlib import Path
 from typing import Dict, Optional
@@ -35,7 +36,8 @@ from distft.data.cache import cache_key, prepared_once
 from distft.errors import ConfigError, DistftError
 from distft.metrics import MetricsLogger
 from distft.models import load_tokenizer
-from distft.models.loading import resolve_model_path
+from distft.models import lazy
+from distft.models.loading import parameter_bytes_on_meta, resolve_model_path
 from distft.privacy import PRIVACY
 from distft.registry import import_plugins
 from distft.regularizers import REGULARIZERS
@@ -114,6 +116,8 @@ def check_config(cfg) -> Components:
                           "each block's parameters in hooks that make compiled blocks recompile until torch gives "
                           "up and runs them eager; use backend=fsdp or zero2 with compile, or zero3 without it")
     preemption.parse_signals(list(t.stop_signals))
+    if cfg.model.get("sharded_loading", "auto") not in ("auto", "on", "off"):
+        raise ConfigError(f"model.sharded_loading={cfg.model.sharded_loading!r}: choose auto, on or off")
     if cfg.logger.wandb.mode not in ("offline", "online", "disabled"):
         raise ConfigError(f"logger.wandb.mode={cfg.logger.wandb.mode!r}: choose offline, online or disabled")
     if cfg.resume not in ("auto", "never") and not Path(cfg.resume).is_dir():
@@ -228,7 +232,12 @@ class Trainer:
 
         # Model, then the strategy decides what trains.
         self.strategy = build_strategy(cfg.strategy)
-        model = self.task.build_model(cfg.model, self.tokenizer, num_labels, cfg.seed)
+        source = self._weights_source(num_labels)
+        model = self.task.build_model(cfg.model, self.tokenizer, num_labels, cfg.seed, source=source)
+        if source is not None and source.temporary:
+            self.backend.barrier()  # every process has mapped the child's files: they can go
+            if self.main:
+                shutil.rmtree(source.folder, ignore_errors=True)
         self.base_dir = self._save_base_if_needed(model)
         model = self.strategy.apply(model, self.task.info(num_labels))
         if cfg.init_from:
@@ -315,6 +324,30 @@ class Trainer:
             return None
         log.info("loss in chunks of %d target tokens, without full logits", self.cfg.trainer.loss_chunk_size)
         return chunked_loss.HiddenStateTap(self.model)
+
+    def _weights_source(self, num_labels):
+        """Sharded loading (distft.models.lazy) under a backend that shards parameters:
+        where each process maps the weights from, or None to load whole as usual."""
+        cfg = self.cfg
+        if not self.backend.supports("sharded_params"):
+            return None
+        size = None
+        if cfg.model.from_config is not None:
+            size = parameter_bytes_on_meta(cfg.model, self.task.predicts, self.tokenizer, num_labels)
+        how = lazy.plan_source(cfg.model, size)
+        if how == "whole" or (how == "child" and (isinstance(num_labels, (list, tuple))
+                                                 or self.task.predicts not in lazy.BUILT_IN_CHILD)):
+            return None  # (a mixture's per-task heads are built around the backbone here)
+        if how == "file":
+            log.info("sharded loading: each process maps %s and keeps its shard", resolve_model_path(cfg.model))
+            return lazy.WeightsSource(resolve_model_path(cfg.model))
+        folder = self.run_dir / ".sharded_load"
+        if self.main:
+            log.info("sharded loading: building the model once in a child process (written to %s)", folder)
+            lazy.build_in_child(folder, cfg.model, self.task.predicts, num_labels, cfg.seed,
+                                getattr(self.task, "label_names", None))
+        self.backend.barrier()
+        return lazy.source_in(folder, temporary=True)
 
     def _save_base_if_needed(self, model) -> Optional[str]:
         """Adapters need their base weights on disk to load without distft. A model built

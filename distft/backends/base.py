@@ -27,6 +27,7 @@ FEATURES = (
     "sharded_export",  # parameters are gathered for export (a plain replica is rebuilt)
     "dp",  # per-sample gradients and a private gradient exchange (Opacus) fit on it
     "low_precision_frozen",  # frozen weights may be held in bf16 beside fp32 trainable ones
+    "sharded_params",  # each process keeps a shard of the parameters (sharded loading pays off)
 )
 
 

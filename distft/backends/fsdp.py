@@ -32,7 +32,7 @@ class FSDPBackend(DDPBackend):
 
     name = "fsdp"
     state_format = "fsdp"
-    features = frozenset({"compile", "sharded_export"})
+    features = frozenset({"compile", "sharded_export", "sharded_params"})
 
     def wrap(self, model, make_optimizer):
         mp = self.precision.fsdp_policy(self.device.type)

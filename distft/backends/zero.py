@@ -16,6 +16,18 @@ _TAG = "zero"  # DeepSpeed's sub-folder inside a distft checkpoint
 _UNIVERSAL = "universal"  # the converted copy's sub-folder when resuming on another process count
 
 
+def size_buffers_to_model(zero: dict, hidden: int) -> None:
+    """ZeRO's gradient-reduction bucket, and under stage 3 its prefetch window and
+    small-parameter threshold, sized to the model as transformers' "auto" values do
+    (hidden^2, 0.9 hidden^2, 10 hidden elements), unless the config file sets them.
+    DeepSpeed's fixed defaults (5e8 elements a bucket) are meant for billion-parameter
+    models; on SmolLM2 under zero3 they made a step 3.3x DDP's, sized 1.04x."""
+    zero.setdefault("reduce_bucket_size", hidden * hidden)
+    if zero.get("stage") == 3:
+        zero.setdefault("stage3_prefetch_bucket_size", int(0.9 * hidden * hidden))
+        zero.setdefault("stage3_param_persistence_threshold", 10 * hidden)
+
+
 class ZeroBackend(DDPBackend):
     """DeepSpeed ZeRO stage 1/2/3 (optimizer state / + gradients / + parameters
     partitioned), with optional CPU offload. The DeepSpeed config is generated from the
@@ -27,7 +39,8 @@ class ZeroBackend(DDPBackend):
     def capabilities(cls, name):
         # ZeRO-3 gathers each block's parameters in hooks: compiled blocks recompile until
         # torch gives up, and the output layer is whole only inside the forward.
-        return frozenset({"sharded_export"} if name == "zero3" else {"chunked_loss", "compile", "sharded_export"})
+        return frozenset({"sharded_export", "sharded_params"} if name == "zero3"
+                         else {"chunked_loss", "compile", "sharded_export"})
 
     def __init__(self, cfg, trainer_cfg, precision=None):
         super().__init__(cfg, trainer_cfg, precision)
@@ -118,8 +131,12 @@ class ZeroBackend(DDPBackend):
     def wrap(self, model, make_optimizer):
         import deepspeed
 
+        config = self.ds_config()
+        hidden = getattr(getattr(getattr(model, "backbone", model), "config", None), "hidden_size", None)
+        if hidden:
+            size_buffers_to_model(config["zero_optimization"], int(hidden))
         self.engine, ds_optimizer, _, _ = deepspeed.initialize(
-            model=model, optimizer=make_optimizer(model), config=self.ds_config(), dist_init_required=False)
+            model=model, optimizer=make_optimizer(model), config=config, dist_init_required=False)
         return self.engine, ds_optimizer
 
     def grad_scaler(self):

@@ -127,11 +127,42 @@ _HEADS = {"next_tokens": AutoModelForCausalLM, "label": AutoModelForSequenceClas
 
 
 def load_model(cfg, predicts: str, tokenizer, num_labels: Optional[int] = None, seed: int = 0,
-               label_names: Optional[list] = None) -> PreTrainedModel:
+               label_names: Optional[list] = None, source=None) -> PreTrainedModel:
     """Load `cfg` with the head for what the task predicts (distft.tasks.base.PREDICTS):
     next_tokens -> the causal LM head, label -> a sequence-classification head and
     token_labels -> a token-classification head, each with `num_labels` outputs (named
-    `label_names` in the config, so an exported model reports them)."""
+    `label_names` in the config, so an exported model reports them). With `source` (a
+    distft.models.lazy.WeightsSource) the parameters are views of its safetensors files
+    instead of copies: the same values, read only where a backend's shard touches them."""
+    auto_cls, config, dtype, attn, load_kwargs = _model_config(cfg, predicts, tokenizer, num_labels, label_names)
+    torch.manual_seed(seed)  # the random init (or a new head's) is part of the run's seed
+    if source is not None:
+        from distft.models.lazy import build_lazily
+
+        model = build_lazily(auto_cls, config, dtype, attn, source)
+        model.train(cfg.from_config is not None)  # the mode each whole load leaves the model in
+    elif cfg.from_config is not None:
+        model = auto_cls.from_config(config, dtype=dtype, attn_implementation=attn)
+    else:
+        model = auto_cls.from_pretrained(resolve_model_path(cfg), config=config, dtype=dtype,
+                                         attn_implementation=attn, **load_kwargs)
+    if cfg.gguf_file:
+        _clear_gguf_quantization_mark(model)
+    log.info("model %s: %s, attention=%s, dtype=%s%s", cfg.name, type(model).__name__, attn, cfg.dtype,
+             ", weights mapped from disk (sharded loading)" if source is not None else "")
+    return model
+
+
+def parameter_bytes_on_meta(cfg, predicts: str, tokenizer, num_labels: Optional[int] = None) -> int:
+    """The weights' size in bytes of the model `cfg` names, counted on the meta device
+    (nothing allocated, nothing read but the config)."""
+    auto_cls, config, dtype, attn, _ = _model_config(cfg, predicts, tokenizer, num_labels, None)
+    with torch.device("meta"):
+        model = auto_cls.from_config(config, dtype=dtype, attn_implementation=attn)
+    return sum(p.numel() * p.element_size() for p in model.parameters())
+
+
+def _model_config(cfg, predicts, tokenizer, num_labels, label_names):
     if predicts not in _HEADS:
         raise ConfigError(f"no model head for a task that predicts {predicts!r}")
     dtype = DTYPES.get(cfg.dtype)
@@ -143,8 +174,6 @@ def load_model(cfg, predicts: str, tokenizer, num_labels: Optional[int] = None, 
     if label_names:
         extra["id2label"] = dict(enumerate(label_names))
         extra["label2id"] = {name: i for i, name in enumerate(label_names)}
-    path = resolve_model_path(cfg)
-
     if cfg.from_config is not None:
         config = LlamaConfig(
             vocab_size=len(tokenizer),
@@ -156,32 +185,24 @@ def load_model(cfg, predicts: str, tokenizer, num_labels: Optional[int] = None, 
         )
         _apply_dropout(config, cfg.dropout)
         config._attn_implementation = attn
-        torch.manual_seed(seed)  # the random init is part of the run's seed
-        model = auto_cls.from_config(config, dtype=dtype, attn_implementation=attn)
-    else:
-        if path is None:
-            raise ConfigError(f"model.path: model={cfg.name} needs a local folder or hub id")
-        local = check_model_source(path)
-        config_kwargs = {"trust_remote_code": cfg.trust_remote_code, "local_files_only": local}
-        if cfg.gguf_file:
-            config_kwargs["gguf_file"] = cfg.gguf_file
-        try:
-            config = AutoConfig.from_pretrained(path, **config_kwargs, **extra)
-        except OSError as e:
-            if local:
-                raise ConfigError(f"model.path={path}: {str(e).splitlines()[0][:200]}") from e
-            raise _hub_error(path, "model.path", e) from e
-        if config.pad_token_id is None and tokenizer.pad_token_id is not None:
-            config.pad_token_id = tokenizer.pad_token_id
-        _apply_dropout(config, cfg.dropout)
-        torch.manual_seed(seed)  # a new head's init is part of the run's seed
-        model = auto_cls.from_pretrained(
-            path, config=config, dtype=dtype, attn_implementation=attn, **config_kwargs
-        )
-        if cfg.gguf_file:
-            _clear_gguf_quantization_mark(model)
-    log.info("model %s: %s, attention=%s, dtype=%s", cfg.name, type(model).__name__, attn, cfg.dtype)
-    return model
+        return auto_cls, config, dtype, attn, {}
+    path = resolve_model_path(cfg)
+    if path is None:
+        raise ConfigError(f"model.path: model={cfg.name} needs a local folder or hub id")
+    local = check_model_source(path)
+    config_kwargs = {"trust_remote_code": cfg.trust_remote_code, "local_files_only": local}
+    if cfg.gguf_file:
+        config_kwargs["gguf_file"] = cfg.gguf_file
+    try:
+        config = AutoConfig.from_pretrained(path, **config_kwargs, **extra)
+    except OSError as e:
+        if local:
+            raise ConfigError(f"model.path={path}: {str(e).splitlines()[0][:200]}") from e
+        raise _hub_error(path, "model.path", e) from e
+    if config.pad_token_id is None and tokenizer.pad_token_id is not None:
+        config.pad_token_id = tokenizer.pad_token_id
+    _apply_dropout(config, cfg.dropout)
+    return auto_cls, config, dtype, attn, config_kwargs
 
 
 def _clear_gguf_quantization_mark(model) -> None:

@@ -86,11 +86,12 @@ class Task:
 
         return [f"data: {summary_line(report)}"]
 
-    def build_model(self, model_cfg, tokenizer, num_labels: Optional[int], seed: int):
-        """The pretrained (or config-built) model with this task's head."""
+    def build_model(self, model_cfg, tokenizer, num_labels: Optional[int], seed: int, source=None):
+        """The pretrained (or config-built) model with this task's head; `source`: its weights
+        mapped from disk (distft.models.lazy, sharded loading)."""
         from distft.models import load_model
 
-        return load_model(model_cfg, self.predicts, tokenizer, num_labels, seed=seed)
+        return load_model(model_cfg, self.predicts, tokenizer, num_labels, seed=seed, source=source)
 
     # True when the final model is written by the strategy (a model or an adapter that
     # loads without distft from one folder), as `export` below does.

@@ -39,12 +39,12 @@ class ClassificationTask(Task):
 
         return TaskInfo(self.name, num_labels, self.predicts, own_heads=self.cfg.head == "pooled")
 
-    def build_model(self, model_cfg, tokenizer, num_labels, seed):
+    def build_model(self, model_cfg, tokenizer, num_labels, seed, source=None):
         if self.cfg.head == "model":
-            return super().build_model(model_cfg, tokenizer, num_labels, seed)
+            return super().build_model(model_cfg, tokenizer, num_labels, seed, source)
         from distft.models.head_model import MlpHeadConfig, MlpHeadForSequenceClassification
 
-        base = super().build_model(model_cfg, tokenizer, num_labels, seed).base_model
+        base = super().build_model(model_cfg, tokenizer, num_labels, seed, source).base_model
         config = MlpHeadConfig(backbone=base.config, head_hidden=list(self.cfg.head_hidden),
                                head_dropout=self.cfg.head_dropout, pooling=self.cfg.pooling,
                                normalize=self.cfg.get("normalize", False),

@@ -171,10 +171,11 @@ class TokenClassificationTask(Task):
         return lines
 
     # ------------------------------------------------------------ model
-    def build_model(self, model_cfg, tokenizer, num_labels, seed):
+    def build_model(self, model_cfg, tokenizer, num_labels, seed, source=None):
         from distft.models import load_model
 
-        return load_model(model_cfg, self.predicts, tokenizer, num_labels, seed=seed, label_names=self.label_names)
+        return load_model(model_cfg, self.predicts, tokenizer, num_labels, seed=seed, label_names=self.label_names,
+                          source=source)
 
     # ------------------------------------------------------------ examples
     def text_fields(self):
