@@ -452,3 +452,19 @@ def validate_schema(cfg) -> None:
     except OmegaConfBaseException as e:
         key = getattr(e, "full_key", None) or ""
         raise ConfigError(f"config key {key or '?'}: {str(e).splitlines()[0]}") from None
+
+
+def compose_train(overrides):
+    """conf/train.yaml composed with Hydra overrides outside a Hydra app (distft-eval and
+    distft-plan), resolved and checked against the schema."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    from distft.paths import CONF_DIR
+
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        cfg = compose(config_name="train", overrides=list(overrides))
+    cfg = OmegaConf.create(OmegaConf.to_container(cfg, resolve=True))
+    validate_schema(cfg)
+    return cfg

@@ -59,15 +59,7 @@ def eval_config(model_dir: Path, overrides: List[str]):
 
     run = run_folder(model_dir)
     if run is None:
-        from hydra import compose, initialize_config_dir
-        from hydra.core.global_hydra import GlobalHydra
-
-        from distft.paths import CONF_DIR
-
-        GlobalHydra.instance().clear()
-        with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
-            cfg = compose(config_name="train", overrides=list(overrides))
-        cfg = OmegaConf.create(OmegaConf.to_container(cfg, resolve=True))
+        cfg = schema.compose_train(overrides)
     else:
         cfg = OmegaConf.load(run / "config.yaml")
         for item in overrides:

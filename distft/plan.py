@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import os
 import sys
 import time
@@ -440,19 +439,9 @@ def split_overrides(args: List[str]) -> tuple[Dict, List[str]]:
 
 
 def compose(overrides: List[str]):
-    from hydra import compose as hydra_compose, initialize_config_dir
-    from hydra.core.global_hydra import GlobalHydra
-    from omegaconf import OmegaConf
+    from distft.config import compose_train
 
-    from distft.config import validate_schema
-    from distft.paths import CONF_DIR
-
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
-        cfg = hydra_compose(config_name="train", overrides=list(overrides))
-    cfg = OmegaConf.create(OmegaConf.to_container(cfg, resolve=True))
-    validate_schema(cfg)
-    return cfg
+    return compose_train(overrides)
 
 
 def plan_config(cfg, keys: Dict) -> Plan:
