@@ -331,13 +331,14 @@ class Trainer:
         cfg = self.cfg
         if not self.backend.supports("sharded_params"):
             return None
+        mixture = isinstance(num_labels, (list, tuple))  # a head per task, built around the backbone here
         size = None
-        if cfg.model.from_config is not None:
-            size = parameter_bytes_on_meta(cfg.model, self.task.predicts, self.tokenizer, num_labels)
+        if cfg.model.from_config is not None:  # (the backbone's size; a mixture's heads are small beside it)
+            size = parameter_bytes_on_meta(cfg.model, self.task.predicts, self.tokenizer,
+                                           None if mixture else num_labels)
         how = lazy.plan_source(cfg.model, size)
-        if how == "whole" or (how == "child" and (isinstance(num_labels, (list, tuple))
-                                                 or self.task.predicts not in lazy.BUILT_IN_CHILD)):
-            return None  # (a mixture's per-task heads are built around the backbone here)
+        if how == "whole" or (how == "child" and (mixture or self.task.predicts not in lazy.BUILT_IN_CHILD)):
+            return None
         if how == "file":
             log.info("sharded loading: each process maps %s and keeps its shard", resolve_model_path(cfg.model))
             return lazy.WeightsSource(resolve_model_path(cfg.model))

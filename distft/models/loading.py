@@ -170,7 +170,7 @@ def _model_config(cfg, predicts, tokenizer, num_labels, label_names):
         raise ConfigError(f"model.dtype={cfg.dtype!r}: choose one of {sorted(DTYPES)}")
     attn = choose_attn_implementation(cfg.attn_implementation, dtype)
     auto_cls = _HEADS[predicts]
-    extra = {} if predicts == "next_tokens" else {"num_labels": num_labels}
+    extra = {} if predicts == "next_tokens" or num_labels is None else {"num_labels": num_labels}
     if label_names:
         extra["id2label"] = dict(enumerate(label_names))
         extra["label2id"] = {name: i for i, name in enumerate(label_names)}
