@@ -3,6 +3,7 @@
     python bench/backends.py                   # tiny model and SmolLM2-135M, 2 processes
     python bench/backends.py --models tiny --steps 20
     python bench/backends.py --quick           # tiny only, few steps
+    python bench/backends.py --set trainer.release_freed_memory=false   # glibc's malloc untuned
 
 Each backend trains the same config (full fine-tuning, generated instruction data) on
 `--nproc` processes started by torchrun. Step time is the median over the steps after the
@@ -30,14 +31,14 @@ MODELS = {
 }
 
 
-def run(model: str, backend: str, nproc: int, steps: int, out: Path) -> dict:
+def run(model: str, backend: str, nproc: int, steps: int, out: Path, extra=()) -> dict:
     run_dir = out / "runs" / f"backends-{model}-{backend}"
     shutil.rmtree(run_dir, ignore_errors=True)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
            "-m", "distft.train", *MODELS[model], f"backend={backend}", "task=instruction", "strategy=full",
            f"trainer.max_steps={steps}", "trainer.eval_every=0", "trainer.save_every=0", "data.num_train=256",
            "data.num_validation=8", "trainer.lr=1e-4", "logger=csv", "trainer.precision=fp32", "logger.progress_bar=false",
-           f"run_dir={run_dir}", "resume=never"]
+           f"run_dir={run_dir}", "resume=never", *extra]
     env = {**os.environ, "OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 2) // nproc))}
     print("$", " ".join(cmd[3:]), flush=True)
     subprocess.run(cmd, cwd=ROOT, env=env, check=True, stdout=subprocess.DEVNULL)
@@ -56,12 +57,14 @@ def main() -> int:
     ap.add_argument("--nproc", type=int, default=2)
     ap.add_argument("--steps", type=int, default=8)
     ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
+                    help="distft-train overrides for every run (e.g. trainer.release_freed_memory=false)")
     ap.add_argument("--out", default=str(ROOT / "bench" / "results"))
     args = ap.parse_args()
     if args.quick:
         args.models, args.steps = ["tiny"], 5
     out = Path(args.out)
-    rows = [run(m, b, args.nproc, args.steps, out) for m in args.models for b in args.backends]
+    rows = [run(m, b, args.nproc, args.steps, out, args.set) for m in args.models for b in args.backends]
     for r in rows:
         base = next(x for x in rows if x["model"] == r["model"] and x["backend"] == "ddp")
         r["time_vs_ddp"] = r["step_seconds"] / base["step_seconds"]

@@ -227,13 +227,16 @@ def run_hf(case, run_dir: Path) -> dict:
 def one(case) -> dict:
     import torch
 
+    from distft.memory import allocator_in_use, release_freed_memory
+
     torch.set_num_threads(case["threads"])
+    # Both runners alike: on glibc, distft's trainer fixes the mmap threshold
+    # (trainer.release_freed_memory); the HF Trainer gets the same tuning here.
+    release_freed_memory()
     run_dir = Path(case["out"]) / "runs" / f"vs_hf-{case['name']}-{case['repeat']}"
     shutil.rmtree(run_dir, ignore_errors=True)
     run_dir.mkdir(parents=True)
     result = (run_hf if case["runner"] == "hf" else run_distft)(case, run_dir)
-    from distft.trainer import allocator_in_use
-
     result["allocator"] = allocator_in_use()
     result["tokens_per_second"] = result["tokens"] / result["seconds"]
     result["steps_per_second"] = result["timed_steps"] / result["seconds"]

@@ -34,6 +34,7 @@ from distft import preemption
 from distft import schedules
 from distft.data.cache import cache_key, prepared_once
 from distft.errors import ConfigError, DistftError
+from distft.memory import MMAP_THRESHOLD, allocator_in_use, release_freed_memory
 from distft.metrics import MetricsLogger
 from distft.models import load_tokenizer
 from distft.models import lazy
@@ -180,6 +181,7 @@ class Trainer:
         self.stop = preemption.StopRequest(preemption.parse_signals(list(t.stop_signals))).install()
         if t.threads:
             torch.set_num_threads(t.threads)
+        self.freed_memory_released = bool(t.release_freed_memory) and release_freed_memory()
         # Decided once; the loop's autocast and the backends' mixed precision follow it.
         self.precision = precisions.resolve(t.precision)
         self.backend = build_backend(cfg.backend, t, self.precision)
@@ -188,7 +190,9 @@ class Trainer:
         self.backend.scaler = self.backend.grad_scaler()  # fp16 only
         self.main = self.backend.is_main
         if self.main:
-            log.info("memory allocator: %s", allocator_in_use())
+            log.info("memory allocator: %s%s", allocator_in_use(),
+                     f" (glibc; freed blocks over {MMAP_THRESHOLD // 1024} KiB go back to the OS)"
+                     if self.freed_memory_released else "")
             precisions.report(self.precision, self.device.type)
         # Each rank composed its own config; a default run_dir holds a timestamp that may
         # differ between ranks, so all take rank 0's.
@@ -744,19 +748,6 @@ def _enable_activation_checkpointing(model) -> None:
         target.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
     else:
         target.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
-
-
-def allocator_in_use() -> str:
-    """tcmalloc or jemalloc when one is loaded into this process (DISTFT_MALLOC in the
-    launchers puts it in LD_PRELOAD), else the system's malloc."""
-    try:
-        maps = Path("/proc/self/maps").read_text()
-    except OSError:
-        return "unknown"
-    for name in ("tcmalloc", "jemalloc"):
-        if f"lib{name}" in maps:
-            return name
-    return "system"
 
 
 def _compile_blocks(model) -> None:

@@ -1,6 +1,7 @@
 """DISTFT_MALLOC: the launchers preload tcmalloc or jemalloc into the training processes
 (which report the allocator they run on), and refuse an unknown choice or a missing
 library with one clear line."""
+import json
 import os
 import subprocess
 import sys
@@ -37,6 +38,8 @@ def test_launcher_runs_training_on_the_chosen_allocator(tmp_path, malloc):
         assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
         out = proc.stdout + proc.stderr
         assert f"memory allocator: {choice}" in out, out[-3000:]
+        if choice == "system":  # glibc, tuned by trainer.release_freed_memory (on by default)
+            assert "memory allocator: system (glibc; freed blocks over 128 KiB go back to the OS)" in out
         runs[choice] = losses(run_dir)
     assert runs[malloc] == runs["system"]  # the allocator changes memory, not numbers
 
@@ -53,8 +56,45 @@ def test_bad_choice_is_refused_before_starting(tmp_path, malloc, message):
 
 
 def test_in_process_report():
-    from distft.trainer import allocator_in_use
+    from distft.memory import allocator_in_use
 
     expected = "tcmalloc" if "tcmalloc" in os.environ.get("LD_PRELOAD", "") else \
         "jemalloc" if "jemalloc" in os.environ.get("LD_PRELOAD", "") else "system"
     assert allocator_in_use() == expected
+
+
+FRAGMENT = """
+import json, sys, torch
+from distft.memory import release_freed_memory
+released = release_freed_memory() if sys.argv[1] == "on" else False
+def rss():
+    return int(open("/proc/self/statm").read().split()[1]) * 4096 / 2**20
+start = rss()
+keep = []
+for step in range(3):  # activations of a few steps: half of them outlive the step
+    blocks = [torch.ones(256, 1024) for _ in range(256)]  # 1 MiB each, written
+    keep += blocks[::2]
+    del blocks
+before = rss()
+keep.clear()
+print(json.dumps({"released": released, "start_mb": start, "held_mb": before, "after_mb": rss()}))
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's malloc")
+def test_freed_blocks_go_back_to_the_os_with_glibc():
+    """With the threshold fixed, blocks freed between live ones leave the resident set; with
+    glibc's adjusting default they stay (the pattern of a CPU run's steps)."""
+    got = {}
+    for mode in ("on", "off"):
+        env = {k: v for k, v in os.environ.items() if k not in ("LD_PRELOAD", "MALLOC_MMAP_THRESHOLD_")}
+        proc = subprocess.run([sys.executable, "-c", FRAGMENT, mode], cwd=ROOT, env=env, capture_output=True,
+                              text=True, timeout=120)
+        assert proc.returncode == 0, proc.stderr
+        got[mode] = json.loads(proc.stdout)
+    assert got["on"]["released"] is True and got["off"]["released"] is False
+    # 384 MiB live, 384 MiB freed between them: what the resident set holds beyond the live
+    on, off = (got[m]["held_mb"] - got[m]["start_mb"] - 384 for m in ("on", "off"))
+    assert on < 32, got  # the freed blocks went back
+    assert off > 96, got  # glibc's default keeps a good part of them (146-248 MiB seen)
+
