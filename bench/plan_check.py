@@ -57,7 +57,7 @@ def run_case(name: str, nproc: int, steps: int, out: Path) -> dict:
     subprocess.run(cmd, cwd=ROOT, env=env, check=True, stdout=subprocess.DEVNULL)
     proc = subprocess.run([sys.executable, "-m", "distft.plan", "--check", str(run_dir), "--json"], cwd=ROOT,
                           env=env, check=True, capture_output=True, text=True)
-    check = json.loads(proc.stdout)
+    check = json.loads(proc.stdout[proc.stdout.index("{\n"):])  # (DeepSpeed's import may print before it)
     shutil.rmtree(run_dir, ignore_errors=True)
     return {"row": name, "model": model, "strategy": strategy, "backend": backend, "checkpointing": ac,
             "processes": procs, **{k: v for k, v in check.items() if k != "run_dir"}}

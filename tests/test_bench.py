@@ -148,3 +148,19 @@ def test_sweep_quick(tmp_path):
     assert all(r["states"]["fail"] == 0 for n, r in rows.items() if n != "default")
     assert (tmp_path / "sweep-tpe-quick.png").stat().st_size > 5000
     assert "Pruned against unpruned TPE" in (tmp_path / "sweep-quick.md").read_text()
+
+
+def test_plan_check_quick(tmp_path):
+    """bench/plan_check.py --quick: two real runs (ddp, zero3 on 2 processes), each planned
+    by `distft-plan --check` in its own process; the table holds both, with the errors."""
+    proc = subprocess.run([sys.executable, "bench/plan_check.py", "--quick", "--out", str(tmp_path)], cwd=ROOT,
+                          capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    rows = json.loads((tmp_path / "plan_check-quick.json").read_text())["rows"]
+    assert [r["row"] for r in rows] == ["tiny-full-ddp", "tiny-full-zero3"]
+    for r in rows:
+        assert r["processes"] == 2 and r["backend"] == r["row"].split("-")[2]
+        assert r["planned_peak_mb"] > 0 and r["measured_peak_mb"] > 0
+        assert r["memory_error"] == pytest.approx(r["planned_peak_mb"] / r["measured_peak_mb"] - 1)
+    md = (tmp_path / "plan_check-quick.md").read_text()
+    assert "| tiny | full | zero3 | no | 2 |" in md and "cases within 20%" in md
