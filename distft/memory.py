@@ -22,9 +22,10 @@ def allocator_in_use() -> str:
 # threshold (up to 32 MiB) each time it does, so after the first step a CPU run's
 # activations, gathered shards and gradient buckets come from its heaps, which keep the
 # pages when they are freed: the resident set climbs step after step far above the live
-# tensors (SmolLM2 on 2 processes, peak MB per process: fsdp 2766 -> 1580, zero3 3433 ->
-# 1921, ddp 3430 -> 3141). A fixed threshold stops that (mallopt turns the adjustment
-# off). No Python library wraps glibc's mallopt, hence ctypes.
+# tensors. A fixed threshold stops that (mallopt turns the adjustment off); SmolLM2 on 2
+# processes, peak MB a process without -> with: fsdp 3152 -> 1589, zero3 3462 -> 1922, ddp
+# 3413 -> 3132, for page faults that made a CPU fsdp step 1.46x slower (bench/backends.py).
+# No Python library wraps glibc's mallopt, hence ctypes.
 MMAP_THRESHOLD = 128 * 1024
 _M_MMAP_THRESHOLD = -3  # glibc's malloc.h
 
