@@ -31,17 +31,24 @@ MODELS = {
 }
 
 
+def train(run_dir: Path, nproc: int, overrides) -> dict:
+    """One training run of `overrides` (instruction data, fp32, no eval or intermediate
+    checkpoint) on `nproc` processes (torchrun above one); returns the environment it ran in."""
+    shutil.rmtree(run_dir, ignore_errors=True)
+    launcher = [sys.executable, "-m", "distft.train"] if nproc == 1 else \
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", "-m", "distft.train"]
+    cmd = [*launcher, "task=instruction", "trainer.eval_every=0", "trainer.save_every=0", "data.num_train=256",
+           "data.num_validation=8", "trainer.lr=1e-4", "logger=csv", "trainer.precision=fp32",
+           "logger.progress_bar=false", *overrides, f"run_dir={run_dir}", "resume=never"]
+    env = {**os.environ, "OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 2) // nproc))}
+    print("$", " ".join(cmd[len(launcher):]), flush=True)
+    subprocess.run(cmd, cwd=ROOT, env=env, check=True, stdout=subprocess.DEVNULL)
+    return env
+
+
 def run(model: str, backend: str, nproc: int, steps: int, out: Path, extra=()) -> dict:
     run_dir = out / "runs" / f"backends-{model}-{backend}"
-    shutil.rmtree(run_dir, ignore_errors=True)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-           "-m", "distft.train", *MODELS[model], f"backend={backend}", "task=instruction", "strategy=full",
-           f"trainer.max_steps={steps}", "trainer.eval_every=0", "trainer.save_every=0", "data.num_train=256",
-           "data.num_validation=8", "trainer.lr=1e-4", "logger=csv", "trainer.precision=fp32", "logger.progress_bar=false",
-           f"run_dir={run_dir}", "resume=never", *extra]
-    env = {**os.environ, "OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 2) // nproc))}
-    print("$", " ".join(cmd[3:]), flush=True)
-    subprocess.run(cmd, cwd=ROOT, env=env, check=True, stdout=subprocess.DEVNULL)
+    train(run_dir, nproc, [*MODELS[model], f"backend={backend}", "strategy=full", f"trainer.max_steps={steps}", *extra])
     summary = json.loads((run_dir / "summary.json").read_text())
     events = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     times = [e["step_seconds"] for e in events if "step_seconds" in e][2:]

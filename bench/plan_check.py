@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -23,6 +22,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "bench"))
+from backends import train  # noqa: E402
 from report import run_rows  # noqa: E402
 
 BACKENDS = ["single", "ddp", "fsdp", "zero1", "zero2", "zero3"]
@@ -42,22 +42,13 @@ def run_case(name: str, nproc: int, steps: int, out: Path) -> dict:
     model, strategy, backend, *rest = name.split("-")
     ac = bool(rest)
     run_dir = out / "runs" / f"plan-{name}"
-    shutil.rmtree(run_dir, ignore_errors=True)
     procs = 1 if backend == "single" else nproc
-    launcher = ([sys.executable, "-m", "distft.train"] if procs == 1 else
-                [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={procs}",
-                 "-m", "distft.train"])
-    cmd = [*launcher, *MODELS[model], f"backend={backend}", "task=instruction", f"strategy={strategy}",
-           f"trainer.activation_checkpointing={'true' if ac else 'false'}", f"trainer.max_steps={steps}",
-           "trainer.eval_every=0", "trainer.save_every=0", "data.num_train=256", "data.num_validation=8",
-           "data.packing=true", "trainer.lr=1e-4", "logger=csv", "trainer.precision=fp32",
-           "logger.progress_bar=false", f"run_dir={run_dir}", "resume=never"]
-    env = {**os.environ, "OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 2) // procs))}
-    print("$", " ".join(cmd[len(launcher):]), flush=True)
-    subprocess.run(cmd, cwd=ROOT, env=env, check=True, stdout=subprocess.DEVNULL)
+    env = train(run_dir, procs, [*MODELS[model], f"backend={backend}", f"strategy={strategy}",
+                                 f"trainer.activation_checkpointing={'true' if ac else 'false'}",
+                                 f"trainer.max_steps={steps}", "data.packing=true"])
     proc = subprocess.run([sys.executable, "-m", "distft.plan", "--check", str(run_dir), "--json"], cwd=ROOT,
                           env=env, check=True, capture_output=True, text=True)
-    check = json.loads(proc.stdout[proc.stdout.index("{\n"):])  # (DeepSpeed's import may print before it)
+    check = json.loads(proc.stdout)
     shutil.rmtree(run_dir, ignore_errors=True)
     return {"row": name, "model": model, "strategy": strategy, "backend": backend, "checkpointing": ac,
             "processes": procs, **{k: v for k, v in check.items() if k != "run_dir"}}

@@ -5,6 +5,12 @@ import os
 from pathlib import Path
 
 
+def rss_bytes() -> int:
+    """This process's resident set now (Linux: /proc/self/statm)."""
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
 def allocator_in_use() -> str:
     """tcmalloc or jemalloc when one is loaded into this process (DISTFT_MALLOC in the
     launchers puts it in LD_PRELOAD), else the system's malloc."""

@@ -30,6 +30,7 @@ estimators model states only), which is why it is written here.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -293,8 +294,9 @@ def runtime_bytes_cpu(backend: str) -> float:
 
     if backend.startswith("zero"):
         import deepspeed  # noqa: F401
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    from distft.memory import rss_bytes
+
+    return rss_bytes()
 
 
 # ----------------------------------------------------------------------------- the plan
@@ -526,9 +528,13 @@ def main(argv: Optional[List[str]] = None) -> int:
     ap.add_argument("--check", metavar="RUN_DIR", help="hold the plan against a finished run's summary.json")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
+    # With --json, stdout carries the JSON alone: what the libraries print on import
+    # (DeepSpeed's accelerator notice) goes to stderr.
+    quiet = contextlib.redirect_stdout(sys.stderr) if args.json else contextlib.nullcontext()
     try:
         if args.check:
-            result = check_run(args.check)
+            with quiet:
+                result = check_run(args.check)
             if args.json:
                 print(json.dumps(result, indent=2))
             else:
@@ -538,7 +544,8 @@ def main(argv: Optional[List[str]] = None) -> int:
                       + (f" ({result['time_error']:+.1%})" if "time_error" in result else ""))
             return 0
         keys, overrides = split_overrides(args.overrides)
-        p = plan_config(compose(overrides), keys)
+        with quiet:
+            p = plan_config(compose(overrides), keys)
     except DistftError as e:
         print(f"distft-plan: {e}", file=sys.stderr)
         return 2

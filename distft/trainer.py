@@ -34,7 +34,7 @@ from distft import preemption
 from distft import schedules
 from distft.data.cache import cache_key, prepared_once
 from distft.errors import ConfigError, DistftError
-from distft.memory import MMAP_THRESHOLD, allocator_in_use, release_freed_memory
+from distft.memory import MMAP_THRESHOLD, allocator_in_use, release_freed_memory, rss_bytes
 from distft.metrics import MetricsLogger
 from distft.models import load_tokenizer
 from distft.models import lazy
@@ -553,8 +553,7 @@ class Trainer:
         if self.device.type == "cuda":
             now = torch.cuda.max_memory_allocated(self.device) / 2**20
         else:
-            with open("/proc/self/statm") as f:
-                now = int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+            now = rss_bytes() / 2**20
         self.peak_memory_mb = max(self.peak_memory_mb, now)
 
     def add_eval_hook(self, hook) -> None:
