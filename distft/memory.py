@@ -11,6 +11,30 @@ def rss_bytes() -> int:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
+def peak_rss_bytes() -> int:
+    """The largest resident set this process has had since it started or since the last
+    reset_peak_rss() (Linux: VmHWM in /proc/self/status); 0 where it cannot be read."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
+
+
+def reset_peak_rss() -> bool:
+    """Start peak_rss_bytes() again from the resident set now (writing 5 to
+    /proc/self/clear_refs, Linux 4.0 and later), as torch.cuda.reset_peak_memory_stats does
+    for the GPU's allocator. False where the kernel refuses it."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        return False
+    return True
+
+
 def allocator_in_use() -> str:
     """tcmalloc or jemalloc when one is loaded into this process (DISTFT_MALLOC in the
     launchers puts it in LD_PRELOAD), else the system's malloc."""

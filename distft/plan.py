@@ -288,9 +288,9 @@ def measure_cpu() -> Device:
 
 def runtime_bytes_cpu(backend: str) -> float:
     """What a training process holds before any model: this process's resident set with
-    torch, transformers, datasets (and DeepSpeed for zero*) imported."""
-    import datasets  # noqa: F401
-    import transformers  # noqa: F401
+    distft's trainer imported (torch, transformers, datasets, peft and the rest it pulls
+    in), and DeepSpeed for zero*."""
+    import distft.trainer  # noqa: F401
 
     if backend.startswith("zero"):
         import deepspeed  # noqa: F401

@@ -34,7 +34,8 @@ from distft import preemption
 from distft import schedules
 from distft.data.cache import cache_key, prepared_once
 from distft.errors import ConfigError, DistftError
-from distft.memory import MMAP_THRESHOLD, allocator_in_use, release_freed_memory, rss_bytes
+from distft.memory import (MMAP_THRESHOLD, allocator_in_use, peak_rss_bytes, release_freed_memory, reset_peak_rss,
+                           rss_bytes)
 from distft.metrics import MetricsLogger
 from distft.models import load_tokenizer
 from distft.models import lazy
@@ -170,6 +171,7 @@ class Trainer:
         self.last_eval: Optional[tuple[int, Dict[str, float]]] = None
         self._held_frozen = 0  # frozen parameters held in bf16 (Precision.hold_frozen)
         self.peak_memory_mb = 0.0
+        self._peak_rss = False  # CPU: the kernel's high-water mark of the resident set is usable
         self.stop_reason: Optional[str] = None  # why the run ended before max_steps, when it did
 
     # ------------------------------------------------------------------ setup
@@ -410,8 +412,11 @@ class Trainer:
             self.metrics.log({"step": 0, **{f"eval/{k}": v for k, v in metrics.items()}})
             if self.main:
                 bar.write("step 0: " + self._console(metrics))
+        # Training's peak, not loading's.
         if self.device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(self.device)  # training's peak, not loading's
+            torch.cuda.reset_peak_memory_stats(self.device)
+        else:
+            self._peak_rss = reset_peak_rss()
         self.model.train()
         while self.step < self.max_steps and not stopped_early:
             reason = self.privacy.stop_reason()
@@ -548,12 +553,13 @@ class Trainer:
 
     def _sample_memory(self) -> None:
         """Peak memory of this process during training: on GPU the allocator's peak, on CPU
-        the resident set sampled after backward and after the optimizer step (the process's
-        lifetime peak would be the model load's)."""
+        the resident set's high-water mark since training began (activations and the
+        optimizer's temporaries included), or where the kernel cannot reset that mark the
+        resident set sampled after backward and after the optimizer step."""
         if self.device.type == "cuda":
             now = torch.cuda.max_memory_allocated(self.device) / 2**20
         else:
-            now = rss_bytes() / 2**20
+            now = max(rss_bytes(), peak_rss_bytes() if self._peak_rss else 0) / 2**20
         self.peak_memory_mb = max(self.peak_memory_mb, now)
 
     def add_eval_hook(self, hook) -> None:
@@ -706,7 +712,8 @@ class Trainer:
             **self.privacy.metrics(),
             "train_seconds": secs,
             "peak_memory_mb_per_process": peaks,
-            "memory_kind": "cuda_max_allocated" if self.device.type == "cuda" else "cpu_rss_sampled",
+            "memory_kind": ("cuda_max_allocated" if self.device.type == "cuda"
+                            else "cpu_peak_rss" if self._peak_rss else "cpu_rss_sampled"),
             "backend": self.backend.name,
             "processes": self.backend.world_size,
             "final_dir": str(out),

@@ -36,6 +36,8 @@ def test_default_run_end_to_end(tmp_path):
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["trainable_params"] == summary["total_params"] > 0
     assert summary["tokens_per_second"] > 0 and summary["precision"] == picked
+    # CPU: the resident set's high-water mark since training began, above the process's bare imports
+    assert summary["memory_kind"] == "cpu_peak_rss" and summary["peak_memory_mb_per_process"][0] > 200
 
 
 def test_csv_and_tensorboard_loggers_and_lora_override(tmp_path):

@@ -96,3 +96,30 @@ def test_freed_blocks_go_back_to_the_os_with_glibc():
     assert on < 32, got  # the freed blocks went back
     assert off > 96, got  # glibc's default keeps a good part of them (146-248 MiB seen)
 
+
+
+PEAK = """
+import json, torch
+from distft.memory import peak_rss_bytes, reset_peak_rss, rss_bytes
+mb = lambda b: b / 2**20
+reset = reset_peak_rss()
+before = mb(peak_rss_bytes())
+x = torch.ones(64, 2**20)  # 256 MiB, written, then freed
+del x
+held = mb(peak_rss_bytes())
+again = reset_peak_rss()
+print(json.dumps({"reset": reset and again, "before": before, "held": held, "after": mb(peak_rss_bytes()),
+                  "now": mb(rss_bytes())}))
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="/proc/self/status and clear_refs")
+def test_peak_resident_set_sees_freed_tensors_and_resets():
+    """The CPU peak a run reports (memory_kind cpu_peak_rss) is the kernel's high-water mark
+    since training began: a tensor freed between two samples still counts, loading's does not."""
+    proc = subprocess.run([sys.executable, "-c", PEAK], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    got = json.loads(proc.stdout)
+    assert got["reset"] is True, got
+    assert got["held"] >= got["before"] + 250, got  # the freed 256 MiB is in the peak
+    assert got["after"] < got["held"] - 200 and got["after"] <= got["now"] + 8, got  # reset to the resident set now
