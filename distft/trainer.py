@@ -615,6 +615,7 @@ class Trainer:
             batch = self._to_device(self.task.collate(mine[i : i + bs]))
             for k, v in self._eval_stats(batch).items():
                 sums[k] = sums.get(k, 0.0) + v
+        self.backend.after_eval(self.model)
         self.model.train()
         keys = sorted(self.task.eval_stats_keys)
         totals = self.backend.all_reduce_sum([sums.get(k, 0.0) for k in keys])

@@ -133,6 +133,10 @@ class Backend:
     def unwrap(self, model):
         return peel(model)
 
+    def after_eval(self, model) -> None:
+        """After forward passes with no backward (an evaluation): release what the backend
+        gathered or prefetched for a backward that does not come."""
+
     # State, gathered whole. Every rank calls these (a sharding backend gathers with
     # collectives); the results are complete CPU tensors with the model's own names.
     def trainable_state(self, model) -> Dict[str, torch.Tensor]:

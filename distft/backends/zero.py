@@ -21,11 +21,19 @@ def size_buffers_to_model(zero: dict, hidden: int) -> None:
     small-parameter threshold, sized to the model as transformers' "auto" values do
     (hidden^2, 0.9 hidden^2, 10 hidden elements), unless the config file sets them.
     DeepSpeed's fixed defaults (5e8 elements a bucket) are meant for billion-parameter
-    models; on SmolLM2 under zero3 they made a step 3.3x DDP's, sized 1.04x."""
+    models; on SmolLM2 under zero3 they made a step 3.3x DDP's, sized 1.04x.
+    Stage 3 also keeps gathered what the backward uses again, up to 1e9 elements live
+    (DeepSpeed's and transformers' defaults): below a billion parameters the forward ends
+    with the whole model gathered on every rank. About two blocks live (20 hidden^2) and a
+    reuse distance under one block (hidden^2) release each block after its forward, as
+    FSDP does, and the backward gathers it again: SmolLM2 on 2 processes, peak 3339 ->
+    2867 MB a process, the same losses."""
     zero.setdefault("reduce_bucket_size", hidden * hidden)
     if zero.get("stage") == 3:
         zero.setdefault("stage3_prefetch_bucket_size", int(0.9 * hidden * hidden))
         zero.setdefault("stage3_param_persistence_threshold", 10 * hidden)
+        zero.setdefault("stage3_max_live_parameters", 20 * hidden * hidden)
+        zero.setdefault("stage3_max_reuse_distance", hidden * hidden)
 
 
 class ZeroBackend(DDPBackend):
@@ -170,6 +178,13 @@ class ZeroBackend(DDPBackend):
 
     def unwrap(self, model):
         return self.engine.module
+
+    def after_eval(self, model):
+        # Stage 3 prefetches the blocks the training step's trace says come next; an
+        # evaluation ends without them, and gathering a parameter still in flight (the best
+        # weights' copy) fails: wait for those fetches and release every gathered parameter.
+        if self.cfg.stage == 3:
+            self.engine.empty_partition_cache()
 
     def _trainable(self):
         return [(n, p) for n, p in self.engine.module.named_parameters() if p.requires_grad]
