@@ -7,8 +7,8 @@
 
 Each backend trains the same config (full fine-tuning, generated instruction data) on
 `--nproc` processes started by torchrun. Step time is the median over the steps after the
-first two; peak memory is per process during training (CPU: resident set sampled after
-backward and after the optimizer step; GPU: allocator peak). Ratios are against DDP from
+first two; peak memory is per process during training (CPU: the resident set's high-water
+mark since training began, memory_kind cpu_peak_rss; GPU: allocator peak). Ratios are against DDP from
 the same run. Writes bench/results/backends.{json,md}.
 """
 from __future__ import annotations
@@ -88,8 +88,11 @@ def main() -> int:
         lines.append(f"| {r['model']} | {r['backend']} | {r['step_seconds']:.3f} | {r['time_vs_ddp']:.2f} | "
                      f"{', '.join(f'{m:.0f}' for m in r['peak_memory_mb'])} | {r['memory_vs_ddp']:.2f} | "
                      f"{r['final_loss']:.4f} |")
-    lines += ["", "Reading the memory column on CPU: it is each process's resident set, sampled after backward and "
-              "after the optimizer step. Under fsdp and zero3 each process maps the weights from safetensors and keeps "
+    lines += ["", "Reading the memory column on CPU: it is each process's peak resident set from the first training "
+              "step on (the kernel's high-water mark, reset when training starts: the forward's activations and the "
+              "optimizer's first step count, the model load does not). The activations, the logits and the runtime "
+              "(distft-plan prints each) are the same under every backend; sharding divides the rest. Under "
+              "fsdp and zero3 each process maps the weights from safetensors and keeps "
               "its shard (model.sharded_loading); with trainer.release_freed_memory (on by default, glibc) freed "
               "blocks go back to the OS, so parameter sharding shows (`--set trainer.release_freed_memory=false` "
               "for glibc's own behaviour, which keeps them). On GPU the script reports the allocator's peak. The "

@@ -8,7 +8,7 @@ tokens/s) for each model, strategy, backend and activation-checkpointing setting
 Each case trains a few steps for real (`single` in one process, the others on `--nproc`
 processes under torchrun), then `distft-plan --check RUN_DIR --json` plans the same config
 in a fresh process and compares with the run's summary.json: on CPU the measured peak is
-the resident set sampled after backward and after the optimizer step. Rows of earlier
+the resident set's high-water mark from the first training step on. Rows of earlier
 invocations are kept; writes bench/results/plan_check.{json,md}.
 """
 from __future__ import annotations
@@ -56,8 +56,9 @@ def run_case(name: str, nproc: int, steps: int, out: Path) -> dict:
 
 def render(machine: str, rows: list) -> str:
     lines = [f"Machine: {machine}; command: `python bench/plan_check.py {' '.join(sys.argv[1:])}`", "",
-             "Planned (`distft-plan --check`) against measured peak memory per process: the CPU resident set "
-             "sampled after backward and after the optimizer step, fp32, packed rows. "
+             "Planned (`distft-plan --check`) against measured peak memory per process: the CPU resident set's "
+             "high-water mark from the first training step on, fp32, packed rows. Measured tokens/s come from "
+             "runs made while other work shared the 2 cores: read them as an order of magnitude. "
              f"Target: within {TARGET:.0%}.", "",
              "| model | strategy | backend | AC | processes | planned MB | measured MB | error | "
              "planned tokens/s | measured tokens/s |", "|---|---|---|---|---|---|---|---|---|---|"]
