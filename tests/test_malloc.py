@@ -97,7 +97,6 @@ def test_freed_blocks_go_back_to_the_os_with_glibc():
     assert off > 96, got  # glibc's default keeps a good part of them (146-248 MiB seen)
 
 
-
 PEAK = """
 import json, torch
 from distft.memory import peak_rss_bytes, reset_peak_rss, rss_bytes
