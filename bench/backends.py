@@ -31,15 +31,20 @@ MODELS = {
 }
 
 
+def train_overrides(overrides) -> list:
+    """distft-train's overrides for a benchmark run of `overrides`."""
+    return ["task=instruction", "trainer.eval_every=0", "trainer.save_every=0", "data.num_train=256",
+            "data.num_validation=8", "trainer.lr=1e-4", "logger=csv", "trainer.precision=fp32",
+            "logger.progress_bar=false", *overrides]
+
+
 def train(run_dir: Path, nproc: int, overrides) -> dict:
     """One training run of `overrides` (instruction data, fp32, no eval or intermediate
     checkpoint) on `nproc` processes (torchrun above one); returns the environment it ran in."""
     shutil.rmtree(run_dir, ignore_errors=True)
     launcher = [sys.executable, "-m", "distft.train"] if nproc == 1 else \
         [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", "-m", "distft.train"]
-    cmd = [*launcher, "task=instruction", "trainer.eval_every=0", "trainer.save_every=0", "data.num_train=256",
-           "data.num_validation=8", "trainer.lr=1e-4", "logger=csv", "trainer.precision=fp32",
-           "logger.progress_bar=false", *overrides, f"run_dir={run_dir}", "resume=never"]
+    cmd = [*launcher, *train_overrides(overrides), f"run_dir={run_dir}", "resume=never"]
     env = {**os.environ, "OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 2) // nproc))}
     print("$", " ".join(cmd[len(launcher):]), flush=True)
     subprocess.run(cmd, cwd=ROOT, env=env, check=True, stdout=subprocess.DEVNULL)

@@ -87,6 +87,8 @@ class Counts:
     heads: int
     vocab: int
     predicts: str
+    largest_tensor: int = 0  # elements of the largest trainable tensor (the optimizer's temporaries)
+    saved_delta: int = 0  # per token, beyond saved_per_token's fully trained count (frozen layers, adapters)
 
 
 @dataclass
@@ -106,6 +108,7 @@ class Shape:
     offload_optimizer: bool
     offload_param: bool
     attention: str  # sdpa | eager | flash_attention_2
+    foreach_optimizer: bool = False  # torch's AdamW steps all tensors at once (its default on CUDA)
 
 
 @dataclass
@@ -125,6 +128,7 @@ class Plan:
     epoch_hours: Optional[float]
     gpu_hours: Optional[float]
     mfu: float
+    transient: Optional[List[List[str]]] = None  # groups of parts never held at once: the peak has the largest
     suggestion: Optional[List[str]] = None
     suggestion_total_gb: Optional[float] = None
     counts: Dict = field(default_factory=dict)
@@ -155,7 +159,8 @@ def memory_parts(c: Counts, s: Shape) -> tuple[Dict[str, float], Dict[str, float
     backend allocates them (T trainable, F frozen, L the largest block, n processes):
     - single/ddp: weights in model.dtype (frozen ones in bf16 when held so), under bf16
       autocast a bf16 copy of the fp32 weights (autocast's cast cache), gradients in the
-      weights' dtype (DDP: a second copy in its all-reduce buckets), Adam 8T;
+      weights' dtype (DDP: a second copy in its all-reduce buckets), Adam 8T and the
+      optimizer step's temporaries (the gradients and those are transient_groups);
     - fsdp: a 1/n shard of the weights plus two blocks gathered in the compute dtype (the
       current one and the prefetched next), fp32 gradient shards plus one block unsharded,
       Adam 8T/n;
@@ -185,6 +190,11 @@ def memory_parts(c: Counts, s: Shape) -> tuple[Dict[str, float], Dict[str, float
         else:
             parts["gradients"] = grads16 + 4 * T / n
             parts["optimizer"] = 4 * T / n + ADAM_STATES * 4 * T / n
+            # torch's AdamW steps DeepSpeed's flat fp32 partition as one tensor (stage 3: one
+            # sub-group at a time, sized as zero.size_buffers_to_model does): its temporaries
+            # (below) the size of that tensor
+            flat = min(T / n, zero_sub_group(c.hidden)) if stage == 3 else T / n
+            parts["step temporaries"] = (1 if s.foreach_optimizer else 2) * 4 * flat
     elif s.backend == "fsdp":
         compute = 2 if half else s.weight_bytes
         parts["weights"] = (T * s.weight_bytes + F * s.frozen_bytes) / n + 2 * L * compute
@@ -194,11 +204,47 @@ def memory_parts(c: Counts, s: Shape) -> tuple[Dict[str, float], Dict[str, float
         parts["weights"] = T * s.weight_bytes + F * s.frozen_bytes
         if half:  # autocast's cache of bf16 copies of the weights it casts, for the whole forward
             parts["weights"] += 2 * (T if s.weight_bytes == 4 else 0) + 2 * (F if s.frozen_bytes == 4 else 0)
-        parts["gradients"] = T * s.weight_bytes * (2 if s.backend == "ddp" else 1)
+        parts["gradients"] = T * s.weight_bytes
+        if s.backend == "ddp":  # its all-reduce buckets, held for the whole run
+            parts["buckets"] = T * s.weight_bytes
         parts["optimizer"] = ADAM_STATES * 4 * T
+        # torch's AdamW: on CUDA (foreach) sqrt(v) for every tensor at once, 4T; on CPU tensor
+        # by tensor, sqrt(v) and its quotient, two temporaries the size of the largest tensor
+        parts["step temporaries"] = 4 * T if s.foreach_optimizer else 2 * 4 * c.largest_tensor
     parts["activations"] = activation_bytes(c, s)
     parts["logits"] = logits_bytes(c, s)
     return parts, host
+
+
+def transient_groups(s: Shape) -> Optional[List[List[str]]]:
+    """Parts that are never held at the same time, so the peak holds only the larger group.
+    single/ddp: the gradients are freed at each step (zero_grad(set_to_none=True)) and made
+    during backward as the activations are released, so the peak is either the forward's
+    end (activations and logits, no gradients yet) or the optimizer step (all gradients and
+    Adam's temporaries, no activations). zero1/2 alike (their reduced gradient partitions
+    live from the backward to the step); zero3 keeps its gradient partitions, so only the
+    step's temporaries alternate with the activations. FSDP2's gradient shards, the root
+    it keeps unsharded and its reduce-scatter buffers coexist with the activations: its
+    parts add up. (Checked against measured runs: bench/results/plan_check.md.)"""
+    if s.backend in ("single", "ddp", "zero1", "zero2"):
+        return [["activations", "logits"], ["gradients", "step temporaries"]]
+    if s.backend == "zero3":  # its gradient partitions are one buffer, kept from step to step
+        return [["activations", "logits"], ["step temporaries"]]
+    return None
+
+
+def zero_sub_group(hidden: int) -> int:
+    from distft.backends.zero import sub_group_elements
+
+    return sub_group_elements(hidden)
+
+
+def peak_bytes(parts: Dict[str, float], groups: Optional[List[List[str]]]) -> float:
+    total = sum(parts.values())
+    if groups:
+        sizes = [sum(parts.get(k, 0.0) for k in g) for g in groups]
+        total -= sum(sizes) - max(sizes)
+    return total
 
 
 def saved_per_token(c: Counts) -> int:
@@ -207,7 +253,45 @@ def saved_per_token(c: Counts) -> int:
     (4h), q and k before and after the rotary embedding (2h + 2kv), v (kv), the attention
     output (h), the residual sum (h), the MLP's gate, up, activation and product (4i)."""
     h, kv, i = c.hidden, c.kv_dim, c.intermediate
-    return 7 * h + 3 * kv + 4 * i
+    return 7 * h + 3 * kv + 4 * i + c.saved_delta
+
+
+# A Llama-style block's inputs that are saved only for a weight gradient (measured with
+# autograd's saved-tensor hooks, tests/test_plan.py): the attention's and the MLP's input
+# (h each), the down projection's (i), each norm's normalised input (h). o_proj's input is
+# kept for SDPA's backward anyway. A bias (BitFit) needs no input to get its gradient.
+_WEIGHT_INPUTS = {("q_proj", "k_proj", "v_proj"): "h", ("gate_proj", "up_proj"): "h", ("down_proj",): "i",
+                  ("input_layernorm",): "h", ("post_attention_layernorm",): "h"}
+
+
+def saved_delta_per_token(block, hidden: int, intermediate: int) -> int:
+    """Elements per token a block saves beyond saved_per_token's fully trained count: less
+    where frozen layers need not keep their input for a weight gradient (LoRA, BitFit,
+    partial); more for each LoRA adapter with dropout, which keeps the dropped-out input
+    and the dropout's fp32 noise (2 x its input) instead of sharing the layer's input; plus
+    each adapter's rank-r output. 0 for blocks that are not Llama-style."""
+    modules = dict(block.named_modules())
+    delta = 0
+    for names, size in _WEIGHT_INPUTS.items():
+        width = hidden if size == "h" else intermediate
+        found = [m for n, m in modules.items() if n.rsplit(".", 1)[-1] in names]
+        if not found:
+            return 0  # not the layout the count assumes
+        shares_input = False
+        for m in found:
+            base = getattr(m, "base_layer", m)
+            if any(p.requires_grad and (p.ndim >= 2 or "norm" in names[0]) for p in base.parameters()):
+                shares_input = True
+            for adapter, rank in getattr(m, "r", {}).items():  # peft's LoRA layers
+                drop = m.lora_dropout[adapter]
+                if isinstance(drop, torch.nn.Dropout) and drop.p > 0:
+                    delta += 2 * width
+                else:
+                    shares_input = True
+                delta += rank
+        if not shares_input:
+            delta -= width
+    return delta
 
 
 def activation_bytes(c: Counts, s: Shape) -> float:
@@ -304,7 +388,8 @@ def plan(c: Counts, s: Shape, dev: Device, mfu: float, tokens: Optional[float] =
          runtime: Optional[float] = None, suggest: bool = True) -> Plan:
     parts, host = memory_parts(c, s)
     parts["runtime"] = dev.runtime_gb * GB if runtime is None else runtime
-    total = sum(parts.values())
+    groups = transient_groups(s)
+    total = peak_bytes(parts, groups)
     peak = (dev.bf16_tflops if s.precision in ("bf16", "fp16") else dev.fp32_tflops) * 1e12
     tokens_step = s.micro_batch * s.seq_len * s.grad_accum * s.processes
     compute = flops_per_token(c, s) * tokens_step / s.processes / (peak * mfu)
@@ -316,7 +401,7 @@ def plan(c: Counts, s: Shape, dev: Device, mfu: float, tokens: Optional[float] =
     epoch_h = tokens / tps / 3600 if tokens else None
     p = Plan(dev.name, dev.memory_gb, {k: v / GB for k, v in parts.items()}, {k: v / GB for k, v in host.items()},
              total / GB, total <= dev.memory_gb * GB, step, compute, comm, volume / GB, tokens_step, tps, epoch_h,
-             epoch_h * s.processes if epoch_h else None, mfu, counts=asdict(c), shape=asdict(s))
+             epoch_h * s.processes if epoch_h else None, mfu, transient=groups, counts=asdict(c), shape=asdict(s))
     if suggest and not p.fits:
         fix = suggest_fix(c, s, dev, mfu, runtime)
         if fix:
@@ -386,13 +471,15 @@ def count_model(cfg) -> Counts:
     with torch.device("meta"):
         model = auto_cls.from_config(config, dtype=dtype, attn_implementation=attn)
         model = build_strategy(cfg.strategy).apply(model, replace(info, num_labels=num_labels))
-    seen, total, trainable = set(), 0, 0
+    seen, total, trainable, largest_tensor = set(), 0, 0, 0
     for p in model.parameters():
         if id(p) in seen:
             continue
         seen.add(id(p))
         total += p.numel()
-        trainable += p.numel() if p.requires_grad else 0
+        if p.requires_grad:
+            trainable += p.numel()
+            largest_tensor = max(largest_tensor, p.numel())
     try:
         blocks = list(find_layer_stack(getattr(model, "backbone", model)))
     except ConfigError:
@@ -404,7 +491,8 @@ def count_model(cfg) -> Counts:
     kv = getattr(hc, "num_key_value_heads", heads) * getattr(hc, "head_dim", hidden // max(1, heads))
     return Counts(total, trainable, total - trainable, largest, len(blocks), hidden,
                   getattr(hc, "intermediate_size", 4 * hidden), kv, heads, getattr(hc, "vocab_size", len(tokenizer)),
-                  predicts)
+                  predicts, largest_tensor,
+                  saved_delta_per_token(blocks[0], hidden, getattr(hc, "intermediate_size", 4 * hidden)) if blocks else 0)
 
 
 def shape_of(cfg, processes: int, nodes: int, device_is_gpu: bool) -> Shape:
@@ -420,7 +508,7 @@ def shape_of(cfg, processes: int, nodes: int, device_is_gpu: bool) -> Shape:
     return Shape(cfg.backend.name, processes, nodes, t.batch_size, cfg.data.max_length, t.grad_accum, precision,
                  weight_bytes, frozen, bool(t.activation_checkpointing), int(t.loss_chunk_size),
                  bool(cfg.backend.get("offload_optimizer", False)), bool(cfg.backend.get("offload_param", False)),
-                 attention)
+                 attention, device_is_gpu)
 
 
 PLAN_KEYS = {"gpu": "h100", "nodes": 1, "gpus_per_node": None, "tokens": None, "mfu": None}
@@ -471,11 +559,14 @@ def render(p: Plan) -> str:
              + (", activation checkpointing" if s["checkpointing"] else ""),
              f"device: {p.device}, {p.memory_gb:.1f} GB", "", "memory per process (GB):"]
     for k, v in p.parts_gb.items():
-        lines.append(f"  {k:<12} {v:9.3f}")
-    lines.append(f"  {'total':<12} {p.total_gb:9.3f}  of {p.memory_gb:.1f}: "
+        lines.append(f"  {k:<16} {v:9.3f}")
+    lines.append(f"  {'peak':<16} {p.total_gb:9.3f}  of {p.memory_gb:.1f}: "
                  + ("fits" if p.fits else "DOES NOT FIT"))
+    if p.transient:
+        lines.append("  (" + " and ".join("+".join(g) for g in p.transient)
+                     + " are not held at once: the peak counts the larger)")
     for k, v in p.host_gb.items():
-        lines.append(f"  host {k:<7} {v:9.3f}  (offloaded, per process)")
+        lines.append(f"  host {k:<11} {v:9.3f}  (offloaded, per process)")
     lines += ["", f"step: {p.step_seconds:.3f} s ({p.compute_seconds:.3f} compute at {p.mfu:.0%} MFU + "
               f"{p.comm_seconds:.3f} communication, {p.comm_gb:.3f} GB sent per process)",
               f"throughput: {p.tokens_per_second:,.0f} tokens/s ({p.tokens_per_step:,} tokens a step)"]
@@ -512,6 +603,7 @@ def check_run(run_dir: str) -> Dict:
     out = {"run_dir": str(run), "backend": summary.get("backend"), "processes": summary.get("processes"),
            "planned_peak_mb": planned_mb, "measured_peak_mb": measured_mb,
            "memory_error": planned_mb / measured_mb - 1,
+           "planned_parts_mb": {k: v * GB / MB for k, v in p.parts_gb.items()},
            "planned_tokens_per_second": p.tokens_per_second, "measured_tokens_per_second": summary.get("tokens_per_second")}
     if out["measured_tokens_per_second"]:
         out["time_error"] = out["measured_tokens_per_second"] / p.tokens_per_second - 1

@@ -87,12 +87,23 @@ def test_each_backend_divides_what_it_shards():
         assert two["activations"] == one["activations"]  # a micro-batch's activations are not sharded
 
 
-def test_activation_count_matches_autograds_saved_tensors():
+@pytest.mark.parametrize("trained", ["all", "lora", "lora-nodropout", "biases", "none"])
+def test_activation_count_matches_autograds_saved_tensors(trained):
+    # Frozen layers need not keep their inputs (LoRA keeps the attention's for its A matrices).
     cfg = LlamaConfig(vocab_size=300, hidden_size=256, intermediate_size=688, num_hidden_layers=2,
-                      num_attention_heads=8, num_key_value_heads=2, max_position_embeddings=256)
+                      num_attention_heads=8, num_key_value_heads=2, max_position_embeddings=256,
+                      attention_bias=True, mlp_bias=True)
     torch.manual_seed(0)
     model = LlamaForCausalLM(cfg)
     model.config._attn_implementation = "sdpa"
+    if trained.startswith("lora"):
+        from peft import LoraConfig, get_peft_model
+
+        dropout = 0.0 if trained == "lora-nodropout" else 0.05  # distft's default
+        model = get_peft_model(model, LoraConfig(r=8, target_modules=["q_proj", "v_proj"], lora_dropout=dropout)).base_model.model
+    elif trained != "all":
+        for name, p in model.named_parameters():
+            p.requires_grad_(trained == "biases" and name.endswith(".bias"))
     b, s = 2, 128
     ids = torch.randint(0, 300, (b, s))
     params = {p.untyped_storage().data_ptr() for p in model.parameters()}
@@ -104,11 +115,13 @@ def test_activation_count_matches_autograds_saved_tensors():
             saved[storage.data_ptr()] = storage.nbytes()
         return t
 
-    hidden = model.model.embed_tokens(ids)
+    hidden = model.model.embed_tokens(ids).detach().requires_grad_(True)  # a block after trained ones
     rope = model.model.rotary_emb(hidden, torch.arange(s)[None])
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         model.model.layers[0](hidden, position_embeddings=rope, attention_mask=None)
-    c = plan.Counts(0, 0, 0, 0, 1, 256, 688, 2 * 32, 8, 300, "next_tokens")
+    delta = plan.saved_delta_per_token(model.model.layers[0], 256, 688)
+    assert (delta == 0) == (trained == "all")
+    c = plan.Counts(0, 0, 0, 0, 1, 256, 688, 2 * 32, 8, 300, "next_tokens", 0, delta)
     shape = plan.Shape("single", 1, 1, b, s, 1, "fp32", 4, 4, False, 0, False, False, "sdpa")
     assert plan.activation_bytes(c, shape) == pytest.approx(sum(saved.values()), rel=0.1)
 
@@ -135,3 +148,29 @@ def test_cli_prints_a_plan_and_json(tmp_path):
     bad = subprocess.run([sys.executable, "-m", "distft.plan", *TINY, "plan.gpu=tpu"], cwd=ROOT,
                          capture_output=True, text=True)
     assert bad.returncode == 2 and "plan.gpu='tpu'" in bad.stderr
+
+
+def test_peak_holds_the_forward_or_the_step_where_gradients_do_not_outlive_it():
+    # single/ddp/zero1/zero2 make the gradients as backward releases the activations and
+    # free them after the step: the peak is the larger phase. zero3 keeps its gradient
+    # partition (only the step's temporaries alternate); fsdp's parts all add up.
+    c = plan.Counts(10**8, 10**8, 0, 10**6, 12, 768, 3072, 768, 12, 50000, "next_tokens", 4 * 10**7)
+    for backend, n in (("single", 1), ("ddp", 2), ("zero1", 2), ("zero2", 2), ("zero3", 2), ("fsdp", 2)):
+        for batch, seq in ((1, 32), (16, 1024)):  # the step's phase larger, then the forward's
+            s = plan.Shape(backend, n, 1, batch, seq, 1, "fp32", 4, 4, False, 0, False, False, "sdpa")
+            parts, _ = plan.memory_parts(c, s)
+            p = plan.plan(c, s, plan.DEVICES["h100"], 0.4, suggest=False)
+            total = sum(parts.values()) + plan.DEVICES["h100"].runtime_gb * 1e9
+            forward = parts["activations"] + parts["logits"]
+            step = {"zero3": 0, "fsdp": 0}.get(backend, parts.get("gradients", 0)) + parts.get("step temporaries", 0)
+            if backend == "fsdp":
+                assert p.total_gb * 1e9 == pytest.approx(total)
+                continue
+            assert p.total_gb * 1e9 == pytest.approx(total - min(forward, step)), backend
+            assert (forward > step) == (batch == 16), (backend, forward, step)
+        if backend == "single":
+            assert parts["step temporaries"] == 2 * 4 * c.largest_tensor  # torch's AdamW, tensor by tensor
+        if backend == "zero2":
+            assert parts["step temporaries"] == 2 * 4 * c.trainable / n  # one flat fp32 partition
+    s = plan.Shape("ddp", 2, 1, 1, 1024, 1, "fp32", 4, 4, False, 0, False, False, "sdpa", True)
+    assert plan.memory_parts(c, s)[0]["step temporaries"] == 4 * c.trainable  # foreach on CUDA: all at once
