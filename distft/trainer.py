@@ -677,6 +677,9 @@ class Trainer:
             exported_step = self.state["best_step"]
             final_metrics = self.evaluate()
         out = self.run_dir / "final"
+        # The last step's checkpoint holds the optimizer's state; the export may gather a
+        # whole copy of a sharded model on rank 0 beside the rest.
+        self.backend.release_optimizer_state(self.optimizer)
         full_state = self.backend.export_state_dict(self.model)  # every rank: may gather shards
         if self.main:
             if full_state is not None:

@@ -149,6 +149,12 @@ class Backend:
             for name, tensor in state.items():
                 params[name].copy_(tensor)
 
+    def release_optimizer_state(self, optimizer) -> None:
+        """Free the optimizer's state (Adam's moments: twice the trainable weights in fp32)
+        once training is over and the last checkpoint holds it, before the export gathers
+        a whole copy of a sharded model."""
+        self.scheduled_optimizer(optimizer).state.clear()
+
     def optimizer_state(self, model, optimizer) -> Dict:
         return optimizer.state_dict()
 
