@@ -32,8 +32,7 @@ MODEL = ["model=llama_1b", "trainer.batch_size=1", "data.max_length=256", "data.
 
 def run(backend: str, nproc: int, steps: int, out: Path, extra) -> dict:
     run_dir = out / "runs" / f"big-{backend}"
-    env = train(run_dir, nproc, [*MODEL, f"backend={backend}", f"trainer.max_steps={steps}",
-                                 *extra])
+    env = train(run_dir, nproc, [*MODEL, f"backend={backend}", f"trainer.max_steps={steps}", *extra])
     summary = json.loads((run_dir / "summary.json").read_text())
     check = json.loads(subprocess.run([sys.executable, "-m", "distft.plan", "--check", str(run_dir), "--json"],
                                       cwd=ROOT, env=env, check=True, capture_output=True, text=True).stdout)
