@@ -42,6 +42,7 @@ from typing import Dict, List, Optional
 
 import torch
 
+from distft.backends.zero import sub_group_elements
 from distft.errors import ConfigError, DistftError
 
 log = logging.getLogger(__name__)
@@ -193,7 +194,7 @@ def memory_parts(c: Counts, s: Shape) -> tuple[Dict[str, float], Dict[str, float
             # torch's AdamW steps DeepSpeed's flat fp32 partition as one tensor (stage 3: one
             # sub-group at a time, sized as zero.size_buffers_to_model does): its temporaries
             # (below) the size of that tensor
-            flat = min(T / n, zero_sub_group(c.hidden)) if stage == 3 else T / n
+            flat = min(T / n, sub_group_elements(c.hidden)) if stage == 3 else T / n
             parts["step temporaries"] = (1 if s.foreach_optimizer else 2) * 4 * flat
     elif s.backend == "fsdp":
         compute = 2 if half else s.weight_bytes
@@ -233,12 +234,6 @@ def transient_groups(s: Shape) -> Optional[List[List[str]]]:
     return None
 
 
-def zero_sub_group(hidden: int) -> int:
-    from distft.backends.zero import sub_group_elements
-
-    return sub_group_elements(hidden)
-
-
 def peak_bytes(parts: Dict[str, float], groups: Optional[List[List[str]]]) -> float:
     total = sum(parts.values())
     if groups:
@@ -262,6 +257,7 @@ def saved_per_token(c: Counts) -> int:
 # kept for SDPA's backward anyway. A bias (BitFit) needs no input to get its gradient.
 _WEIGHT_INPUTS = {("q_proj", "k_proj", "v_proj"): "h", ("gate_proj", "up_proj"): "h", ("down_proj",): "i",
                   ("input_layernorm",): "h", ("post_attention_layernorm",): "h"}
+_NORMS = {("input_layernorm",), ("post_attention_layernorm",)}  # a trained 1-D weight needs the input
 
 
 def saved_delta_per_token(block, hidden: int, intermediate: int) -> int:
@@ -280,7 +276,7 @@ def saved_delta_per_token(block, hidden: int, intermediate: int) -> int:
         shares_input = False
         for m in found:
             base = getattr(m, "base_layer", m)
-            if any(p.requires_grad and (p.ndim >= 2 or "norm" in names[0]) for p in base.parameters()):
+            if any(p.requires_grad and (p.ndim >= 2 or names in _NORMS) for p in base.parameters()):
                 shares_input = True
             for adapter, rank in getattr(m, "r", {}).items():  # peft's LoRA layers
                 drop = m.lora_dropout[adapter]
