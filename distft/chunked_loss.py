@@ -17,7 +17,7 @@ loss); this one is plain PyTorch, runs on CPU and GPU, and sits behind transform
 from __future__ import annotations
 
 import inspect
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 import torch.nn.functional as F
@@ -68,7 +68,7 @@ def why_not(model, backend: str) -> Optional[str]:
     """None when the chunked loss can run on this model and backend, else the reason."""
     from distft.backends import supports
 
-    # FSDP2 and ZeRO-3 shard the output layer and gather it only inside the model's forward.
+    # FSDP2 gathers the output layer only inside the root module's forward.
     if not supports(backend, "chunked_loss"):
         return f"backend={backend} shards the output layer outside the forward pass"
     hf = _causal_lm(model)
@@ -82,9 +82,11 @@ def why_not(model, backend: str) -> Optional[str]:
     return None
 
 
-def _chunk_loss(hidden, weight, bias, targets):
-    logits = F.linear(hidden, weight, bias).float()
-    return F.cross_entropy(logits, targets, reduction="sum")
+def _chunk_loss(head, hidden, targets):
+    # The layer is called as a module, not through its weight: under ZeRO-3 the weight is a
+    # shard outside a module call, and the call's hooks gather it (again in the backward's
+    # recomputation) and release it after.
+    return F.cross_entropy(head(hidden).float(), targets, reduction="sum")
 
 
 def _targets(hidden: torch.Tensor, labels: torch.Tensor):
@@ -94,21 +96,33 @@ def _targets(hidden: torch.Tensor, labels: torch.Tensor):
     return hidden[:, :-1][keep], targets[keep]
 
 
-def loss_sum(hidden: torch.Tensor, head: torch.nn.Linear, labels: torch.Tensor, chunk: int) -> torch.Tensor:
+def _chunks(rows: int, chunk: int, agree: Optional[Callable[[int], int]]) -> range:
+    """Where each chunk starts. Under ZeRO-3 each call of the output layer gathers its weight
+    in a collective, so every rank must call it as often as the others: `agree` turns this
+    rank's count into the largest over the ranks, and the calls past its own rows take no
+    rows."""
+    calls = -(-rows // chunk)
+    if agree is not None:
+        calls = agree(calls)
+    return range(0, calls * chunk, chunk)
+
+
+def loss_sum(hidden: torch.Tensor, head: torch.nn.Linear, labels: torch.Tensor, chunk: int,
+             agree: Optional[Callable[[int], int]] = None) -> torch.Tensor:
     rows, targets = _targets(hidden, labels)
     total = hidden.new_zeros((), dtype=torch.float32)
-    for i in range(0, rows.shape[0], chunk):
-        total = total + checkpoint(_chunk_loss, rows[i:i + chunk], head.weight, head.bias, targets[i:i + chunk],
-                                   use_reentrant=False)
+    for i in _chunks(rows.shape[0], chunk, agree):
+        total = total + checkpoint(_chunk_loss, head, rows[i:i + chunk], targets[i:i + chunk], use_reentrant=False)
     return total
 
 
 @torch.no_grad()
-def eval_sums(hidden: torch.Tensor, head: torch.nn.Linear, labels: torch.Tensor, chunk: int):
+def eval_sums(hidden: torch.Tensor, head: torch.nn.Linear, labels: torch.Tensor, chunk: int,
+              agree: Optional[Callable[[int], int]] = None):
     rows, targets = _targets(hidden, labels)
     loss, correct = 0.0, 0
-    for i in range(0, rows.shape[0], chunk):
-        logits = F.linear(rows[i:i + chunk], head.weight, head.bias).float()
+    for i in _chunks(rows.shape[0], chunk, agree):
+        logits = head(rows[i:i + chunk]).float()
         loss += float(F.cross_entropy(logits, targets[i:i + chunk], reduction="sum"))
         correct += int((logits.argmax(-1) == targets[i:i + chunk]).sum())
     return {"loss_sum": loss, "correct": float(correct), "count": float(targets.numel())}

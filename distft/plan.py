@@ -42,6 +42,7 @@ from typing import Dict, List, Optional
 
 import torch
 
+from distft.backends import supports
 from distft.backends.zero import sub_group_elements
 from distft.errors import ConfigError, DistftError
 
@@ -311,7 +312,8 @@ def logits_bytes(c: Counts, s: Shape) -> float:
     [tokens, vocab] tensors at the peak), or the chunked loss's slice of them."""
     if c.predicts != "next_tokens":
         return 0.0
-    rows = s.micro_batch * (min(s.loss_chunk, s.seq_len) if s.loss_chunk else s.seq_len)
+    tokens = s.micro_batch * s.seq_len
+    rows = min(s.loss_chunk, tokens) if s.loss_chunk else tokens  # a chunk holds loss_chunk target rows
     return 3 * rows * c.vocab * 4
 
 
@@ -436,12 +438,14 @@ def suggest_fix(c: Counts, s: Shape, dev: Device, mfu: float, runtime) -> Option
         options.append([f"trainer.batch_size={half}", f"trainer.grad_accum={s.grad_accum * s.micro_batch // half}"])
     if s.backend.startswith("zero") and not s.offload_optimizer:
         options.append(["backend.offload_optimizer=true"])
-    if c.predicts == "next_tokens" and not s.loss_chunk:
+    if c.predicts == "next_tokens" and not s.loss_chunk and supports(s.backend, "chunked_loss"):
         options.append(["trainer.loss_chunk_size=1024"])
     for combo in [o for o in options] + [a + b for i, a in enumerate(options) for b in options[i + 1:]]:
         shape = shape_with(s, combo)
         if shape.offload_optimizer and not shape.backend.startswith("zero"):
             continue  # offload is ZeRO's
+        if not supports(shape.backend, "chunked_loss"):
+            shape = replace(shape, loss_chunk=0)  # that backend computes the full logits
         p = plan(c, shape, dev, mfu, runtime=runtime, suggest=False)
         if p.fits:
             return combo, p.total_gb
@@ -505,7 +509,8 @@ def shape_of(cfg, processes: int, nodes: int, device_is_gpu: bool) -> Shape:
     if attention == "auto":
         attention = "flash_attention_2" if device_is_gpu and precision in ("bf16", "fp16") else "sdpa"
     return Shape(cfg.backend.name, processes, nodes, t.batch_size, cfg.data.max_length, t.grad_accum, precision,
-                 weight_bytes, frozen, bool(t.activation_checkpointing), int(t.loss_chunk_size),
+                 weight_bytes, frozen, bool(t.activation_checkpointing),
+                 int(t.loss_chunk_size) if supports(cfg.backend.name, "chunked_loss") else 0,
                  bool(cfg.backend.get("offload_optimizer", False)), bool(cfg.backend.get("offload_param", False)),
                  attention, device_is_gpu)
 

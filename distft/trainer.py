@@ -329,7 +329,9 @@ class Trainer:
             log.info("loss from full logits: %s", reason)
             return None
         log.info("loss in chunks of %d target tokens, without full logits", self.cfg.trainer.loss_chunk_size)
-        return chunked_loss.HiddenStateTap(self.model)
+        tap = chunked_loss.HiddenStateTap(self.model)
+        self.backend.call_outside_forward(self.model, tap.head)
+        return tap
 
     def _weights_source(self, num_labels):
         """Sharded loading (distft.models.lazy) under a backend that shards parameters:
@@ -391,14 +393,24 @@ class Trainer:
             # The model computes the logits of one position; the loss comes from the
             # hidden states, a chunk of target rows at a time.
             self.model(**self.task.model_kwargs(batch), logits_to_keep=1)
-            return self.task.loss_sum_hidden(self.tap.take(), self.tap.head, batch, self.cfg.trainer.loss_chunk_size)
+            return self.task.loss_sum_hidden(self.tap.take(), self.tap.head, batch, self.cfg.trainer.loss_chunk_size,
+                                             self._agree_calls)
+
+    @property
+    def _agree_calls(self):
+        """Where parameters are sharded, each call of the output layer is a collective:
+        the ranks agree on how many calls each makes (the largest of their counts)."""
+        if not self.backend.supports("sharded_params"):
+            return None
+        return lambda calls: int(self.backend.all_reduce_max([calls])[0])
 
     def _eval_stats(self, batch) -> Dict[str, float]:
         if self.tap is None:
             return self.task.eval_stats(self._forward(batch), batch)
         with self._autocast():
             self.model(**self.task.model_kwargs(batch), logits_to_keep=1)
-            return self.task.eval_stats_hidden(self.tap.take(), self.tap.head, batch, self.cfg.trainer.loss_chunk_size)
+            return self.task.eval_stats_hidden(self.tap.take(), self.tap.head, batch, self.cfg.trainer.loss_chunk_size,
+                                               self._agree_calls)
 
     def train(self) -> Dict:
         cfg, t = self.cfg, self.cfg.trainer

@@ -82,7 +82,43 @@ def test_same_loss_gradients_and_eval_as_full_logits(tied, lora):
 
 def test_refused_where_the_output_layer_is_sharded():
     assert "shards the output layer" in chunked_loss.why_not(tiny_llama(True), "fsdp")
-    assert "shards the output layer" in chunked_loss.why_not(tiny_llama(True), "zero3")
+    # ZeRO-3's hooks gather the output layer for the chunks' calls (tests/test_distributed.py)
+    assert chunked_loss.why_not(tiny_llama(True), "zero3") is None
+
+
+def test_ranks_agree_on_the_number_of_output_layer_calls():
+    """Under ZeRO-3 each call of the output layer is a collective: a rank with fewer target
+    rows makes as many calls as the others, the extra ones on no rows, with the same loss,
+    gradients and eval sums."""
+    model = tiny_llama(True)
+    ids, mask, labels = batch()
+    tap = chunked_loss.HiddenStateTap(model)
+    calls = []
+    head = tap.head
+    counted = head.register_forward_pre_hook(lambda module, args: calls.append(args[0].shape[0]))
+    n_rows = int((labels[:, 1:] != IGNORE).sum())
+
+    def run(agree):
+        model.zero_grad()
+        calls.clear()
+        model(input_ids=ids, attention_mask=mask, logits_to_keep=1)
+        loss = chunked_loss.loss_sum(tap.take(), head, labels, chunk=7, agree=agree)
+        loss.backward()
+        model(input_ids=ids, attention_mask=mask, logits_to_keep=1)
+        sums = chunked_loss.eval_sums(tap.take(), head, labels, chunk=7, agree=agree)
+        return loss.detach(), grads(model), sums, list(calls)
+
+    loss, g, sums, own = run(None)
+    agreed = -(-n_rows // 7) + 3
+    loss2, g2, sums2, more = run(lambda n: max(n, agreed))
+    assert loss2 == loss and sums2 == sums
+    assert g2.keys() == g.keys() and all(torch.equal(g[k], g2[k]) for k in g)
+    # 1 call inside each model forward (logits_to_keep), then the chunks: in the forward, the
+    # backward's recomputation and the evaluation
+    assert own.count(0) == 0 and more.count(0) == 3 * 3
+    assert len(more) - len(own) == 3 * 3
+    counted.remove()
+    tap.remove()
 
 
 @pytest.mark.slow

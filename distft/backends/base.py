@@ -22,7 +22,7 @@ def check_names(params: Dict, state: Dict, source: str) -> None:
 
 # What a backend may declare it supports; components and the loop ask, never the name.
 FEATURES = (
-    "chunked_loss",  # the output layer's weight is whole on every rank outside the forward
+    "chunked_loss",  # the output layer works when called outside the model's forward (whole, or gathered by the call)
     "compile",  # compiled blocks keep working under its parameter handling
     "sharded_export",  # parameters are gathered for export (a plain replica is rebuilt)
     "dp",  # per-sample gradients and a private gradient exchange (Opacus) fit on it
@@ -133,6 +133,11 @@ class Backend:
     def unwrap(self, model):
         return peel(model)
 
+    def call_outside_forward(self, model, module) -> None:
+        """The loop will call `module`, a part of `model`, after the model's forward (the
+        chunked loss calls the output layer): a backend that gathers parameters around
+        module calls keeps this one's gathered until its backward is done."""
+
     def after_eval(self, model) -> None:
         """After forward passes with no backward (an evaluation): release what the backend
         gathered or prefetched for a backward that does not come."""
@@ -179,6 +184,9 @@ class Backend:
 
     # Collectives; with one process they are the identity.
     def all_reduce_sum(self, values: list[float]) -> list[float]:
+        return list(values)
+
+    def all_reduce_max(self, values: list[float]) -> list[float]:
         return list(values)
 
     def broadcast_object(self, obj):

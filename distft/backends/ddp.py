@@ -71,8 +71,14 @@ class DDPBackend(Backend):
         return peel(model.module if isinstance(model, DistributedDataParallel) else model)
 
     def all_reduce_sum(self, values):
+        return self._all_reduce(values, dist.ReduceOp.SUM)
+
+    def all_reduce_max(self, values):
+        return self._all_reduce(values, dist.ReduceOp.MAX)
+
+    def _all_reduce(self, values, op):
         t = torch.tensor(values, dtype=torch.float64, device=self.device)
-        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+        dist.all_reduce(t, op=op)
         return t.tolist()
 
     def broadcast_object(self, obj):

@@ -94,8 +94,9 @@ class ZeroBackend(DDPBackend):
     @classmethod
     def capabilities(cls, name):
         # ZeRO-3 gathers each block's parameters in hooks: compiled blocks recompile until
-        # torch gives up, and the output layer is whole only inside the forward.
-        return frozenset({"sharded_export", "sharded_params"} if name == "zero3"
+        # torch gives up. Its hooks gather the output layer for a call outside the forward
+        # too (the chunked loss calls it as a module).
+        return frozenset({"chunked_loss", "sharded_export", "sharded_params"} if name == "zero3"
                          else {"chunked_loss", "compile", "sharded_export"})
 
     def __init__(self, cfg, trainer_cfg, precision=None):
@@ -230,6 +231,19 @@ class ZeroBackend(DDPBackend):
 
     def unwrap(self, model):
         return self.engine.module
+
+    def call_outside_forward(self, model, module):
+        # Registered and marked as external parameters of the whole model (what DeepSpeed
+        # itself does with a parameter a module hands out), the layer's weights are gathered
+        # by its first call and released with all the others when the step partitions them
+        # (or after an evaluation), not after each call: a call recomputed in the backward
+        # (the chunked loss checkpoints its chunks) then finds them whole.
+        if self.cfg.stage == 3:
+            import deepspeed
+
+            for param in module.parameters():
+                deepspeed.zero.register_external_parameter(self.engine.module, param)
+                param.is_external_param = True
 
     def after_eval(self, model):
         # Stage 3 prefetches the blocks the training step's trace says come next; an

@@ -80,11 +80,11 @@ class CausalLMTask(Task):
 
     # From the decoder's hidden states and the output layer, a chunk of target rows at a
     # time (distft/chunked_loss.py): the same sums without the full logits tensor.
-    def loss_sum_hidden(self, hidden, head, batch, chunk: int):
-        return chunked_loss.loss_sum(hidden, head, batch["labels"], chunk)
+    def loss_sum_hidden(self, hidden, head, batch, chunk: int, agree=None):
+        return chunked_loss.loss_sum(hidden, head, batch["labels"], chunk, agree)
 
-    def eval_stats_hidden(self, hidden, head, batch, chunk: int) -> Dict[str, float]:
-        return chunked_loss.eval_sums(hidden, head, batch["labels"], chunk)
+    def eval_stats_hidden(self, hidden, head, batch, chunk: int, agree=None) -> Dict[str, float]:
+        return chunked_loss.eval_sums(hidden, head, batch["labels"], chunk, agree)
 
     def eval_stats(self, logits, batch) -> Dict[str, float]:
         logits, targets = self._shifted(logits, batch)
