@@ -169,9 +169,9 @@ def memory_parts(c: Counts, s: Shape) -> tuple[Dict[str, float], Dict[str, float
     - zero1/2/3 (DeepSpeed's own multipliers, as its estimators count them): 16-bit (or
       fp32) weights, whole or 1/n with two blocks gathered under zero3; the gradients in
       the weights' dtype (whole for zero1, 1/n for zero2, none kept for zero3) and an fp32
-      gradient partition 4T/n; an fp32 master partition 4T/n (none for an fp32 module: its
-      partition is the master) and Adam 8T/n. Optimizer offload moves the partition's fp32
-      state (and zero2's gradient partitions) to host."""
+      gradient partition 4T/n; an fp32 master partition 4T/n (none for an fp32 module under
+      zero3: its partition is the master) and Adam 8T/n. Optimizer offload moves the
+      partition's fp32 state (and zero2's gradient partitions) to host."""
     n, stage = s.processes, _stage(s.backend)
     T, F, L = c.trainable, c.frozen, c.largest_block
     half = s.precision in ("bf16", "fp16")
@@ -192,8 +192,9 @@ def memory_parts(c: Counts, s: Shape) -> tuple[Dict[str, float], Dict[str, float
             parts["optimizer"] = 0.0
         else:
             parts["gradients"] = grads16 + 4 * T / n
-            # An fp32 module's partition is the master partition itself (zero.share_fp32_master).
-            master = 4 * T / n if half else 0.0
+            # Under zero3 an fp32 module's partition is the master partition itself
+            # (zero.share_fp32_master).
+            master = 0.0 if stage == 3 and not half else 4 * T / n
             parts["optimizer"] = master + ADAM_STATES * 4 * T / n
             # torch's AdamW steps DeepSpeed's flat fp32 partition as one tensor (stage 3: one
             # sub-group at a time, sized as zero.size_buffers_to_model does): its temporaries

@@ -50,29 +50,23 @@ def size_buffers_to_model(zero: dict, hidden: int) -> None:
 
 
 def share_fp32_master(optimizer) -> int:
-    """Make DeepSpeed's fp32 master partition the module's partition itself when the module
-    is already fp32 on the device that steps it; returns the bytes no longer copied.
+    """Under ZeRO-3, make DeepSpeed's fp32 master partition the module's partition itself
+    when the module is already fp32 on the device that steps it; returns the bytes no
+    longer copied.
 
-    Written here because DeepSpeed does not: stage 1/2 always clone the partition, and
-    stage 3's own no-copy branch compares a torch.device with the string from
-    current_device_name(), which is never equal (torch 2.13), so an fp32 model keeps two
-    copies of its partition (SmolLM2 on 2 processes: 257 MB a process). The values are
-    equal at this point, and after each step DeepSpeed copies the master partition into the
-    module's (a copy onto itself here). Left alone under optimizer offload (the master then
-    lives on the host) and wherever the two differ in dtype, device or size."""
-    if getattr(optimizer, "offload_optimizer", False) or getattr(optimizer, "cpu_offload", False):
+    Written here because DeepSpeed does not: stage 3's own no-copy branch compares a
+    torch.device with the string from current_device_name(), which is never equal (torch
+    2.13), so an fp32 model keeps two copies of its partition (SmolLM2 on 2 processes: 257 MB
+    a process). The values are equal at this point, and after each step DeepSpeed copies the
+    master partition into the module's (a copy onto itself here). Left alone under optimizer
+    offload (the master then lives on the host) and wherever the two differ in dtype, device
+    or size. Stages 1 and 2 are left alone too: they keep views of their master partition
+    for each parameter (DeepSpeed's hp mapping), which would hold the copy in memory and go
+    stale."""
+    if (getattr(optimizer, "offload_optimizer", False) or not hasattr(optimizer, "fp32_partitioned_groups_flat")
+            or getattr(optimizer, "optimizer_swapper", None) is not None):
         return 0
-    pairs = []
-    if hasattr(optimizer, "fp32_partitioned_groups_flat"):  # stage 3
-        if getattr(optimizer, "optimizer_swapper", None) is not None:
-            return 0
-        pairs = list(zip(optimizer.fp16_partitioned_groups_flat, optimizer.fp32_partitioned_groups_flat))
-    elif hasattr(optimizer, "single_partition_of_fp32_groups"):  # stages 1 and 2
-        import torch.distributed as dist
-
-        for i, master in enumerate(optimizer.single_partition_of_fp32_groups):
-            rank = dist.get_rank(group=optimizer.real_dp_process_group[i])
-            pairs.append((optimizer.parallel_partitioned_bit16_groups[i][rank], master))
+    pairs = list(zip(optimizer.fp16_partitioned_groups_flat, optimizer.fp32_partitioned_groups_flat))
     shared = 0
     for module_part, master in pairs:
         if (module_part is None or master.dtype != module_part.dtype or master.device != module_part.device
