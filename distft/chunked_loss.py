@@ -84,8 +84,8 @@ def why_not(model, backend: str) -> Optional[str]:
 
 def _chunk_loss(head, hidden, targets):
     # The layer is called as a module, not through its weight: under ZeRO-3 the weight is a
-    # shard outside a module call, and the call's hooks gather it (again in the backward's
-    # recomputation) and release it after.
+    # shard outside a module call, and the call's hooks gather it (Backend.call_outside_forward
+    # keeps it gathered for the backward's recomputation).
     return F.cross_entropy(head(hidden).float(), targets, reduction="sum")
 
 

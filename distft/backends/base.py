@@ -136,7 +136,7 @@ class Backend:
     def call_outside_forward(self, model, module) -> None:
         """The loop will call `module`, a part of `model`, after the model's forward (the
         chunked loss calls the output layer): a backend that gathers parameters around
-        module calls keeps this one's gathered until its backward is done."""
+        module calls keeps this one's gathered until the optimizer step."""
 
     def after_eval(self, model) -> None:
         """After forward passes with no backward (an evaluation): release what the backend
