@@ -171,6 +171,7 @@ class Trainer:
         self.last_eval: Optional[tuple[int, Dict[str, float]]] = None
         self._held_frozen = 0  # frozen parameters held in bf16 (Precision.hold_frozen)
         self.peak_memory_mb = 0.0
+        self._agree_calls = None  # the chunked loss's agreement on output-layer calls (sharded parameters)
         self._peak_rss = False  # CPU: the kernel's high-water mark of the resident set is usable
         self.stop_reason: Optional[str] = None  # why the run ended before max_steps, when it did
 
@@ -331,6 +332,10 @@ class Trainer:
         log.info("loss in chunks of %d target tokens, without full logits", self.cfg.trainer.loss_chunk_size)
         tap = chunked_loss.HiddenStateTap(self.model)
         self.backend.call_outside_forward(self.model, tap.head)
+        # Where parameters are sharded, each call of the output layer is a collective: the
+        # ranks agree on how many calls each makes (the largest of their counts).
+        if self.backend.supports("sharded_params"):
+            self._agree_calls = lambda calls: int(self.backend.all_reduce_max([calls])[0])
         return tap
 
     def _weights_source(self, num_labels):
@@ -395,14 +400,6 @@ class Trainer:
             self.model(**self.task.model_kwargs(batch), logits_to_keep=1)
             return self.task.loss_sum_hidden(self.tap.take(), self.tap.head, batch, self.cfg.trainer.loss_chunk_size,
                                              self._agree_calls)
-
-    @property
-    def _agree_calls(self):
-        """Where parameters are sharded, each call of the output layer is a collective:
-        the ranks agree on how many calls each makes (the largest of their counts)."""
-        if not self.backend.supports("sharded_params"):
-            return None
-        return lambda calls: int(self.backend.all_reduce_max([calls])[0])
 
     def _eval_stats(self, batch) -> Dict[str, float]:
         if self.tap is None:
