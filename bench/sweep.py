@@ -12,7 +12,12 @@ with the same budget of 16 trials:
 - grid: lr {3e-4, 1e-3, 3e-3, 1e-2} x r {4, 8, 16, 32};
 - tpe: TPE over lr, r, alpha, weight decay and warmup;
 - tpe_pruned: the same with the median pruner (4 startup trials, prunes from a trial's
-  first eval on), whose training steps are compared with tpe's.
+  first eval on), whose training steps are compared with tpe's;
+- tpe_percentile: the same with the percentile pruner keeping the top 70% at each eval
+  after 2 startup trials (what the replay below showed to keep tpe's best);
+- replay (no training): tpe's recorded learning curves fed to several pruners, what each
+  would have saved and whether the sweep would have kept its path and best, and the fewest
+  steps any pruner deciding at these evals could use without changing the path.
 
 Writes bench/results/sweep.{json,md} and each row's optimization history as
 bench/results/sweep-<row>.png; the studies stay in bench/results/runs/sweep-<row>/.
@@ -22,6 +27,7 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import math
 import os
 import shutil
 import subprocess
@@ -42,8 +48,21 @@ ROWS = {
     "tpe": ["sweep.sampler=tpe"],
     "tpe_pruned": ["sweep.sampler=tpe", "sweep.pruner=median", "sweep.pruner_startup_trials=4",
                    "sweep.pruner_warmup_evals=1"],
+    # the milder pruner the replay of tpe's curves pointed to (tpe's best trial starts slowly)
+    "tpe_percentile": ["sweep.sampler=tpe", "sweep.pruner=percentile", "sweep.pruner_percentile=70",
+                       "sweep.pruner_startup_trials=2"],
 }
-ORDER = ["default", *ROWS]
+# replay: no training; the unpruned TPE sweep's recorded learning curves (its evals, in the
+# study) fed trial by trial to each pruner below, as `distft-sweep` builds it.
+REPLAY = {
+    "median, 4 startup (tpe_pruned's)": {"pruner": "median", "pruner_startup_trials": 4},
+    "median, 2 startup": {"pruner": "median", "pruner_startup_trials": 2},
+    "percentile 70, 2 startup": {"pruner": "percentile", "pruner_percentile": 70.0, "pruner_startup_trials": 2},
+    "percentile 70, 4 startup": {"pruner": "percentile", "pruner_percentile": 70.0, "pruner_startup_trials": 4},
+    "percentile 30, 4 startup": {"pruner": "percentile", "pruner_percentile": 30.0, "pruner_startup_trials": 4},
+    "hyperband (Optuna's defaults)": {"pruner": "hyperband"},
+}
+ORDER = ["default", *ROWS, "replay"]
 # --quick: the tiny model on generated data (seconds per trial).
 QUICK = ["sweep=tiny_lr", "sweep.n_trials=2", "trainer.max_steps=8", "trainer.eval_every=4", "trainer.save_every=0",
          "data.num_train=96", "model.from_config.hidden_size=32", "model.from_config.intermediate_size=64",
@@ -51,7 +70,9 @@ QUICK = ["sweep=tiny_lr", "sweep.n_trials=2", "trainer.max_steps=8", "trainer.ev
          "model.from_config.num_key_value_heads=1", "trainer.precision=fp32", "logger.progress_bar=false"]
 QUICK_ROWS = {"grid": ["sweep.sampler=grid", "sweep.space.trainer.warmup_ratio=null",
                        "sweep.space.trainer.lr={type:float,low:1e-3,high:1e-2,log:true,values:[1e-3,1e-2]}"], "tpe": ["sweep.sampler=tpe"],
-              "tpe_pruned": ["sweep.sampler=tpe", "sweep.pruner=median", "sweep.pruner_startup_trials=1"]}
+              "tpe_pruned": ["sweep.sampler=tpe", "sweep.pruner=median", "sweep.pruner_startup_trials=1"],
+              "tpe_percentile": ["sweep.sampler=tpe", "sweep.pruner=percentile", "sweep.pruner_percentile=70",
+                                 "sweep.pruner_startup_trials=1"]}
 
 
 def base(quick: bool) -> list:
@@ -89,6 +110,79 @@ def sweep_row(name: str, out: Path, quick: bool) -> dict:
             "command": "distft-sweep " + show(args[:-1])}
 
 
+def tpe_gamma(n: int) -> int:
+    """How many of n finished trials form TPE's "good" group: Optuna's default gamma,
+    min(ceil(0.1 n), 25). The sampler's next suggestion depends on which trials those are
+    (and on every trial's parameters), not on the other values."""
+    return min(math.ceil(0.1 * n), 25)
+
+
+def replay_row(out: Path, quick: bool) -> dict:
+    """What each pruner would have done to the unpruned TPE sweep (the tpe row's study):
+    its trials' recorded evals reported one by one to a fresh study with that pruner. While
+    no pruned trial would have been in TPE's good group, the sampler would have suggested
+    the very same trials, so the replay is what the pruned sweep would do (runs are
+    deterministic); from the first trial where that fails on, the sweep would have gone
+    elsewhere, and the replay only tells what pruning these trials would have saved.
+    The bound: the fewest steps of any pruner that decides at these evals and leaves the
+    sweep's path unchanged (every trial that is ever in the good group finishes; every other
+    stops at its first eval)."""
+    import optuna
+    from omegaconf import OmegaConf
+
+    from distft.sweep import build_pruner, storage
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    folder = out / "runs" / f"sweep-tpe{'-quick' if quick else ''}"
+    if not (folder / "study.journal").exists():
+        raise SystemExit(f"replay needs the tpe row's study in {folder}: run --rows tpe first")
+    st = storage(folder)
+    study = optuna.load_study(study_name=optuna.get_all_study_names(st)[0], storage=st)
+    trials = sorted((t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE and t.intermediate_values),
+                    key=lambda t: t.number)
+    sign = 1 if study.direction == optuna.study.StudyDirection.MAXIMIZE else -1
+    full = sum(max(t.intermediate_values) for t in trials)
+
+    def good(kept):
+        """TPE's good group after each of the first n trials (n = 1..), of the kept ones."""
+        return [sorted((-sign * t.value, t.number) for t in trials[:n] if t.number in kept)[:tpe_gamma(n)]
+                for n in range(1, len(trials) + 1)]
+
+    everyone = {t.number for t in trials}
+    reference = good(everyone)
+    results = []
+    for label, settings in (REPLAY if not quick else dict(list(REPLAY.items())[:2])).items():
+        cfg = OmegaConf.create({"pruner_startup_trials": 4, "pruner_warmup_evals": 1, "pruner_percentile": 50.0,
+                                **settings})
+        replay = optuna.create_study(direction=study.direction, pruner=build_pruner(cfg))
+        steps, pruned = 0, {}
+        for t in trials:
+            trial = replay.ask()
+            curve = sorted(t.intermediate_values.items())
+            for step, value in curve:
+                trial.report(value, step)
+                if step < curve[-1][0] and trial.should_prune():  # never at the last step, as in a trial
+                    replay.tell(trial, state=optuna.trial.TrialState.PRUNED)
+                    steps += step
+                    pruned[t.number] = step
+                    break
+            else:
+                replay.tell(trial, t.value)
+                steps += curve[-1][0]
+        kept = everyone - set(pruned)
+        best = max((sign * t.value, t.value) for t in trials if t.number in kept)[1]
+        path = good(kept)
+        first_change = next((trials[n].number for n in range(len(trials)) if path[n] != reference[n]), None)
+        results.append({"pruner": label, "settings": settings, "steps": steps, "of_unpruned": steps / full,
+                        "best": best, "pruned": pruned, "path_changes_at": first_change})
+    needed = {number for group in reference for _, number in group}
+    bound = sum(max(t.intermediate_values) if t.number in needed else min(t.intermediate_values) for t in trials)
+    best = reference[-1][0]
+    return {"row": "replay", "of": str(folder.relative_to(out)), "trials": len(trials), "unpruned_steps": full,
+            "unpruned_best": -sign * best[0], "results": results, "bound_steps": bound, "bound_of_unpruned": bound / full,
+            "must_finish": sorted(needed)}
+
+
 def default_row(out: Path, quick: bool) -> dict:
     run_dir = out / "runs" / f"sweep-default{'-quick' if quick else ''}"
     shutil.rmtree(run_dir, ignore_errors=True)
@@ -103,6 +197,8 @@ def default_row(out: Path, quick: bool) -> dict:
 
 
 def report(machine: str, rows: list, quick: bool) -> str:
+    replay = next((r for r in rows if r["row"] == "replay"), None)
+    rows = [r for r in rows if r["row"] != "replay"]
     what = ("the tiny model on generated data (objective: validation loss, lower is better)" if quick else
             "MiniLM + LoRA, SST-2 (2,000 train / 872 validation), max length 64, one epoch at batch 32; "
             "objective: validation accuracy of the final weights")
@@ -118,12 +214,33 @@ def report(machine: str, rows: list, quick: bool) -> str:
         lines.append(f"| {r['row']} | {r['best']:.4f} | {params or 'the config'} | {counts} | {r['steps']} | "
                      f"{r['wall_s']} |")
     by = {r["row"]: r for r in rows}
-    if {"tpe", "tpe_pruned"} <= set(by):
-        lines += ["", f"Pruned against unpruned TPE: {by['tpe_pruned']['steps'] / by['tpe']['steps']:.2f}x the training "
-                      f"steps, best {by['tpe_pruned']['best'] - by['tpe']['best']:+.4f}."]
+    pruned = [n for n in by if n.startswith("tpe_")]
+    if "tpe" in by and pruned:
+        lines.append("")
+        for n in pruned:
+            lines.append(f"Pruned ({n}) against unpruned TPE: {by[n]['steps'] / by['tpe']['steps']:.2f}x the training "
+                         f"steps, best {by[n]['best'] - by['tpe']['best']:+.4f}.")
     if {"grid", "tpe"} <= set(by):
         lines += [f"TPE's best minus the grid's: {by['tpe']['best'] - by['grid']['best']:+.4f}."]
     lines += ["", "Commands:", ""] + [f"    {r['command']}" for r in rows]
+    if replay:
+        lines += ["", f"## Pruners replayed on the unpruned TPE sweep ({replay['trials']} trials, "
+                      f"{replay['unpruned_steps']} steps, best {replay['unpruned_best']:.4f})", "",
+                  "No training: each trial's recorded evals (`bench/results/" + replay["of"] + "/study.journal`) "
+                  "reported in turn to the pruner as `distft-sweep` builds it (`python bench/sweep.py --rows replay`). "
+                  "Until the first trial where a pruned one would have been among TPE's good trials, the pruned "
+                  "sweep would have sampled the same trials; from there on it would have gone elsewhere.", "",
+                  "| pruner | training steps | of unpruned | best kept | pruned (trial: step) | sweep's path |",
+                  "|---|---|---|---|---|---|"]
+        for r in replay["results"]:
+            pruned = ", ".join(f"{n}: {s}" for n, s in sorted(r["pruned"].items(), key=lambda kv: int(kv[0])))
+            path = "unchanged" if r["path_changes_at"] is None else f"other trials after trial {r['path_changes_at']}"
+            lines.append(f"| {r['pruner']} | {r['steps']} | {r['of_unpruned']:.2f}x | {r['best']:.4f} | "
+                         f"{pruned or '-'} | {path} |")
+        lines += ["", f"Bound: any pruner deciding at these evals that leaves the sweep's path (and best) unchanged "
+                      f"needs at least {replay['bound_steps']} steps ({replay['bound_of_unpruned']:.2f}x): trials "
+                      f"{', '.join(map(str, replay['must_finish']))} are each in TPE's good group at some point and must "
+                      "finish; the others stop at their first eval."]
     return "\n".join(lines) + "\n"
 
 
@@ -138,7 +255,8 @@ def main() -> int:
         return 1
     out = Path(args.out)
     run_rows(out, "sweep-quick" if args.quick else "sweep", ORDER, args.rows,
-             lambda name: default_row(out, args.quick) if name == "default" else sweep_row(name, out, args.quick),
+             lambda name: (default_row(out, args.quick) if name == "default" else
+                           replay_row(out, args.quick) if name == "replay" else sweep_row(name, out, args.quick)),
              lambda machine, rows: report(machine, rows, args.quick))
     return 0
 

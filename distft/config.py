@@ -345,8 +345,11 @@ class SweepConfig:
     n_trials: Optional[int] = None  # trials of the whole study (all workers); grid: every point, this is ignored
     # tpe / gp: random trials before the model-based ones; tpe default min(10, max(2, n_trials // 3)), gp 10
     startup_trials: Optional[int] = None
-    pruner: str = "none"  # none | median | hyperband
-    pruner_startup_trials: int = 4  # median: trials that finish before any is pruned
+    pruner: str = "none"  # none | median | percentile | hyperband
+    pruner_startup_trials: int = 4  # median, percentile: trials that finish before any is pruned
+    # percentile: a trial goes on while its best eval so far is in the top this-many percent of
+    # the other trials' evals at the same step (50: the median pruner; 70 prunes only the bottom 30%)
+    pruner_percentile: float = 50.0
     pruner_warmup_evals: int = 1  # a trial can be pruned from its n-th eval on (never at its last step)
     seed: int = 0  # the sampler's (worker i uses seed + i); trials keep the run's own seed
     workers: int = 1  # worker processes this command starts on this machine

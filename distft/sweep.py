@@ -51,7 +51,7 @@ log = logging.getLogger("distft.sweep")
 
 TRIAL_ENV = "DISTFT_SWEEP_TRIAL"  # set for a trial's processes: {"dir", "study", "trial_id", "number"}
 SAMPLERS = ("tpe", "gp", "random", "grid")
-PRUNERS = ("none", "median", "hyperband")
+PRUNERS = ("none", "median", "percentile", "hyperband")
 _SPEC_KEYS = {"type", "low", "high", "log", "step", "choices", "values"}
 _NOT_FOUND = object()
 
@@ -185,6 +185,7 @@ class Sweep:
             raise ConfigError(f"sweep.sampler={s.sampler}: one of {', '.join(SAMPLERS)}")
         if s.pruner not in PRUNERS:
             raise ConfigError(f"sweep.pruner={s.pruner}: one of {', '.join(PRUNERS)}")
+        build_pruner(s)  # its own settings refused here, before any trial
         if s.pruner != "none" and cfg.trainer.eval_every <= 0:
             raise ConfigError(f"sweep.pruner={s.pruner} prunes at evals, and trainer.eval_every={cfg.trainer.eval_every} "
                               "evaluates only at the end: set trainer.eval_every")
@@ -640,8 +641,18 @@ def build_pruner(s):
 
     if s.pruner == "none":
         return optuna.pruners.NopPruner()
-    inner = (optuna.pruners.MedianPruner(n_startup_trials=s.pruner_startup_trials) if s.pruner == "median"
-             else optuna.pruners.HyperbandPruner())
+    if s.pruner_startup_trials < 0 or s.pruner_warmup_evals < 0:
+        raise ConfigError(f"sweep.pruner_startup_trials={s.pruner_startup_trials} and sweep.pruner_warmup_evals="
+                          f"{s.pruner_warmup_evals} cannot be negative")
+    if s.pruner == "median":
+        inner = optuna.pruners.MedianPruner(n_startup_trials=s.pruner_startup_trials)
+    elif s.pruner == "percentile":
+        if not 0 < s.pruner_percentile <= 100:
+            raise ConfigError(f"sweep.pruner_percentile={s.pruner_percentile}: the share of trials kept at each "
+                              "eval, in percent: above 0 and at most 100 (50 is the median pruner)")
+        inner = optuna.pruners.PercentilePruner(s.pruner_percentile, n_startup_trials=s.pruner_startup_trials)
+    else:
+        inner = optuna.pruners.HyperbandPruner()
 
     class WarmupEvals(optuna.pruners.BasePruner):
         def prune(self, study, trial) -> bool:

@@ -143,11 +143,17 @@ def test_sweep_quick(tmp_path):
                           capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     rows = {r["row"]: r for r in json.loads((tmp_path / "sweep-quick.json").read_text())["rows"]}
-    assert list(rows) == ["default", "grid", "tpe", "tpe_pruned"]
+    assert list(rows) == ["default", "grid", "tpe", "tpe_pruned", "tpe_percentile", "replay"]
     assert rows["grid"]["trials"] == 2 and rows["grid"]["best_params"]["trainer.lr"] in ("0.001", "0.01")
-    assert all(r["states"]["fail"] == 0 for n, r in rows.items() if n != "default")
+    assert all(r["states"]["fail"] == 0 for n, r in rows.items() if n not in ("default", "replay"))
     assert (tmp_path / "sweep-tpe-quick.png").stat().st_size > 5000
-    assert "Pruned against unpruned TPE" in (tmp_path / "sweep-quick.md").read_text()
+    md = (tmp_path / "sweep-quick.md").read_text()
+    assert "Pruned (tpe_pruned) against unpruned TPE" in md and "Pruned (tpe_percentile)" in md
+    # the replay of tpe's curves: the unpruned steps are the tpe row's, a pruner never adds steps
+    replay = rows["replay"]
+    assert replay["trials"] == 2 and replay["unpruned_steps"] == rows["tpe"]["steps"]
+    assert all(r["steps"] <= replay["unpruned_steps"] for r in replay["results"])
+    assert replay["bound_steps"] <= replay["unpruned_steps"] and "## Pruners replayed" in md
 
 
 def test_plan_check_quick(tmp_path):

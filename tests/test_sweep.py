@@ -156,6 +156,45 @@ def test_median_pruner_stops_a_bad_trial_and_keeps_its_folder(tmp_path):
     assert json.loads((Path(table[1]["run_dir"]) / "summary.json").read_text())["stop_reason"].startswith("pruned")
 
 
+def _decisions(percentile, startup=4, warmup_evals=1, value=0.75, step=4):
+    """build_pruner's decision on a trial reporting `value` after four finished trials
+    that reached 0.9, 0.8, 0.7 and 0.6 at the same step (an in-memory study, no training)."""
+    import optuna
+    from omegaconf import OmegaConf
+
+    from distft.sweep import build_pruner
+
+    s = OmegaConf.create({"pruner": "percentile", "pruner_percentile": percentile, "pruner_startup_trials": startup,
+                          "pruner_warmup_evals": warmup_evals})
+    study = optuna.create_study(direction="maximize", pruner=build_pruner(s))
+    for v in (0.9, 0.8, 0.7, 0.6):
+        t = study.ask()
+        t.report(v, step)
+        study.tell(t, v)
+    t = study.ask()
+    t.report(value, step)
+    return t.should_prune()
+
+
+def test_percentile_pruner_keeps_the_given_share_of_trials():
+    # 0.75 beats half of the finished trials at that step: kept in the top 50 or 70%, pruned
+    # when only the top 25% go on; never before the startup trials finish or before the
+    # warm-up evals (two here, one reported).
+    assert not _decisions(50) and not _decisions(70)
+    assert _decisions(25)
+    assert not _decisions(25, startup=5)
+    assert not _decisions(25, warmup_evals=2)
+    from omegaconf import OmegaConf
+
+    from distft.errors import ConfigError
+    from distft.sweep import build_pruner
+
+    for bad in (0, 101):
+        with pytest.raises(ConfigError, match=f"sweep.pruner_percentile={bad}: the share of trials kept"):
+            build_pruner(OmegaConf.create({"pruner": "percentile", "pruner_percentile": bad,
+                                           "pruner_startup_trials": 4, "pruner_warmup_evals": 1}))
+
+
 @pytest.mark.parametrize("override,message", [
     ("sweep.space.trainer.lrr={type:float,low:1e-4,high:1e-2}", "sweep.space.trainer.lrr: no key trainer.lrr"),
     ("sweep.space.trainer.lr={type:float,low:1e-2,high:1e-2}", "sweep.space.trainer.lr: empty range"),
