@@ -53,7 +53,7 @@ def _per_example_reference(model, task_inputs, example_loss):
         model.zero_grad()
         one = {k: v[i : i + 1] for k, v in task_inputs.items()}
         example_loss(model, one).sum().backward()
-        grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad})
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
     model.zero_grad()
     return grads
 
@@ -95,6 +95,46 @@ def test_per_example_gradients_of_a_bert_with_trainable_position_embeddings():
         return torch.nn.functional.cross_entropy(m(**batch).logits, labels, reduction="none")
 
     _check_grad_samples(model, inputs, example_loss)
+
+
+@pytest.mark.parametrize("mode", ["hooks", "ghost"])
+def test_pooled_head_over_a_bert_leaves_its_unused_pooler_alone(mode):
+    """task.head=pooled over a BERT: the backbone runs its pooler on every forward, the head
+    never reads it. Under DP it is frozen (it would take noise only); ghost clipping failed
+    on the second forward without that (the pooler's activations, never consumed by a
+    backward, read as tied weights). Per-example gradients stay exact on the rest."""
+    from transformers import BertConfig, BertModel
+
+    from distft.config import DPPrivacyConfig
+    from distft.models.head_model import MlpHeadConfig, MlpHeadForSequenceClassification
+    from distft.privacy.dp import DifferentialPrivacy
+
+    torch.manual_seed(0)
+    config = BertConfig(vocab_size=50, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                        intermediate_size=32, max_position_embeddings=16,
+                        hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    model = MlpHeadForSequenceClassification(
+        MlpHeadConfig(backbone=config, head_hidden=(), head_dropout=0.0, pooling="mean", normalize=True,
+                      num_labels=2), backbone=BertModel(config))
+    inputs = {"input_ids": torch.randint(1, 50, (4, 7)), "attention_mask": torch.ones(4, 7, dtype=torch.long),
+              "labels": torch.tensor([0, 1, 1, 0])}
+
+    def example_loss(m, batch):
+        batch = dict(batch)
+        labels = batch.pop("labels")
+        return torch.nn.functional.cross_entropy(m(**batch).logits, labels, reduction="none")
+
+    if mode == "hooks":
+        _check_grad_samples(model, inputs, example_loss)
+    else:
+        wrapped = DifferentialPrivacy(OmegaConf.structured(DPPrivacyConfig(grad_sample_mode=mode))).wrap_model(model)
+        for _ in range(2):
+            example_loss(wrapped, inputs).sum().backward()
+            assert all(p._norm_sample is not None for p in model.parameters() if p.requires_grad)
+            for p in model.parameters():
+                p.grad, p._norm_sample = None, None
+    assert not any(p.requires_grad for p in model.backbone.pooler.parameters())
+    assert all(p.requires_grad for n, p in model.named_parameters() if not n.startswith("backbone.pooler"))
 
 
 @pytest.mark.parametrize("mode,tied", [("hooks", False), ("functorch", False), ("hooks", True)])

@@ -69,6 +69,13 @@ class MlpHeadForSequenceClassification(PreTrainedModel):
             nn.init.normal_(module.weight, std=0.02)
             nn.init.zeros_(module.bias)
 
+    def unused_parameters(self) -> list:
+        """(name, tensor) of backbone weights the head never reads: a BERT-like backbone's
+        pooler, which the backbone runs on every forward while the head pools the hidden
+        states itself."""
+        pooler = getattr(self.backbone, "pooler", None)
+        return list(pooler.named_parameters(prefix="backbone.pooler")) if isinstance(pooler, nn.Module) else []
+
     def pool(self, hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         mask = attention_mask.to(hidden.dtype).unsqueeze(-1)
         if self.config.pooling == "mean":

@@ -237,6 +237,14 @@ class DifferentialPrivacy(Privacy):
                 WRAPPERS.append(wrapper)
         if _takes_position_ids(model):
             model.register_forward_pre_hook(_positions_per_example, with_kwargs=True)
+        # Weights the loss never reaches would take noise only, and ghost clipping refuses a
+        # layer that runs forward without its backward (its activations pile up, read as
+        # tied weights): they stay as they are.
+        unused = [(n, p) for n, p in getattr(model, "unused_parameters", list)() if p.requires_grad]
+        for _, p in unused:
+            p.requires_grad_(False)
+        if unused and run_main(self.run):
+            log.info("DP-SGD: frozen, never read by the loss: %s", ", ".join(n for n, _ in unused))
         self.mode = mode = self.grad_sample_mode(model)
         if mode == "ghost":
             shared = _shared_trainable(model)
@@ -376,6 +384,9 @@ class DifferentialPrivacy(Privacy):
             (coef * losses).sum().backward()  # each example's gradient scaled to its clip
         finally:
             self.gsm.enable_hooks()
+        for p in params:  # unreached (e.g. BERT's pooler under a mean-pooled head): a zero sum, as with hooks
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
         optimizer.accumulate()  # into p.summed_grad; the step adds the noise once
         for p in params:
             p.grad = None
