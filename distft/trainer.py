@@ -272,6 +272,7 @@ class Trainer:
         self.model = model  # unwrapped until the backend wraps it below
         self.components.setup(self)
         model = self.privacy.wrap_model(model)
+        self.trainable = count_parameters(self.model)[0]  # privacy freezes weights the loss never reads
         self.max_steps = t.max_steps if t.max_steps > 0 else max(1, math.ceil(t.epochs * self.sampler.steps_per_epoch))
         if resume_from is not None:
             # Before wrapping: a backend may need to convert the checkpoint's sharded state
