@@ -130,6 +130,7 @@ def replay_row(out: Path, quick: bool) -> dict:
     import optuna
     from omegaconf import OmegaConf
 
+    from distft.config import SweepConfig
     from distft.sweep import build_pruner, storage
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -152,9 +153,9 @@ def replay_row(out: Path, quick: bool) -> dict:
     reference = good(everyone)
     results = []
     for label, settings in (REPLAY if not quick else dict(list(REPLAY.items())[:2])).items():
-        cfg = OmegaConf.create({"pruner_startup_trials": 4, "pruner_warmup_evals": 1, "pruner_percentile": 50.0,
-                                **settings})
-        replay = optuna.create_study(direction=study.direction, pruner=build_pruner(cfg))
+        cfg = OmegaConf.structured(SweepConfig(**settings))  # the rest at distft-sweep's defaults
+        # the sweep's own name: Hyperband puts a trial in a bracket by a hash of it and the number
+        replay = optuna.create_study(study_name=study.study_name, direction=study.direction, pruner=build_pruner(cfg))
         steps, pruned = 0, {}
         for t in trials:
             trial = replay.ask()
