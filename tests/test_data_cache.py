@@ -56,3 +56,21 @@ def test_bad_data_stops_every_rank_without_a_hang(tmp_path):
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=240)
     assert proc.returncode != 0
     assert proc.stderr.count(f"distft: error: {bad}:2: not valid JSON") == 2, proc.stderr[-2000:]
+
+
+def test_a_second_writer_keeps_the_first_complete_folder(tmp_path):
+    """Two runs preparing the same data at once: the one that finishes second leaves the
+    first one's folder in place (a run may be reading it), and replaces only a leftover."""
+    from distft.data.cache import load_prepared, save_prepared
+
+    folder = tmp_path / "key"
+    first = ([{"input_ids": [1, 2]}], [{"input_ids": [3]}], 2, {"rows": 1})
+    save_prepared(folder, first)
+    inode = (folder / "meta.json").stat().st_ino
+    save_prepared(folder, ([{"input_ids": [9]}], [{"input_ids": [9]}], 2, {"rows": 1}))
+    assert (folder / "meta.json").stat().st_ino == inode and load_prepared(folder) == first
+    assert [p.name for p in tmp_path.iterdir()] == ["key"]  # no temporary folder left behind
+    # a folder without meta.json (a leftover, never one this code completes) is replaced
+    (folder / "meta.json").unlink()
+    save_prepared(folder, first)
+    assert load_prepared(folder) == first and (folder / "meta.json").stat().st_ino != inode

@@ -75,8 +75,18 @@ def save_prepared(folder: Path, prepared: Prepared) -> None:
     Dataset.from_list(train).save_to_disk(str(tmp / "train"))
     Dataset.from_list(val).save_to_disk(str(tmp / "validation"))
     (tmp / "meta.json").write_text(json.dumps({"num_labels": num_labels, "report": report}))
-    shutil.rmtree(folder, ignore_errors=True)
-    tmp.rename(folder)
+    # Runs side by side (a sweep's workers, a test session's) may prepare the same data at
+    # once. The first complete folder stays: replacing it would pull it from under a run
+    # that found it and is reading it. A folder without meta.json is a leftover (complete
+    # folders only ever appear by this rename), replaced.
+    try:
+        tmp.rename(folder)
+    except OSError:
+        if (folder / "meta.json").is_file():
+            shutil.rmtree(tmp, ignore_errors=True)
+            return
+        shutil.rmtree(folder, ignore_errors=True)
+        tmp.rename(folder)
 
 
 def load_prepared(folder: Path) -> Prepared:
