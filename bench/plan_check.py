@@ -3,7 +3,7 @@ tokens/s) for each model, strategy, backend and activation-checkpointing setting
 
     python bench/plan_check.py                          # tiny and SmolLM2-135M, the whole matrix
     python bench/plan_check.py --models tiny --backends ddp zero3
-    python bench/plan_check.py --quick                  # tiny, full, ddp and zero3, no checkpointing
+    python bench/plan_check.py --quick                  # tiny, full, zero3, no checkpointing
     python bench/plan_check.py --replan                 # today's planner against the saved rows' runs
 
 Each case trains a few steps for real (`single` in one process, the others on `--nproc`
@@ -105,7 +105,7 @@ def main() -> int:
     ap.add_argument("--checkpointing", nargs="*", default=["no", "yes"], choices=["no", "yes"])
     ap.add_argument("--nproc", type=int, default=2)
     ap.add_argument("--steps", type=int, default=4)
-    ap.add_argument("--quick", action="store_true", help="tiny, full, ddp and zero3, no checkpointing, 3 steps")
+    ap.add_argument("--quick", action="store_true", help="tiny, full, zero3, no checkpointing, 3 steps")
     ap.add_argument("--replan", action="store_true",
                     help="plan the saved rows again (a planner change) against what their runs measured; no training")
     ap.add_argument("--out", default=str(ROOT / "bench" / "results"))
@@ -113,7 +113,7 @@ def main() -> int:
     stem = "plan_check"
     if args.quick:
         args.models, args.strategies, args.backends, args.checkpointing, args.steps = \
-            ["tiny"], ["full"], ["ddp", "zero3"], ["no"], 3
+            ["tiny"], ["full"], ["zero3"], ["no"], 3
         stem = "plan_check-quick"
     order = [row_name(m, s, b, ac) for m in MODELS for s in STRATEGIES for b in BACKENDS for ac in (False, True)]
     names = [row_name(m, s, b, ac == "yes") for m in args.models for s in args.strategies for b in args.backends
