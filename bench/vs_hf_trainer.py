@@ -422,7 +422,8 @@ def main() -> int:
     ap.add_argument("--max-length", type=int, default=256)
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--repeats", type=int, default=1)
-    ap.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    ap.add_argument("--threads", type=int, default=int(os.environ.get("OMP_NUM_THREADS") or os.cpu_count() or 1),
+                    help="intra-op threads (default: OMP_NUM_THREADS, else every core)")
     ap.add_argument("--quick", action="store_true",
                     help="the tiny model, 3 steps (one timed), 64 rows, every case in this process: a smoke run")
     ap.add_argument("--same-process", action="store_true",

@@ -8,6 +8,11 @@ import sys
 import time
 from pathlib import Path
 
+# Under pytest-xdist (scripts/test.sh runs two workers) each worker's torch takes one
+# thread unless told otherwise: two workers of two OpenMP threads each on two cores spin
+# against each other (tests ran 2-4x slower than alone). Set before torch is imported.
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
 # Before anything imports the hub libraries, which read these once.
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("WANDB_SILENT", "true")
