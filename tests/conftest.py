@@ -8,11 +8,13 @@ import sys
 import time
 from pathlib import Path
 
-# Under pytest-xdist (scripts/test.sh runs two workers) each worker's torch takes one
-# thread unless told otherwise: two workers of two OpenMP threads each on two cores spin
-# against each other (tests ran 2-4x slower than alone). Set before torch is imported.
+# Under pytest-xdist (scripts/test.sh runs two workers) the workers share the cores: each
+# worker's torch takes cores / workers threads unless OMP_NUM_THREADS says otherwise. Two
+# workers of two OpenMP threads each on two cores spun against each other (tests ran 2-4x
+# slower than alone). Set before torch is imported.
 if os.environ.get("PYTEST_XDIST_WORKER"):
-    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    _workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT") or 1)
+    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // _workers)))
 # Before anything imports the hub libraries, which read these once.
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("WANDB_SILENT", "true")
