@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import time
 from pathlib import Path
@@ -78,8 +77,7 @@ def main() -> int:
     ap.add_argument("--rows", type=int, default=500)
     ap.add_argument("--max-length", type=int, default=256)
     ap.add_argument("--batch", type=int, default=8)
-    ap.add_argument("--threads", type=int, default=int(os.environ.get("OMP_NUM_THREADS") or os.cpu_count() or 1),
-                    help="intra-op threads (default: OMP_NUM_THREADS, else every core)")
+    ap.add_argument("--threads", type=int, default=vs.default_threads(), help=vs.default_threads.__doc__)
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--out", default=str(ROOT / "bench" / "results"))
     args = ap.parse_args()

@@ -245,6 +245,11 @@ def one(case) -> dict:
             **result}
 
 
+def default_threads() -> int:
+    """Intra-op threads when --threads is not given: OMP_NUM_THREADS, else every core."""
+    return int(os.environ.get("OMP_NUM_THREADS") or os.cpu_count() or 1)
+
+
 def machine_line(threads: int) -> str:
     """The processor, its vector capability (bf16 speed depends on it), cores and torch."""
     import torch
@@ -422,8 +427,7 @@ def main() -> int:
     ap.add_argument("--max-length", type=int, default=256)
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--repeats", type=int, default=1)
-    ap.add_argument("--threads", type=int, default=int(os.environ.get("OMP_NUM_THREADS") or os.cpu_count() or 1),
-                    help="intra-op threads (default: OMP_NUM_THREADS, else every core)")
+    ap.add_argument("--threads", type=int, default=default_threads(), help=default_threads.__doc__)
     ap.add_argument("--quick", action="store_true",
                     help="the tiny model, 3 steps (one timed), 64 rows, every case in this process: a smoke run")
     ap.add_argument("--same-process", action="store_true",
