@@ -228,6 +228,7 @@ class DPPrivacyConfig(PrivacyConfig):
     delta: float = 1e-5
     noise_multiplier: Optional[float] = None
     max_grad_norm: float = 1.0
+    head_max_grad_norm: Optional[float] = None
     accountant: str = "prv"
     logical_batch_size: Optional[int] = None
     grad_sample_mode: str = "auto"

@@ -325,6 +325,67 @@ def test_exported_lora_adapter_gives_distft_logits_with_plain_peft(cfg_for, tmp_
     assert "Differential privacy" in (t.run_dir / "final" / "README.md").read_text()
 
 
+# ---------------------------------------------------------------- group-wise clipping
+def test_group_clipping_bounds_the_head_and_the_rest_apart():
+    """privacy.head_max_grad_norm: each example's head part and the rest are clipped to
+    their own bounds (checked against autograd one example at a time), and the noise is
+    scaled to the root of the sum of the bounds squared."""
+    from opacus.grad_sample import GradSampleModule
+
+    from distft.privacy.dp import _dp_optimizer
+
+    torch.manual_seed(0)
+    body, head = torch.nn.Linear(4, 3), torch.nn.Linear(3, 2)
+    model = torch.nn.Sequential(body, torch.nn.Tanh(), head)
+    x, y = torch.randn(6, 4) * 3, torch.tensor([0, 1, 1, 0, 1, 0])
+    loss = lambda m, xs, ys: torch.nn.functional.cross_entropy(m(xs), ys, reduction="sum")  # noqa: E731
+    bounds = {"rest": 0.2, "head": 0.05}
+    expected = {id(p): torch.zeros_like(p) for p in model.parameters()}
+    clipped_somewhere = False
+    for i in range(len(y)):
+        model.zero_grad()
+        loss(model, x[i : i + 1], y[i : i + 1]).backward()
+        for group, params in (("rest", list(body.parameters())), ("head", list(head.parameters()))):
+            norm = torch.stack([p.grad.norm() for p in params]).norm()
+            factor = min(1.0, bounds[group] / (float(norm) + 1e-6))
+            clipped_somewhere |= factor < 1.0
+            for p in params:
+                expected[id(p)] += factor * p.grad
+    assert clipped_somewhere
+    model.zero_grad()
+
+    wrapped = GradSampleModule(model, batch_first=True, loss_reduction="sum")
+    groups = ({**{id(p): 0 for p in body.parameters()}, **{id(p): 1 for p in head.parameters()}},
+              [bounds["rest"], bounds["head"]])
+    sensitivity = math.hypot(bounds["rest"], bounds["head"])
+    optimizer = _dp_optimizer(torch.optim.SGD(model.parameters(), lr=1.0), False, False, groups=groups,
+                              noise_multiplier=0.0, max_grad_norm=sensitivity, expected_batch_size=6,
+                              loss_reduction="mean")
+    loss(wrapped, x, y).backward()
+    optimizer.pre_step()
+    for p in model.parameters():
+        torch.testing.assert_close(p.grad, expected[id(p)] / 6, rtol=1e-5, atol=1e-7)
+    assert optimizer.max_grad_norm == sensitivity  # Opacus' noise std is noise_multiplier x this
+
+
+def test_head_clip_bound_runs_is_reported_and_resumes_only_unchanged(cfg_for, tmp_path):
+    common = ["task=classification", "strategy=lora", "trainer.max_steps=2", "trainer.save_every=2",
+              "privacy.head_max_grad_norm=0.05", "privacy.target_epsilon=8"]
+    t, out = train(cfg_for, tmp_path, "run", *common)
+    assert out["privacy/head_max_grad_norm"] == 0.05
+    assert t.privacy.sensitivity == pytest.approx(math.hypot(1.0, 0.05))
+    assert "clipped apart to 0.05" in (t.run_dir / "final" / "README.md").read_text()
+    cfg = cfg_for(*DP, *common[:-3], "privacy.head_max_grad_norm=0.1", "privacy.target_epsilon=8",
+                  "trainer.max_steps=4", f"resume={t.run_dir / 'checkpoints' / 'step-2'}")
+    cfg.run_dir = str(tmp_path / "resumed")
+    with pytest.raises(ConfigError, match="head_max_grad_norm 0.05 -> 0.1"):
+        Trainer(cfg).setup()
+    cfg = cfg_for(*DP, "privacy.head_max_grad_norm=0.1")  # a causal LM: no task head to clip apart
+    cfg.run_dir = str(tmp_path / "no-head")
+    with pytest.raises(ConfigError, match="no trainable task head"):
+        Trainer(cfg).setup()
+
+
 # ---------------------------------------------------------------- resume
 def test_resume_after_sigkill_continues_losses_and_accounting(cfg_for, tmp_path):
     overrides = [*TINY, *DP, "privacy.target_epsilon=6", "trainer.max_steps=14", "trainer.save_every=2",
@@ -426,6 +487,8 @@ def test_dp_ddp_two_processes_match_one(tmp_path):
     (["privacy.target_epsilon=null"], "set privacy.target_epsilon"),
     (["privacy.delta=1.5"], "privacy.delta"),
     (["privacy.max_grad_norm=0"], "clipping bound"),
+    (["privacy.head_max_grad_norm=0"], "heads' clipping bound"),
+    (["privacy.head_max_grad_norm=0.1", "privacy.grad_sample_mode=ghost"], "group-wise clipping needs each"),
     (["privacy.accountant=moments"], "privacy.accountant"),
     (["privacy.logical_batch_size=32", "trainer.grad_accum=2"], "set one"),
     (["plugins=[component_plugins]", "regularizer.name=zero_penalty"], "clipped and noised"),
