@@ -80,10 +80,10 @@ class _GroupClipping:
 
         samples = self.grad_samples
         rows = len(samples[0])
+        device = samples[0].device
         factors = []
         for g, bound in enumerate(self.group_bounds):
             norms = [s.reshape(rows, -1).norm(2, dim=-1) for s, k in zip(samples, self.group_of) if k == g]
-            device = samples[0].device
             total = torch.stack(norms, 1).norm(2, dim=1) if norms and rows else torch.zeros(rows, device=device)
             factors.append((bound / (total + 1e-6)).clamp(max=1.0))
         for p, g in zip(self.params, self.group_of):
