@@ -1,11 +1,13 @@
 """Differentially private fine-tuning (privacy=dp, Opacus) on real models and data.
 
-    python bench/privacy.py                  # all three parts below (about 2 hours on 2 CPU cores)
-    python bench/privacy.py --only sst2      # MiniLM + SST-2: LoRA at epsilon 8, 3, 1; full at 8
+    python bench/privacy.py                  # all three parts below (about 3 hours on 2 CPU cores)
+    python bench/privacy.py --only sst2      # MiniLM + SST-2: LoRA at epsilon 8, 3, 1 (group-wise and
+                                             # one-bound clipping); full at 8
     python bench/privacy.py --only smollm2   # SmolLM2-135M + LoRA on Alpaca at epsilon 8
     python bench/privacy.py --only cost      # LoRA step time and peak memory, DP vs not
     python bench/privacy.py --quick          # small shapes, a smoke run (asserts no number)
     python bench/privacy.py --runs lora-eps8 full-eps8   # some of the SST-2 runs
+    python bench/privacy.py --report         # privacy.md again from privacy.json
 
 Every accuracy is of the final weights (no selection on the validation set). The
 non-private numbers beside the SST-2 ones come from bench/results/sst2_strategies.json
@@ -17,6 +19,7 @@ import argparse
 import json
 import os
 import platform
+import re
 import shlex
 import shutil
 import statistics
@@ -208,18 +211,26 @@ def part_cost(out: Path, quick: bool) -> dict:
     return result
 
 
+def _clip(command: str) -> str:
+    """A row's clipping bounds, read from its command: `1` (one bound), `0.1, head 0.1`."""
+    found = dict(re.findall(r"privacy\.(max_grad_norm|head_max_grad_norm)=(\S+)", command))
+    bound = found.get("max_grad_norm", "1.0").rstrip("0").rstrip(".")
+    return bound if "head_max_grad_norm" not in found else f"{bound}, head {found['head_max_grad_norm']}"
+
+
 def report(results: dict, out: Path, machine: str, stem: str) -> None:
-    lines = [f"Machine: {machine}. Command: `python bench/privacy.py {' '.join(sys.argv[1:])}`", ""]
+    lines = [f"Machine: {machine}. Written by `python bench/privacy.py {' '.join(sys.argv[1:])}`; each row's own "
+             "command is listed under its table.", ""]
     if "sst2" in results:
         lines += ["## MiniLM + SST-2 (8,000 train, 872 validation), DP-SGD, delta 1e-5", "",
-                  "| run | accuracy | non-private | target | met | epsilon | noise | steps | trainable | wall s |",
-                  "|---|---|---|---|---|---|---|---|---|---|"]
+                  "| run | accuracy | non-private | target | met | epsilon | clip | noise | steps | trainable | wall s |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|"]
         for r in results["sst2"]["rows"]:
             np_acc = f"{r['non_private_accuracy']:.4f}" if r["non_private_accuracy"] is not None else "-"
             target = f"{r['target']}" if r["target"] else "-"
             met = "-" if not r["target"] else ("yes" if r["accuracy"] >= r["target"] else "**no**")
             lines.append(f"| {r['run']} | {r['accuracy']:.4f} | {np_acc} | {target} | {met} | {r['epsilon']:.2f} | "
-                         f"{r['noise_multiplier']:.3f} | {r['steps']} | {r['trainable_params']:,} | {r['wall_s']} |")
+                         f"{_clip(r['command'])} | {r['noise_multiplier']:.3f} | {r['steps']} | {r['trainable_params']:,} | {r['wall_s']} |")
         lines += ["", "Non-private accuracies: bench/results/sst2_strategies.json. Commands:", ""]
         lines += [f"    {r['command']}" for r in results["sst2"]["rows"]] + [""]
     if "smollm2" in results:
@@ -249,6 +260,7 @@ def main() -> int:
     ap.add_argument("--only", nargs="*", choices=["sst2", "smollm2", "cost"])
     ap.add_argument("--runs", nargs="*", choices=sorted(SST2_RUNS), help="some of the SST-2 runs (the others kept)")
     ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--report", action="store_true", help="only rebuild privacy.md from privacy.json")
     ap.add_argument("--out", default=str(ROOT / "bench" / "results"))
     args = ap.parse_args()
     if not SST2.is_dir() or not ALPACA.is_file():
@@ -260,6 +272,9 @@ def main() -> int:
     stem = "privacy-quick" if args.quick else "privacy"  # a smoke run never replaces the results
     path = out / f"{stem}.json"
     results = json.loads(path.read_text()) if path.exists() and not args.quick else {}
+    if args.report:
+        report(results, out, results.get("machine", machine), stem)
+        return 0
     parts = {"sst2": part_sst2, "smollm2": part_smollm2, "cost": part_cost}
     for name in args.only or list(parts):
         part = part_sst2(out, args.quick, args.runs) if name == "sst2" else parts[name](out, args.quick)
