@@ -343,12 +343,10 @@ class DifferentialPrivacy(Privacy):
 
     def _clip_groups(self, model):
         """(group index by parameter id, bounds): 1 for the task heads, 0 for the rest."""
+        from distft.backends.base import peel
         from distft.strategies.base import declared_heads
 
-        inner = model
-        while hasattr(inner, "_module") or hasattr(inner, "module"):  # Opacus' / DDP's wrappers
-            inner = getattr(inner, "_module", None) or inner.module
-        heads = {id(p) for p in declared_heads(inner) if p.requires_grad}
+        heads = {id(p) for p in declared_heads(peel(model)) if p.requires_grad}
         rest = [p for p in model.parameters() if p.requires_grad and id(p) not in heads]
         if not heads or not rest:
             raise ConfigError("privacy.head_max_grad_norm clips the task heads apart from the other trainable "
