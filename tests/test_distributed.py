@@ -81,6 +81,8 @@ def test_two_processes_match_one_process(reference, two_process_run, backend, st
     log_text = (two / "train.log").read_text()
     if backend == "zero3":  # fp32 weights: no second fp32 copy of the partition (zero.share_fp32_master)
         assert "fp32 master partition is the module's own" in log_text
+    if backend.startswith("zero"):  # zero.skip_muon_import
+        assert "Muon module not imported" in log_text
     if distft.backends.supports(backend, "chunked_loss"):  # zero3 too: its hooks gather the output layer
         assert "loss in chunks of" in log_text
 
@@ -262,3 +264,26 @@ def test_zero_optimizer_offload_keeps_the_parameter_groups(tmp_path, two_process
     assert sorted(got) == list(range(1, STEPS + 1))
     for step in got:
         assert got[step] == pytest.approx(want[step], rel=1e-5), f"step {step}"
+
+
+def test_zero_engines_do_not_import_deepspeeds_muon():
+    """DeepSpeed's ZeRO engines import its Muon module to ask whether the optimizer is a Muon;
+    that import compiles kernels (torch's inductor and networkx). distft's stand-in answers no
+    for its own optimizers and hands any other name over to the real module."""
+    code = """
+import sys, torch
+from distft.backends.zero import skip_muon_import
+assert skip_muon_import() and not skip_muon_import()
+from deepspeed.runtime.zero.muon.muon_optimizer import MuonWithAuxAdam
+import deepspeed.runtime.zero.stage3, deepspeed.runtime.zero.stage_1_and_2
+assert not isinstance(torch.optim.AdamW([torch.nn.Parameter(torch.zeros(2))]), MuonWithAuxAdam)
+assert "torch._inductor.compile_fx" not in sys.modules, "the real Muon module was imported"
+import deepspeed.runtime.zero.muon.muon_optimizer as muon
+assert callable(muon.muon_update)  # another name: the real module, imported now
+assert "torch._inductor.compile_fx" in sys.modules
+assert sys.modules["deepspeed.runtime.zero.muon.muon_optimizer"].muon_update is muon.muon_update
+print("ok")
+"""
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "DS_ACCELERATOR": "cpu"})
+    assert proc.returncode == 0 and proc.stdout.strip().endswith("ok"), proc.stderr[-3000:]

@@ -1,3 +1,4 @@
+import importlib.util
 import json
 import logging
 import math
@@ -5,6 +6,7 @@ import os
 import shutil
 import subprocess
 import sys
+import types
 from pathlib import Path
 from typing import Dict
 
@@ -76,6 +78,43 @@ def share_fp32_master(optimizer) -> int:
             master.data = module_part.data
             shared += master.numel() * master.element_size()
     return shared
+
+
+_MUON = "deepspeed.runtime.zero.muon.muon_optimizer"
+
+
+def skip_muon_import() -> bool:
+    """Stand in for DeepSpeed's Muon optimizer module so that its engine does not import it;
+    True when the stand-in was put in place.
+
+    Every ZeRO engine (DeepSpeed 0.18 and later) imports that module to ask whether the
+    optimizer it was given is a Muon, and the module compiles its kernels with torch.compile
+    at import, which loads torch's inductor and networkx: about 450 modules, 0.9 s and 42 MB
+    a process (SmolLM2 under zero3 on 2 processes: peak 2052 -> 2024 MB a process). A distft
+    run always hands DeepSpeed its own optimizer (never a Muon), so the answer is known: the
+    stand-in's class is one no optimizer is an instance of. Any other name asked of the
+    module imports the real one, so code that does use Muon in the same process still gets
+    it. Nothing is done when the module is already imported or DeepSpeed has none."""
+    package, _, leaf = _MUON.rpartition(".")
+    if _MUON in sys.modules or importlib.util.find_spec(package) is None:
+        return False
+    stand_in = types.ModuleType(_MUON, "distft's stand-in: no optimizer distft builds is a Muon")
+
+    class MuonWithAuxAdam:
+        """No instance is ever made: a distft optimizer is never a Muon."""
+
+    def __getattr__(name):
+        if name.startswith("__"):  # the import system asks for __path__ and the like
+            raise AttributeError(name)
+        if sys.modules.get(_MUON) is stand_in:
+            del sys.modules[_MUON]
+        return getattr(importlib.import_module(_MUON), name)
+
+    stand_in.MuonWithAuxAdam = MuonWithAuxAdam
+    stand_in.__getattr__ = __getattr__
+    sys.modules[_MUON] = stand_in
+    setattr(importlib.import_module(package), leaf, stand_in)  # as an import would
+    return True
 
 
 class ZeroBackend(DDPBackend):
@@ -186,8 +225,12 @@ class ZeroBackend(DDPBackend):
         hidden = getattr(getattr(getattr(model, "backbone", model), "config", None), "hidden_size", None)
         if hidden:
             size_buffers_to_model(config["zero_optimization"], int(hidden))
+        optimizer = make_optimizer(model)
+        if skip_muon_import():
+            log.info("ZeRO: DeepSpeed's Muon module not imported (its import compiles kernels; this run's "
+                     "optimizer is %s)", type(optimizer).__name__)
         self.engine, ds_optimizer, _, _ = deepspeed.initialize(
-            model=model, optimizer=make_optimizer(model), config=config, dist_init_required=False)
+            model=model, optimizer=optimizer, config=config, dist_init_required=False)
         shared = share_fp32_master(ds_optimizer)
         if shared:
             log.info("ZeRO: the fp32 master partition is the module's own fp32 partition (%.0f MB a process "
