@@ -311,7 +311,8 @@ class TrainerConfig:
     export_best: bool = True  # export the weights of the best eval, when there was an eval
     threads: Optional[int] = None  # torch intra-op threads on CPU
     # glibc's malloc: give every freed block over 128 KiB back to the OS (its threshold
-    # fixed with mallopt) so the resident set follows the live tensors; off: glibc's defaults
+    # fixed with mallopt) so the resident set follows the live tensors, and on CPU the pages
+    # of smaller freed blocks after each optimizer step (malloc_trim); off: glibc's defaults
     release_freed_memory: bool = True
     # Language-model loss over chunks of this many target tokens, without the full logits
     # tensor (distft/chunked_loss.py); 0 computes all logits at once. 256 rows of a 49k

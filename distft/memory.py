@@ -75,3 +75,23 @@ def release_freed_memory(threshold: int = MMAP_THRESHOLD) -> bool:
     except (OSError, AttributeError):
         return False
     return mallopt(_M_MMAP_THRESHOLD, int(threshold)) == 1
+
+
+def trim_freed_memory() -> bool:
+    """Hand the pages of freed blocks inside glibc's heaps back to the OS (malloc_trim):
+    blocks under the mmap threshold (the many small tensors and Python objects of a step)
+    stay in the heaps when freed, and their pages stay resident. Called at the end of each
+    optimizer step of a CPU run where release_freed_memory() took effect: SmolLM2 on 2
+    processes, peak MB a process zero3 2024 -> 2010, fsdp 1985 -> 1979, ddp 3360 unchanged
+    (bench/backends.py); a call takes 2-5 ms (the tiny model's 0.3 s step, SmolLM2's 6 s).
+    False where glibc's malloc is not the allocator."""
+    import ctypes
+    import platform
+
+    if allocator_in_use() != "system" or platform.libc_ver()[0] != "glibc":
+        return False
+    try:
+        ctypes.CDLL(None).malloc_trim(0)
+    except (OSError, AttributeError):
+        return False
+    return True

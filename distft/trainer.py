@@ -35,7 +35,7 @@ from distft import schedules
 from distft.data.cache import cache_key, prepared_once
 from distft.errors import ConfigError, DistftError
 from distft.memory import (MMAP_THRESHOLD, allocator_in_use, peak_rss_bytes, release_freed_memory, reset_peak_rss,
-                           rss_bytes)
+                           rss_bytes, trim_freed_memory)
 from distft.metrics import MetricsLogger
 from distft.models import load_tokenizer
 from distft.models import lazy
@@ -483,6 +483,8 @@ class Trainer:
             grad_norm, stepped = self.backend.step(self.model, self.optimizer, t.max_grad_norm,
                                                    skip=not math.isfinite(loss_value))
             self._sample_memory()  # optimizer state now exists
+            if self.freed_memory_released and self.device.type == "cpu":
+                trim_freed_memory()  # the step's small freed blocks: their pages back to the OS
             lr = self.scheduler.get_last_lr()[0]
             self.scheduler.step()
             self.step += 1
