@@ -91,7 +91,7 @@ def main() -> int:
              "|---|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r['model']} | {r['backend']} | {r['step_seconds']:.3f} | {r['time_vs_ddp']:.2f} | "
-                     f"{', '.join(f'{m:.0f}' for m in r['peak_memory_mb'])} | {r['memory_vs_ddp']:.2f} | "
+                     f"{', '.join(f'{m:.0f}' for m in r['peak_memory_mb'])} | {r['memory_vs_ddp']:.3f} | "
                      f"{r['final_loss']:.4f} |")
     lines += ["", "Reading the memory column on CPU: it is each process's peak resident set from the first training "
               "step on (the kernel's high-water mark, reset when training starts: the forward's activations and the "
