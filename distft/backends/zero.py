@@ -87,7 +87,7 @@ def skip_muon_import() -> bool:
     """Stand in for DeepSpeed's Muon optimizer module so that its engine does not import it;
     True when the stand-in was put in place.
 
-    Every ZeRO engine (DeepSpeed 0.18 and later) imports that module to ask whether the
+    Every ZeRO engine (stages 1-3, DeepSpeed 0.19.8) imports that module to ask whether the
     optimizer it was given is a Muon, and the module compiles its kernels with torch.compile
     at import, which loads torch's inductor and networkx: about 450 modules, 0.9 s and 42 MB
     a process (SmolLM2 under zero3 on 2 processes: peak 2052 -> 2024 MB a process). A distft
