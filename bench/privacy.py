@@ -75,8 +75,9 @@ LORA = ["strategy=lora", "strategy.r=16", "strategy.alpha=32", "strategy.target_
 # - Group-wise clipping (privacy.head_max_grad_norm): the head's part of each example's
 #   gradient clipped apart, both bounds 0.1, so the adapters' 0.1 is no longer a tenth of
 #   one bound of 1 and the noise on them falls 7x (noise scale 0.141). The recipe above
-#   with it, seeds 0 / 1 / 2 / 3 (`seed=N`): 0.7982 / 0.7913 / 0.7913 / 0.7936 (mean 0.7936), against 0.7936 / 0.7798
-#   with one bound of 1 (seeds 0 / 1); seeds move either recipe by more than half a point.
+#   with it, seeds 0 / 1 / 2 / 3 (`seed=N`): 0.7982 / 0.7913 / 0.7913 / 0.7936 (mean
+#   0.7936), against 0.7936 / 0.7798 with one bound of 1 (seeds 0 / 1); seeds move either
+#   recipe by more than half a point.
 #   The adapters now move: the loss jumps from 0.63 to 1.3 after warm-up (steps 5-10) and
 #   recovers to 0.42; at LoRA 5e-4 the same jump (0.7890); with 10 warm-up steps a later
 #   one (0.7982); a head bound of 0.3 at 256 a step over 3 epochs (94 steps, head 3e-2,
