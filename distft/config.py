@@ -304,6 +304,10 @@ class TrainerConfig:
     # autocast stops casting them at every matmul. single/ddp backends.
     frozen_in_bf16: bool = True
     activation_checkpointing: bool = False  # recompute block activations in backward (any backend)
+    # Keep fewer tensors from forward for backward, same forward values (distft/models/lean.py):
+    # LoRA's dropout fused into lora_A, SwiGLU keeping gate and up only, grouped-query
+    # attention without repeated key/value heads on CPU. Not under privacy=dp.
+    lean_activations: bool = True
     # torch.compile each transformer block in place (regional compilation: one compiled
     # block reused by all, parameter names unchanged); the first steps pay the compile time.
     compile: bool = False

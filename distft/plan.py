@@ -45,6 +45,8 @@ import torch
 from distft.backends import supports
 from distft.backends.zero import sub_group_elements
 from distft.errors import ConfigError, DistftError
+from distft.models import lean
+from distft.privacy import PRIVACY
 
 log = logging.getLogger(__name__)
 
@@ -270,9 +272,13 @@ def saved_delta_per_token(block, hidden: int, intermediate: int) -> int:
     where frozen layers need not keep their input for a weight gradient (LoRA, BitFit,
     partial); more for each LoRA adapter with dropout, which keeps the dropped-out input
     and the dropout's fp32 noise (2 x its input) instead of sharing the layer's input; plus
-    each adapter's rank-r output. 0 for blocks that are not Llama-style."""
+    each adapter's rank-r output. With lean activations (distft/models/lean.py) a fused LoRA
+    dropout keeps the shared input and a 1-byte mask (a quarter element), and the SwiGLU
+    keeps gate and up but not silu(gate) (one i less). 0 for blocks that are not Llama-style."""
     modules = dict(block.named_modules())
     delta = 0
+    if any(lean.keeps_gate_and_up(m) for m in modules.values()):
+        delta -= intermediate
     for names, size in _WEIGHT_INPUTS.items():
         width = hidden if size == "h" else intermediate
         found = [m for n, m in modules.items() if n.rsplit(".", 1)[-1] in names]
@@ -289,6 +295,8 @@ def saved_delta_per_token(block, hidden: int, intermediate: int) -> int:
                     delta += 2 * width
                 else:
                     shares_input = True
+                    if isinstance(m.lora_A[adapter], lean.DropoutLinear):
+                        delta += width // 4  # its bool mask
                 delta += rank
         if not shares_input:
             delta -= width
@@ -475,6 +483,8 @@ def count_model(cfg) -> Counts:
     with torch.device("meta"):
         model = auto_cls.from_config(config, dtype=dtype, attn_implementation=attn)
         model = build_strategy(cfg.strategy).apply(model, replace(info, num_labels=num_labels))
+        if cfg.trainer.lean_activations and not PRIVACY.get(cfg.privacy.name).per_example:
+            lean.apply(model)
     seen, total, trainable, largest_tensor = set(), 0, 0, 0
     for p in model.parameters():
         if id(p) in seen:

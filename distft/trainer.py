@@ -38,7 +38,7 @@ from distft.memory import (MMAP_THRESHOLD, allocator_in_use, peak_rss_bytes, rel
                            rss_bytes, trim_freed_memory)
 from distft.metrics import MetricsLogger
 from distft.models import load_tokenizer
-from distft.models import lazy
+from distft.models import lazy, lean
 from distft.models.loading import parameter_bytes_on_meta, resolve_model_path
 from distft.privacy import PRIVACY
 from distft.registry import import_plugins
@@ -253,6 +253,12 @@ class Trainer:
             n = self._held_frozen = self.precision.hold_frozen(model)
             if n:
                 log.info("frozen weights held in bf16: %s parameters (trainable ones stay fp32)", f"{n:,}")
+        if t.lean_activations and self.components.privacy.per_example:
+            log.info("lean activations off: privacy=%s takes per-example gradients from each layer's input",
+                     cfg.privacy.name)
+        elif t.lean_activations:
+            for line in lean.apply(model):
+                log.info("lean activations: %s", line)
         if t.activation_checkpointing:
             _enable_activation_checkpointing(model)
         if t.compile:

@@ -12,6 +12,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from conftest import ROOT, TINY
 
 from distft import plan
+from distft.models import lean
 from distft.models.loading import load_model, load_tokenizer, resolve_model_path
 from distft.strategies import build_strategy, count_parameters
 from distft.tasks import task_class
@@ -87,8 +88,9 @@ def test_each_backend_divides_what_it_shards():
         assert two["activations"] == one["activations"]  # a micro-batch's activations are not sharded
 
 
-@pytest.mark.parametrize("trained", ["all", "lora", "lora-nodropout", "biases", "none"])
-def test_activation_count_matches_autograds_saved_tensors(trained):
+@pytest.mark.parametrize("trained,lean_acts", [("all", False), ("lora", False), ("lora-nodropout", False),
+                                               ("biases", False), ("none", False), ("all", True), ("lora", True)])
+def test_activation_count_matches_autograds_saved_tensors(trained, lean_acts):
     # Frozen layers need not keep their inputs (LoRA keeps the attention's for its A matrices).
     cfg = LlamaConfig(vocab_size=300, hidden_size=256, intermediate_size=688, num_hidden_layers=2,
                       num_attention_heads=8, num_key_value_heads=2, max_position_embeddings=256,
@@ -104,6 +106,8 @@ def test_activation_count_matches_autograds_saved_tensors(trained):
     elif trained != "all":
         for name, p in model.named_parameters():
             p.requires_grad_(trained == "biases" and name.endswith(".bias"))
+    if lean_acts:  # trainer.lean_activations (distft/models/lean.py)
+        lean.apply(model)
     b, s = 2, 128
     ids = torch.randint(0, 300, (b, s))
     params = {p.untyped_storage().data_ptr() for p in model.parameters()}
@@ -120,7 +124,7 @@ def test_activation_count_matches_autograds_saved_tensors(trained):
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         model.model.layers[0](hidden, position_embeddings=rope, attention_mask=None)
     delta = plan.saved_delta_per_token(model.model.layers[0], 256, 688)
-    assert (delta == 0) == (trained == "all")
+    assert (delta == 0) == (trained == "all" and not lean_acts)
     c = plan.Counts(0, 0, 0, 0, 1, 256, 688, 2 * 32, 8, 300, "next_tokens", 0, delta)
     shape = plan.Shape("single", 1, 1, b, s, 1, "fp32", 4, 4, False, 0, False, False, "sdpa")
     assert plan.activation_bytes(c, shape) == pytest.approx(sum(saved.values()), rel=0.1)

@@ -1,0 +1,198 @@
+"""Leaner activations: the same forward numbers, fewer tensors kept from forward for backward.
+
+`trainer.lean_activations=true` (the default). What autograd keeps per token and layer is
+most of a step's memory, and three places keep more than backward needs:
+
+- **LoRA's dropout.** peft computes `lora_B(lora_A(dropout(x)))` on each target module.
+  Autograd then keeps, per module, the fp32 dropout mask (torch's CPU dropout multiplies
+  by a float noise tensor) and the dropped copy of x for lora_A's weight gradient. On
+  q/k/v/o that is eight activation-sized tensors per layer, though q, k and v read the
+  same x. `DropoutLinear` (lora_A with its dropout fused) keeps x itself, shared by the
+  modules that read it, and a bool mask; the dropped copy is rebuilt in backward (one
+  multiply). Same random stream, same forward values.
+- **SwiGLU.** `down(silu(gate) * up)` keeps gate (for silu), silu(gate) and up (for the
+  product); `SwiGLU` keeps gate and up and recomputes silu in backward (element-wise).
+- **Grouped-query attention on CPU.** transformers repeats the key/value heads to the
+  query heads' count whenever a mask is passed (CUDA's SDPA kernels fall back to the math
+  path for GQA with a mask), and SDPA keeps the repeated copies. PyTorch's CPU flash
+  kernel takes GQA with a mask directly (`enable_gqa`), faster and without the copies;
+  `sdpa_attention` uses it on CPU and leaves every other case to transformers' own
+  function. It is registered under transformers' "sdpa" name (its AttentionInterface), so
+  configs and exported models still say sdpa.
+
+Written here because the libraries that fuse these (Liger's kernels, Unsloth) are Triton
+kernels for GPUs and patch model classes wholesale; these are plain PyTorch autograd
+functions put on the modules of one model, on CPU and GPU alike.
+
+Not applied where per-example gradients are computed from module hooks (privacy=dp:
+Opacus reads each nn.Linear's input, which DropoutLinear would hide behind its own op).
+"""
+from __future__ import annotations
+
+import logging
+from typing import List
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+log = logging.getLogger("distft")
+
+# MLP classes whose forward is down_proj(act_fn(gate_proj(x)) * up_proj(x)) in transformers.
+SWIGLU_MLPS = ("LlamaMLP", "MistralMLP", "Qwen2MLP", "Qwen3MLP")
+
+
+def _autocast_state(device_type: str):
+    return torch.is_autocast_enabled(device_type), torch.get_autocast_dtype(device_type)
+
+
+class _DropoutLinearFn(torch.autograd.Function):
+    """y = linear(x * noise, w), noise = bernoulli(1 - p) / (1 - p) drawn as torch's dropout
+    draws it (so the random stream and the values match nn.Dropout then nn.Linear); keeps x,
+    the bool mask and w."""
+
+    @staticmethod
+    def forward(ctx, x, weight, p):
+        noise = torch.empty_like(x).bernoulli_(1 - p)
+        mask = noise.bool()
+        noise.div_(1 - p)
+        out = F.linear(x * noise, weight)
+        ctx.p = p
+        ctx.autocast = _autocast_state(x.device.type)
+        ctx.save_for_backward(x, mask, weight)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        x, mask, weight = ctx.saved_tensors
+        enabled, dtype = ctx.autocast
+        noise = mask.to(x.dtype).div_(1 - ctx.p)
+        # The matmuls of linear's own backward, under the forward's autocast.
+        with torch.autocast(x.device.type, dtype=dtype, enabled=enabled):
+            g2 = grad_out.reshape(-1, grad_out.shape[-1])
+            grad_x = grad_w = None
+            if ctx.needs_input_grad[0]:
+                grad_x = (g2.mm(weight) * noise.reshape(-1, x.shape[-1])).view(x.shape).to(x.dtype)
+            if ctx.needs_input_grad[1]:
+                dropped = (x * noise).reshape(-1, x.shape[-1])
+                grad_w = g2.t().mm(dropped).to(weight.dtype)
+        return grad_x, grad_w, None
+
+
+class DropoutLinear(nn.Linear):
+    """peft's lora_A with the adapter's dropout fused in (`p`); the same weight parameter,
+    so names, checkpoints and exported adapters do not change."""
+
+    p: float = 0.0
+
+    @classmethod
+    def fuse(cls, linear: nn.Linear, p: float) -> "DropoutLinear":
+        fused = cls.__new__(cls)
+        nn.Module.__init__(fused)
+        fused.in_features, fused.out_features, fused.p = linear.in_features, linear.out_features, p
+        fused.weight = linear.weight
+        fused.register_parameter("bias", linear.bias)
+        fused.train(linear.training)
+        return fused
+
+    def forward(self, x):
+        if self.training and self.p > 0 and torch.is_grad_enabled() and self.bias is None:
+            return _DropoutLinearFn.apply(x, self.weight, self.p)
+        return F.linear(F.dropout(x, self.p, self.training), self.weight, self.bias)
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, dropout={self.p}"
+
+
+class _SwiGLUFn(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, gate, up):
+        ctx.save_for_backward(gate, up)
+        return F.silu(gate) * up
+
+    @staticmethod
+    def backward(ctx, grad):
+        gate, up = ctx.saved_tensors
+        # As autograd differentiates silu(gate) * up: the product rule, then silu's backward.
+        grad_gate = torch.ops.aten.silu_backward(grad * up, gate) if ctx.needs_input_grad[0] else None
+        grad_up = grad * F.silu(gate) if ctx.needs_input_grad[1] else None
+        return grad_gate, grad_up
+
+
+def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    if torch.is_grad_enabled() and (gate.requires_grad or up.requires_grad):
+        return _SwiGLUFn.apply(gate, up)
+    return F.silu(gate) * up
+
+
+def _swiglu_mlp_forward(self, x):
+    return self.down_proj(swiglu(self.gate_proj(x), self.up_proj(x)))
+
+
+def keeps_gate_and_up(module: nn.Module) -> bool:
+    """Whether `apply` gave this MLP the lean SwiGLU."""
+    return getattr(getattr(module, "forward", None), "__func__", None) is _swiglu_mlp_forward
+
+
+def _is_silu(act) -> bool:
+    return isinstance(act, nn.SiLU) or type(act).__name__ in ("SiLUActivation", "SiLU")
+
+
+_HF_SDPA = None
+
+
+def sdpa_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, is_causal=None, **kwargs):
+    """transformers' sdpa attention, with grouped-query attention passed to PyTorch's CPU
+    kernel as is (no repeated key/value heads) when a mask is given."""
+    plain = kwargs.get("s_aux") is None and kwargs.get("position_bias") is None
+    if (query.device.type != "cpu" or attention_mask is None or key.shape[1] == query.shape[1] or not plain
+            or key.shape[-1] != value.shape[-1]):
+        return _HF_SDPA(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+                        is_causal=is_causal, **kwargs)
+    mask = attention_mask[:, :, :, : key.shape[-2]]
+    out = F.scaled_dot_product_attention(query, key, value, attn_mask=mask, dropout_p=dropout, scale=scaling,
+                                         enable_gqa=True)
+    return out.transpose(1, 2).contiguous(), None
+
+
+def _register_sdpa() -> None:
+    global _HF_SDPA
+    from transformers import AttentionInterface
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    if _HF_SDPA is None:
+        _HF_SDPA = sdpa_attention_forward
+        AttentionInterface.register("sdpa", sdpa_attention)
+
+
+def apply(model: nn.Module) -> List[str]:
+    """Put the lean versions on `model` where they apply; returns what was changed."""
+    done = []
+    fused = 0
+    for module in model.modules():
+        drops, lora_a = getattr(module, "lora_dropout", None), getattr(module, "lora_A", None)
+        if not isinstance(drops, nn.ModuleDict) or not isinstance(lora_a, nn.ModuleDict):
+            continue
+        variants = getattr(module, "lora_variant", {}) or {}
+        for name, drop in list(drops.items()):
+            a = lora_a[name] if name in lora_a else None
+            if (type(drop) is nn.Dropout and drop.p > 0 and type(a) is nn.Linear and a.bias is None
+                    and name not in variants):
+                lora_a[name] = DropoutLinear.fuse(a, drop.p)
+                drops[name] = nn.Identity()
+                fused += 1
+    if fused:
+        done.append(f"LoRA dropout fused into lora_A on {fused} modules")
+    mlps = 0
+    for module in model.modules():
+        if type(module).__name__ in SWIGLU_MLPS and _is_silu(getattr(module, "act_fn", None)):
+            module.forward = _swiglu_mlp_forward.__get__(module)
+            mlps += 1
+    if mlps:
+        done.append(f"SwiGLU keeping gate and up only in {mlps} MLPs")
+    gqa = any(getattr(m, "num_key_value_groups", 1) > 1 for m in model.modules())
+    if gqa and any(getattr(getattr(m, "config", None), "_attn_implementation", None) == "sdpa"
+                   for m in model.modules()):
+        _register_sdpa()
+        done.append("grouped-query attention without repeated key/value heads (CPU SDPA)")
+    return done

@@ -1,0 +1,150 @@
+"""Lean activations (distft/models/lean.py): the values autograd's own ops give, fewer saved tensors."""
+import pytest
+import torch
+import torch.nn.functional as F
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from conftest import compose_cfg, losses, TINY
+from distft.models import lean
+
+
+def saved_bytes(fn, *args):
+    """Run fn(*args) under saved-tensor hooks: the bytes of the distinct storages it keeps
+    for backward, parameters left out (they exist anyway), and its output."""
+    seen = {}
+
+    def pack(t):
+        if not isinstance(t, torch.nn.Parameter):
+            seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = fn(*args)
+    return sum(seen.values()), out
+
+
+def grads(out, *tensors):
+    torch.manual_seed(7)
+    return torch.autograd.grad(out, tensors, torch.randn_like(out))
+
+
+@pytest.mark.parametrize("autocast", [False, True])
+def test_dropout_linear_gives_dropout_then_linear(autocast):
+    torch.manual_seed(0)
+    x = torch.randn(3, 7, 24, requires_grad=True)
+    plain = torch.nn.Linear(24, 4, bias=False)
+    fused = lean.DropoutLinear.fuse(plain, 0.3)
+    assert fused.weight is plain.weight and [n for n, _ in fused.named_parameters()] == ["weight"]
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        torch.manual_seed(1)
+        want = plain(F.dropout(x, 0.3, training=True))
+        torch.manual_seed(1)  # the same random stream: the same mask
+        got = fused(x)
+    assert got.dtype == want.dtype and torch.equal(got, want)
+    for g, w in zip(grads(got, x, plain.weight), grads(want, x, plain.weight)):
+        assert g.dtype == w.dtype
+        torch.testing.assert_close(g, w, rtol=0, atol=0)
+    fused.eval()  # no dropout, the plain linear
+    assert torch.equal(fused(x), plain(x))
+
+
+def test_modules_reading_one_input_keep_it_once():
+    """q, k and v's adapters read the same x: kept once, plus a bool mask each, instead of a
+    dropped copy and an fp32 noise tensor each."""
+    torch.manual_seed(0)
+    x = torch.randn(4, 32, 64, requires_grad=True)
+    linears = [torch.nn.Linear(64, 8, bias=False) for _ in range(3)]
+    fused = [lean.DropoutLinear.fuse(m, 0.1) for m in linears]
+    plain_bytes, _ = saved_bytes(lambda: [m(F.dropout(x, 0.1, True)) for m in linears])
+    lean_bytes, _ = saved_bytes(lambda: [m(x) for m in fused])
+    assert plain_bytes >= 6 * x.nbytes
+    assert lean_bytes == x.nbytes + 3 * x.numel()  # x, three 1-byte masks
+
+
+def test_swiglu_keeps_gate_and_up_only():
+    torch.manual_seed(0)
+    gate, up = torch.randn(2, 9, 40, requires_grad=True), torch.randn(2, 9, 40, requires_grad=True)
+    plain_bytes, want = saved_bytes(lambda: F.silu(gate) * up)
+    lean_bytes, got = saved_bytes(lean.swiglu, gate, up)
+    assert torch.equal(got, want)
+    for g, w in zip(grads(got, gate, up), grads(want, gate, up)):
+        torch.testing.assert_close(g, w, rtol=0, atol=0)
+    assert plain_bytes == 3 * gate.nbytes and lean_bytes == 2 * gate.nbytes
+
+
+def tiny_gqa_llama():
+    cfg = LlamaConfig(vocab_size=100, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                      num_attention_heads=8, num_key_value_heads=2, max_position_embeddings=64)
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(cfg)
+    model.config._attn_implementation = "sdpa"
+    return model
+
+
+def test_gqa_attention_on_cpu_keeps_the_key_value_heads_unrepeated():
+    model = tiny_gqa_llama()
+    attn = model.model.layers[0].self_attn
+    torch.manual_seed(1)
+    q = torch.randn(2, 8, 10, 8, requires_grad=True)
+    k, v = torch.randn(2, 2, 10, 8, requires_grad=True), torch.randn(2, 2, 10, 8, requires_grad=True)
+    mask = torch.ones(10, 10, dtype=torch.bool).tril().expand(2, 1, 10, 10).clone()
+    mask[0, :, :, :3] = False  # left padding in the first row
+    mask[0, :, :3, 0] = True
+    lean._register_sdpa()
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    plain_bytes, (want, _) = saved_bytes(sdpa_attention_forward, attn, q, k, v, mask)
+    lean_bytes, (got, _) = saved_bytes(lean.sdpa_attention, attn, q, k, v, mask)
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+    for g, w in zip(grads(got, q, k, v), grads(want, q, k, v)):
+        torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-6)
+    # transformers repeats k and v to 8 heads (2 x 3 x q's size more); here they stay at 2
+    assert plain_bytes - lean_bytes >= 2 * 3 * k.nbytes
+    # without a mask (or off CPU) transformers' own function runs
+    _, (no_mask, _) = saved_bytes(lean.sdpa_attention, attn, q, k, v, None)
+    torch.testing.assert_close(no_mask, sdpa_attention_forward(attn, q, k, v, None)[0], rtol=0, atol=0)
+
+
+def test_apply_on_a_lora_model_same_logits_and_gradients():
+    from peft import LoraConfig, get_peft_model
+
+    def build():
+        model = get_peft_model(tiny_gqa_llama(), LoraConfig(r=4, lora_dropout=0.1,
+                                                            target_modules=["q_proj", "k_proj", "v_proj", "o_proj"]))
+        model.train()
+        return model
+
+    ids = torch.randint(0, 100, (3, 12), generator=torch.Generator().manual_seed(2))
+    mask = torch.ones_like(ids)
+    mask[0, :4] = 0
+    plain, fused = build(), build()
+    done = lean.apply(fused)
+    assert done == ["LoRA dropout fused into lora_A on 8 modules", "SwiGLU keeping gate and up only in 2 MLPs",
+                    "grouped-query attention without repeated key/value heads (CPU SDPA)"]
+    assert sorted(plain.state_dict()) == sorted(fused.state_dict())
+    assert lean.apply(fused) == done[1:]  # again: nothing more to fuse
+    out = {}
+    for name, model in (("plain", plain), ("lean", fused)):
+        torch.manual_seed(3)
+        nbytes, logits = saved_bytes(lambda: model(input_ids=ids, attention_mask=mask).logits)
+        logits.float().pow(2).mean().backward()
+        out[name] = nbytes, logits, {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
+    torch.testing.assert_close(out["lean"][1], out["plain"][1], rtol=1e-6, atol=1e-6)
+    for n, g in out["plain"][2].items():
+        torch.testing.assert_close(out["lean"][2][n], g, rtol=1e-4, atol=1e-7)
+    # SmolLM2 at 8 x 256 tokens: 0.65 (bench/vs_hf_trainer.py); this model's MLP is narrow
+    assert out["lean"][0] < 0.8 * out["plain"][0]
+
+
+def test_training_with_and_without_lean_activations_gives_the_same_losses(tmp_path, caplog):
+    from distft.train import run as train
+
+    lora = ["strategy=lora", "strategy.dropout=0.1", "strategy.target_modules=[q_proj,k_proj,v_proj,o_proj]",
+            "trainer.max_steps=4", "trainer.eval_every=0", "trainer.save_every=0"]
+    with caplog.at_level("INFO", logger="distft"):
+        train(compose_cfg(tmp_path / "lean", [*TINY, *lora]))
+    assert "lean activations: LoRA dropout fused into lora_A on 8 modules" in caplog.text
+    train(compose_cfg(tmp_path / "plain", [*TINY, *lora, "trainer.lean_activations=false"]))
+    got, want = losses(tmp_path / "lean"), losses(tmp_path / "plain")
+    assert list(got) == list(want) == [1, 2, 3, 4]
+    assert got == pytest.approx(want, rel=1e-5)
