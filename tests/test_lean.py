@@ -100,6 +100,10 @@ def test_gqa_attention_on_cpu_keeps_the_key_value_heads_unrepeated():
         torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-6)
     # transformers repeats k and v to 8 heads (2 x 3 x q's size more); here they stay at 2
     assert plain_bytes - lean_bytes >= 2 * 3 * k.nbytes
+    # the layers of one forward share one additive float mask (SDPA would make one each)
+    assert lean._additive(mask, q.dtype) is lean._additive(mask, q.dtype)
+    two_layers, _ = saved_bytes(lambda: [lean.sdpa_attention(attn, q, k, v, mask)[0] for _ in range(2)])
+    assert two_layers == 2 * lean_bytes - q.nbytes - k.nbytes - v.nbytes - mask.numel() * 4  # q/k/v are the same too
     # without a mask (or off CPU) transformers' own function runs
     _, (no_mask, _) = saved_bytes(lean.sdpa_attention, attn, q, k, v, None)
     torch.testing.assert_close(no_mask, sdpa_attention_forward(attn, q, k, v, None)[0], rtol=0, atol=0)

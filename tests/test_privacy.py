@@ -182,12 +182,17 @@ def test_auto_mode_and_tied_weights(cfg_for, tmp_path, caplog):
     trainable tied embeddings is refused with the reason."""
     import logging
 
+    from distft.models.lean import DropoutLinear
+
     caplog.set_level(logging.INFO, logger="distft")
     for strategy, expected in (("full", "ghost"), ("lora", "hooks")):
         cfg = cfg_for(*DP, f"strategy={strategy}", "trainer.max_steps=1")
         cfg.run_dir = str(tmp_path / strategy)
         t = Trainer(cfg).setup()
         assert t.privacy.mode == expected
+        # Opacus reads each layer's own input: no fused LoRA dropout (distft/models/lean.py)
+        assert not any(isinstance(m, DropoutLinear) for m in t.model.modules())
+    assert "lean activations off: privacy=dp" in caplog.text
     cfg = cfg_for(*DP, "strategy=full", "privacy.grad_sample_mode=ghost", "model.from_config.tie_word_embeddings=true")
     cfg.run_dir = str(tmp_path / "tied")
     with pytest.raises(ConfigError, match="tied input and output embeddings"):

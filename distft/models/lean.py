@@ -17,7 +17,8 @@ most of a step's memory, and three places keep more than backward needs:
   path for GQA with a mask), and SDPA keeps the repeated copies. PyTorch's CPU flash
   kernel takes GQA with a mask directly (`enable_gqa`), faster and without the copies;
   `sdpa_attention` uses it on CPU and leaves every other case to transformers' own
-  function. It is registered under transformers' "sdpa" name (its AttentionInterface), so
+  function. It also turns the bool mask into SDPA's additive float mask once per forward,
+  which the layers then share (given the bool mask, each layer kept its own float copy). It is registered under transformers' "sdpa" name (its AttentionInterface), so
   configs and exported models still say sdpa.
 
 Written here because the libraries that fuse these (Liger's kernels, Unsloth) are Triton
@@ -149,10 +150,26 @@ def sdpa_attention(module, query, key, value, attention_mask, dropout=0.0, scali
             or key.shape[-1] != value.shape[-1]):
         return _HF_SDPA(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                         is_causal=is_causal, **kwargs)
-    mask = attention_mask[:, :, :, : key.shape[-2]]
+    mask = _additive(attention_mask, query.dtype)[:, :, :, : key.shape[-2]]
     out = F.scaled_dot_product_attention(query, key, value, attn_mask=mask, dropout_p=dropout, scale=scaling,
                                          enable_gqa=True)
     return out.transpose(1, 2).contiguous(), None
+
+
+_ADDITIVE = []  # [bool mask, its version, its additive form]: the one the layers of a forward share
+
+
+def _additive(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """A bool mask as SDPA's additive float mask (0 / -inf), made once per forward. Given
+    the bool mask, SDPA converts it at every layer and each layer keeps its own float copy
+    for backward (2 MB a layer at 8 x 256 tokens); given this one, they share it."""
+    if mask.dtype != torch.bool:
+        return mask
+    if _ADDITIVE and _ADDITIVE[0] is mask and _ADDITIVE[1] == mask._version and _ADDITIVE[2].dtype == dtype:
+        return _ADDITIVE[2]
+    additive = torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(~mask, float("-inf"))
+    _ADDITIVE[:] = [mask, mask._version, additive]
+    return additive
 
 
 def _register_sdpa() -> None:
