@@ -4,7 +4,7 @@ import torch
 import torch.nn.functional as F
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from conftest import compose_cfg, losses, TINY
+from conftest import compose_cfg, losses, run_torchrun, TINY
 from distft.models import lean
 
 
@@ -152,3 +152,15 @@ def test_training_with_and_without_lean_activations_gives_the_same_losses(tmp_pa
     got, want = losses(tmp_path / "lean"), losses(tmp_path / "plain")
     assert list(got) == list(want) == [1, 2, 3, 4]
     assert got == pytest.approx(want, rel=1e-5)
+
+
+@pytest.mark.parametrize("backend", ["fsdp", "zero3"])
+def test_fused_lora_dropout_on_sharded_backends_gives_the_same_losses(tmp_path, backend):
+    """FSDP2 and ZeRO-3 gather lora_A's weight for DropoutLinear's forward and backward as
+    for a plain Linear: two processes, the same losses with and without lean activations."""
+    run = [*TINY, f"backend={backend}", "strategy=lora", "strategy.dropout=0.1", "trainer.max_steps=3",
+           "trainer.eval_every=0", "trainer.save_every=0"]
+    run_torchrun(2, *run, f"run_dir={tmp_path / 'lean'}")
+    run_torchrun(2, *run, "trainer.lean_activations=false", f"run_dir={tmp_path / 'plain'}")
+    got, want = losses(tmp_path / "lean"), losses(tmp_path / "plain")
+    assert list(got) == [1, 2, 3] and got == pytest.approx(want, rel=1e-5)

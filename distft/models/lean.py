@@ -30,14 +30,11 @@ Opacus reads each nn.Linear's input, which DropoutLinear would hide behind its o
 """
 from __future__ import annotations
 
-import logging
 from typing import List
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-
-log = logging.getLogger("distft")
 
 # MLP classes whose forward is down_proj(act_fn(gate_proj(x)) * up_proj(x)) in transformers.
 SWIGLU_MLPS = ("LlamaMLP", "MistralMLP", "Qwen2MLP", "Qwen3MLP")
@@ -163,7 +160,9 @@ def _additive(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """A bool mask as SDPA's additive float mask (0 / -inf), made once per forward. Given
     the bool mask, SDPA converts it at every layer and each layer keeps its own float copy
     for backward (2 MB a layer at 8 x 256 tokens); given this one, they share it."""
-    if mask.dtype != torch.bool:
+    # Under torch.compile (first: dynamo must not trace the cache, which it would take as a
+    # constant), without grad or under inference mode nothing is kept for backward.
+    if torch.compiler.is_compiling() or mask.dtype != torch.bool or not torch.is_grad_enabled() or mask.is_inference():
         return mask
     if _ADDITIVE and _ADDITIVE[0] is mask and _ADDITIVE[1] == mask._version and _ADDITIVE[2].dtype == dtype:
         return _ADDITIVE[2]
