@@ -133,7 +133,7 @@ def keeps_gate_and_up(module: nn.Module) -> bool:
 
 
 def _is_silu(act) -> bool:
-    return isinstance(act, nn.SiLU) or type(act).__name__ in ("SiLUActivation", "SiLU")
+    return isinstance(act, nn.SiLU) or type(act).__name__ == "SiLUActivation"  # transformers 4.x had its own class
 
 
 _HF_SDPA = None
