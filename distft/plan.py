@@ -273,8 +273,9 @@ def saved_delta_per_token(block, hidden: int, intermediate: int) -> int:
     partial); more for each LoRA adapter with dropout, which keeps the dropped-out input
     and the dropout's fp32 noise (2 x its input) instead of sharing the layer's input; plus
     each adapter's rank-r output. With lean activations (distft/models/lean.py) a fused LoRA
-    dropout keeps the shared input and a 1-byte mask (a quarter element), and the SwiGLU
-    keeps gate and up but not silu(gate) (one i less). 0 for blocks that are not Llama-style."""
+    dropout keeps the shared input and its mask as bits (1/32 of an fp32 element), and the
+    SwiGLU keeps gate and up but not silu(gate) (one i less). 0 for blocks that are not
+    Llama-style."""
     modules = dict(block.named_modules())
     delta = 0
     if any(lean.keeps_gate_and_up(m) for m in modules.values()):
@@ -296,7 +297,7 @@ def saved_delta_per_token(block, hidden: int, intermediate: int) -> int:
                 else:
                     shares_input = True
                     if isinstance(m.lora_A[adapter], lean.DropoutLinear):
-                        delta += width // 4  # its bool mask
+                        delta += width // 32  # its mask, a bit an element
                 delta += rank
         if not shares_input:
             delta -= width

@@ -28,11 +28,12 @@ def grads(out, *tensors):
     return torch.autograd.grad(out, tensors, torch.randn_like(out))
 
 
-@pytest.mark.parametrize("autocast", [False, True])
-def test_dropout_linear_gives_dropout_then_linear(autocast):
+@pytest.mark.parametrize("autocast,shape", [(False, (3, 7, 24)), (True, (3, 7, 24)), (False, (3, 5, 7))])
+def test_dropout_linear_gives_dropout_then_linear(autocast, shape):
+    """Bit for bit, also where the mask's element count is not a multiple of 8 (its bits padded)."""
     torch.manual_seed(0)
-    x = torch.randn(3, 7, 24, requires_grad=True)
-    plain = torch.nn.Linear(24, 4, bias=False)
+    x = torch.randn(*shape, requires_grad=True)
+    plain = torch.nn.Linear(shape[-1], 4, bias=False)
     fused = lean.DropoutLinear.fuse(plain, 0.3)
     assert fused.weight is plain.weight and [n for n, _ in fused.named_parameters()] == ["weight"]
     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
@@ -49,8 +50,8 @@ def test_dropout_linear_gives_dropout_then_linear(autocast):
 
 
 def test_modules_reading_one_input_keep_it_once():
-    """q, k and v's adapters read the same x: kept once, plus a bool mask each, instead of a
-    dropped copy and an fp32 noise tensor each."""
+    """q, k and v's adapters read the same x: kept once, plus a mask of bits each, instead of
+    a dropped copy and an fp32 noise tensor each."""
     torch.manual_seed(0)
     x = torch.randn(4, 32, 64, requires_grad=True)
     linears = [torch.nn.Linear(64, 8, bias=False) for _ in range(3)]
@@ -58,7 +59,7 @@ def test_modules_reading_one_input_keep_it_once():
     plain_bytes, _ = saved_bytes(lambda: [m(F.dropout(x, 0.1, True)) for m in linears])
     lean_bytes, _ = saved_bytes(lambda: [m(x) for m in fused])
     assert plain_bytes >= 6 * x.nbytes
-    assert lean_bytes == x.nbytes + 3 * x.numel()  # x, three 1-byte masks
+    assert lean_bytes == x.nbytes + 3 * x.numel() // 8  # x, three masks of one bit an element
 
 
 def test_swiglu_keeps_gate_and_up_only():
@@ -164,3 +165,15 @@ def test_fused_lora_dropout_on_sharded_backends_gives_the_same_losses(tmp_path, 
     run_torchrun(2, *run, "trainer.lean_activations=false", f"run_dir={tmp_path / 'plain'}")
     got, want = losses(tmp_path / "lean"), losses(tmp_path / "plain")
     assert list(got) == [1, 2, 3] and got == pytest.approx(want, rel=1e-5)
+
+
+@pytest.mark.parametrize("numel", [1, 7, 8, 9, 64, 1001])
+def test_mask_bits_round_trip(numel):
+    torch.manual_seed(numel)
+    mask = torch.rand(numel) > 0.3
+    bits = lean._pack(mask)
+    assert bits.dtype == torch.uint8 and bits.numel() == (numel + 7) // 8
+    assert [bool(bits[i // 8] >> (i % 8) & 1) for i in range(numel)] == mask.tolist()  # bit j of byte i: 8i + j
+    for dtype in (torch.float32, torch.bfloat16, torch.float64):
+        like = torch.empty(numel, dtype=dtype)
+        assert torch.equal(lean._unpack_noise(bits, like, 0.3), mask.to(dtype).div_(0.7))

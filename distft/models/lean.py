@@ -8,8 +8,8 @@ most of a step's memory, and three places keep more than backward needs:
   by a float noise tensor) and the dropped copy of x for lora_A's weight gradient. On
   q/k/v/o that is eight activation-sized tensors per layer, though q, k and v read the
   same x. `DropoutLinear` (lora_A with its dropout fused) keeps x itself, shared by the
-  modules that read it, and a bool mask; the dropped copy is rebuilt in backward (one
-  multiply). Same random stream, same forward values.
+  modules that read it, and the mask as bits (an eighth of a bool mask); the dropped copy
+  is rebuilt in backward (one multiply). Same random stream, same forward values.
 - **SwiGLU.** `down(silu(gate) * up)` keeps gate (for silu), silu(gate) and up (for the
   product); `SwiGLU` keeps gate and up and recomputes silu in backward (element-wise).
 - **Grouped-query attention on CPU.** transformers repeats the key/value heads to the
@@ -18,8 +18,9 @@ most of a step's memory, and three places keep more than backward needs:
   kernel takes GQA with a mask directly (`enable_gqa`), faster and without the copies;
   `sdpa_attention` uses it on CPU and leaves every other case to transformers' own
   function. It also turns the bool mask into SDPA's additive float mask once per forward,
-  which the layers then share (given the bool mask, each layer kept its own float copy). It is registered under transformers' "sdpa" name (its AttentionInterface), so
-  configs and exported models still say sdpa.
+  which the layers then share (given the bool mask, each layer kept its own float copy).
+  It is registered under transformers' "sdpa" name (its AttentionInterface), so configs
+  and exported models still say sdpa.
 
 Written here because the libraries that fuse these (Liger's kernels, Unsloth) are Triton
 kernels for GPUs and patch model classes wholesale; these are plain PyTorch autograd
@@ -30,6 +31,7 @@ Opacus reads each nn.Linear's input, which DropoutLinear would hide behind its o
 """
 from __future__ import annotations
 
+import sys
 from typing import List
 
 import torch
@@ -44,27 +46,55 @@ def _autocast_state(device_type: str):
     return torch.is_autocast_enabled(device_type), torch.get_autocast_dtype(device_type)
 
 
+# The mask as bits: 8 of its bytes (0 or 1) read as one little-endian int64 and multiplied by
+# this constant put the 8 bits, in order, in the product's top byte (no carries reach it).
+_GATHER_BITS = 0x0102040810204080
+_LITTLE_ENDIAN = sys.byteorder == "little"
+
+
+def _pack(mask: torch.Tensor) -> torch.Tensor:
+    """A bool tensor as one bit per element (uint8, bit j of byte i is element 8i + j); kept as
+    it is where the bytes cannot be read that way."""
+    if not _LITTLE_ENDIAN:
+        return mask
+    flat = mask.reshape(-1)
+    if flat.numel() % 8:
+        flat = F.pad(flat, (0, 8 - flat.numel() % 8))
+    words = flat.view(torch.uint8).view(-1, 8).view(torch.int64).squeeze(-1)
+    return ((words * _GATHER_BITS) >> 56).to(torch.uint8)
+
+
+def _unpack_noise(bits: torch.Tensor, like: torch.Tensor, p: float) -> torch.Tensor:
+    """The dropout noise (mask / (1 - p), in like's dtype and shape) from `_pack`'s bits: a
+    lookup of each byte's 8 values, as fast as converting a bool mask."""
+    if bits.dtype == torch.bool:
+        return bits.to(like.dtype).div_(1 - p)
+    table = (torch.arange(256, device=bits.device).unsqueeze(-1) >> torch.arange(8, device=bits.device)) & 1
+    table = table.to(like.dtype).div_(1 - p)
+    return table.index_select(0, bits.int()).view(-1)[: like.numel()].view(like.shape)
+
+
 class _DropoutLinearFn(torch.autograd.Function):
     """y = linear(x * noise, w), noise = bernoulli(1 - p) / (1 - p) drawn as torch's dropout
     draws it (so the random stream and the values match nn.Dropout then nn.Linear); keeps x,
-    the bool mask and w."""
+    the mask as bits and w."""
 
     @staticmethod
     def forward(ctx, x, weight, p):
         noise = torch.empty_like(x).bernoulli_(1 - p)
-        mask = noise.bool()
+        bits = _pack(noise.bool())
         noise.div_(1 - p)
         out = F.linear(x * noise, weight)
         ctx.p = p
         ctx.autocast = _autocast_state(x.device.type)
-        ctx.save_for_backward(x, mask, weight)
+        ctx.save_for_backward(x, bits, weight)
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
-        x, mask, weight = ctx.saved_tensors
+        x, bits, weight = ctx.saved_tensors
         enabled, dtype = ctx.autocast
-        noise = mask.to(x.dtype).div_(1 - ctx.p)
+        noise = _unpack_noise(bits, x, ctx.p)
         # The matmuls of linear's own backward, under the forward's autocast.
         with torch.autocast(x.device.type, dtype=dtype, enabled=enabled):
             g2 = grad_out.reshape(-1, grad_out.shape[-1])
