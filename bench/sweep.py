@@ -119,19 +119,21 @@ def tpe_gamma(n: int) -> int:
 
 def replay_row(out: Path, quick: bool) -> dict:
     """What each pruner would have done to the unpruned TPE sweep (the tpe row's study):
-    its trials' recorded evals reported one by one to a fresh study with that pruner. While
-    no pruned trial would have been in TPE's good group, the sampler would have suggested
-    the very same trials, so the replay is what the pruned sweep would do (runs are
-    deterministic); from the first trial where that fails on, the sweep would have gone
+    its trials' recorded evals reported one by one to a fresh study with that pruner. TPE
+    samples its first trials at random, then trial n from the good group of trials 0..n-1
+    (the other trials' parameters, pruned ones included, form the rest of its model). While
+    no pruned trial would have been in a good group TPE consulted, the sampler would have
+    suggested the very same trials, so the replay is what the pruned sweep would do (runs
+    are deterministic); from the first trial where that fails on, the sweep would have gone
     elsewhere, and the replay only tells what pruning these trials would have saved.
     The bound: the fewest steps of any pruner that decides at these evals and leaves the
-    sweep's path unchanged (every trial that is ever in the good group finishes; every other
+    sweep's path unchanged (every trial in a consulted good group finishes; every other
     stops at its first eval)."""
     import optuna
     from omegaconf import OmegaConf
 
     from distft.config import SweepConfig
-    from distft.sweep import build_pruner, storage
+    from distft.sweep import build_pruner, storage, tpe_startup
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     folder = out / "runs" / f"sweep-tpe{'-quick' if quick else ''}"
@@ -144,10 +146,13 @@ def replay_row(out: Path, quick: bool) -> dict:
     sign = 1 if study.direction == optuna.study.StudyDirection.MAXIMIZE else -1
     full = sum(max(t.intermediate_values) for t in trials)
 
+    startup = tpe_startup(len(trials), study.user_attrs.get("sweep", {}).get("startup_trials"))
+
     def good(kept):
-        """TPE's good group after each of the first n trials (n = 1..), of the kept ones."""
+        """The good group TPE draws trial n from (n = startup..): the best tpe_gamma(n) of
+        the kept ones among trials 0..n-1."""
         return [sorted((-sign * t.value, t.number) for t in trials[:n] if t.number in kept)[:tpe_gamma(n)]
-                for n in range(1, len(trials) + 1)]
+                for n in range(startup, len(trials))]
 
     everyone = {t.number for t in trials}
     reference = good(everyone)
@@ -173,15 +178,16 @@ def replay_row(out: Path, quick: bool) -> dict:
         kept = everyone - set(pruned)
         best = max((sign * t.value, t.value) for t in trials if t.number in kept)[1]
         path = good(kept)
-        first_change = next((trials[n].number for n in range(len(trials)) if path[n] != reference[n]), None)
+        first_change = next((trials[startup + i].number for i in range(len(path)) if path[i] != reference[i]), None)
         results.append({"pruner": label, "settings": settings, "steps": steps, "of_unpruned": steps / full,
                         "best": best, "pruned": pruned, "path_changes_at": first_change})
     needed = {number for group in reference for _, number in group}
+    needed.add(max(trials, key=lambda t: sign * t.value).number)  # the best, to keep the best
     bound = sum(max(t.intermediate_values) if t.number in needed else min(t.intermediate_values) for t in trials)
-    best = reference[-1][0]
+    best = max(sign * t.value for t in trials) * sign
     return {"row": "replay", "of": str(folder.relative_to(out)), "trials": len(trials), "unpruned_steps": full,
-            "unpruned_best": -sign * best[0], "results": results, "bound_steps": bound, "bound_of_unpruned": bound / full,
-            "must_finish": sorted(needed)}
+            "unpruned_best": best, "results": results, "bound_steps": bound, "bound_of_unpruned": bound / full,
+            "must_finish": sorted(needed), "tpe_startup": startup}
 
 
 def default_row(out: Path, quick: bool) -> dict:
@@ -229,8 +235,10 @@ def report(machine: str, rows: list, quick: bool) -> str:
                       f"{replay['unpruned_steps']} steps, best {replay['unpruned_best']:.4f})", "",
                   "No training: each trial's recorded evals (`bench/results/" + replay["of"] + "/study.journal`) "
                   "reported in turn to the pruner as `distft-sweep` builds it (`python bench/sweep.py --rows replay`). "
-                  "Until the first trial where a pruned one would have been among TPE's good trials, the pruned "
-                  "sweep would have sampled the same trials; from there on it would have gone elsewhere.", "",
+                  f"TPE samples the first {replay.get('tpe_startup', 0)} trials at random and each later one from "
+                  "the good group of the trials before it; until the first trial drawn from a group a pruned trial "
+                  "would have changed, the pruned sweep would have sampled the same trials; from there on it would "
+                  "have gone elsewhere.", "",
                   "| pruner | training steps | of unpruned | best kept | pruned (trial: step) | sweep's path |",
                   "|---|---|---|---|---|---|"]
         for r in replay["results"]:
@@ -240,8 +248,8 @@ def report(machine: str, rows: list, quick: bool) -> str:
                          f"{pruned or '-'} | {path} |")
         lines += ["", f"Bound: any pruner deciding at these evals that leaves the sweep's path (and best) unchanged "
                       f"needs at least {replay['bound_steps']} steps ({replay['bound_of_unpruned']:.2f}x): trials "
-                      f"{', '.join(map(str, replay['must_finish']))} are each in TPE's good group at some point and must "
-                      "finish; the others stop at their first eval."]
+                      f"{', '.join(map(str, replay['must_finish']))} are in a good group TPE draws from (or the best) "
+                      "and must finish; the others stop at their first eval."]
     return "\n".join(lines) + "\n"
 
 

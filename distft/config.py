@@ -135,6 +135,9 @@ class LoraStrategyConfig(StrategyConfig):
     # null: peft's default modules for the architecture; ["all-linear"] for every linear.
     target_modules: Optional[List[str]] = None
     merge_on_export: bool = False  # also write final/merged, a plain HF model
+    # false: A stays at its random init and only B trains (LoRA-FA; FFA-LoRA under DP: half
+    # the trained parameters, so half the noise, and no product of two noisy factors).
+    train_a: bool = True
 
 
 @dataclass

@@ -246,11 +246,9 @@ class Sweep:
         if self.cfg.sweep.sampler == "tpe":
             # constant_liar: a trial running on another worker counts as a poor result, so
             # parallel workers do not all sample the same region.
-            startup = self.cfg.sweep.startup_trials
-            if startup is None:  # Optuna's 10 would leave a 16-trial budget mostly random
-                startup = min(10, max(2, self.n_trials // 3))
-            return optuna.samplers.TPESampler(seed=seed, n_startup_trials=startup, multivariate=True,
-                                              constant_liar=True)
+            return optuna.samplers.TPESampler(seed=seed, n_startup_trials=tpe_startup(self.n_trials,
+                                                                                   self.cfg.sweep.startup_trials),
+                                              multivariate=True, constant_liar=True)
         if self.cfg.sweep.sampler == "gp":
             startup = self.cfg.sweep.startup_trials
             return optuna.samplers.GPSampler(seed=seed, n_startup_trials=10 if startup is None else startup)
@@ -631,6 +629,12 @@ def attach_trial(trainer) -> None:
         return prune
 
     trainer.add_eval_hook(report)
+
+
+def tpe_startup(n_trials: int, startup_trials: Optional[int]) -> int:
+    """The random trials TPE starts with: sweep.startup_trials, else a third of the budget
+    between 2 and 10 (Optuna's 10 would leave a 16-trial budget mostly random)."""
+    return min(10, max(2, n_trials // 3)) if startup_trials is None else startup_trials
 
 
 def build_pruner(s):

@@ -104,3 +104,32 @@ def test_pooled_head_normalize_feeds_unit_vectors(cfg_for):
     batch = trainer.task.collate(trainer.val_examples[:4])
     model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
     torch.testing.assert_close(seen[0].norm(dim=-1), torch.ones(4))
+
+
+def test_lora_with_a_frozen_trains_b_only_and_exports_it(cfg_for, tmp_path):
+    """strategy.train_a=false (LoRA-FA): A keeps its seeded init, B trains, and the exported
+    adapter (A included) gives, loaded with plain peft, the logits distft had."""
+    from peft import AutoPeftModelForCausalLM
+
+    cfg = cfg_for("strategy=lora", "strategy.train_a=false", "task=causal_lm", "trainer.max_steps=6",
+                  "trainer.lr=1e-2", "trainer.eval_every=0", "trainer.save_every=0")
+    trainer = Trainer(cfg).setup()
+    before = {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
+    trainable = {n for n, p in trainer.model.named_parameters() if p.requires_grad}
+    assert trainable and all(".lora_B." in n for n in trainable)
+    trainer.train()
+    for name, p in trainer.model.named_parameters():
+        assert torch.equal(before[name], p.detach()) != (name in trainable), name
+    # the same A again from the same seed: a resumed run (which loads only trained weights) rebuilds it
+    again = Trainer(cfg_for("strategy=lora", "strategy.train_a=false", "task=causal_lm", "trainer.max_steps=6",
+                            f"run_dir={tmp_path / 'again'}"))
+    again_model = again.setup().model
+    a = {n: p for n, p in again_model.named_parameters() if ".lora_A." in n}
+    assert a and all(torch.equal(before[n], p) for n, p in a.items())
+    again.close()
+
+    exported = AutoPeftModelForCausalLM.from_pretrained(str(trainer.run_dir / "final")).eval()
+    ids = torch.randint(0, 64, (2, 9))
+    trainer.model.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(exported(input_ids=ids).logits, trainer.model(input_ids=ids).logits)

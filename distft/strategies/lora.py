@@ -1,7 +1,10 @@
 import copy
+import logging
 import os
 
 from distft.strategies.base import Strategy, register_strategy
+
+log = logging.getLogger(__name__)
 
 
 HEAD_CONFIG = "head_config.json"
@@ -30,10 +33,26 @@ class LoraStrategy(Strategy):
                       target_modules=targets)
         if getattr(model, "distft_heads", None):
             model.backbone = get_peft_model(model.backbone, LoraConfig(**kwargs, task_type=TaskType.FEATURE_EXTRACTION))
+            self._freeze_a(model.backbone)
             return model
         task_type = {"label": TaskType.SEQ_CLS, "token_labels": TaskType.TOKEN_CLS}.get(task.predicts,
                                                                                          TaskType.CAUSAL_LM)
-        return get_peft_model(model, LoraConfig(**kwargs, task_type=task_type))
+        model = get_peft_model(model, LoraConfig(**kwargs, task_type=task_type))
+        self._freeze_a(model)
+        return model
+
+    def _freeze_a(self, model) -> None:
+        """strategy.train_a=false: the down-projections A stay as peft initialised them
+        (seeded, so a resumed run rebuilds the same ones; the exported adapter carries them)."""
+        if self.cfg.train_a:
+            return
+        frozen = 0
+        for name, p in model.named_parameters():
+            if ".lora_A." in name or ".lora_embedding_A." in name:
+                p.requires_grad_(False)
+                frozen += p.numel()
+        log.info("strategy lora: train_a=false, %s parameters of A frozen at their init (only B trains)",
+                 f"{frozen:,}")
 
     def export(self, model, out_dir, base_dir):
         if base_dir is not None:
