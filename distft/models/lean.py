@@ -82,7 +82,9 @@ class _DropoutLinearFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, p):
         noise = torch.empty_like(x).bernoulli_(1 - p)
-        bits = _pack(noise.bool())
+        # Under torch.compile the bool mask: compiled LoRA blocks keeping the bits trained
+        # to NaN (torch 2.13, CPU inductor; test_trainer's compiled test), bool masks do not.
+        bits = noise.bool() if torch.compiler.is_compiling() else _pack(noise.bool())
         noise.div_(1 - p)
         out = F.linear(x * noise, weight)
         ctx.p = p
