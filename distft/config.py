@@ -136,7 +136,7 @@ class LoraStrategyConfig(StrategyConfig):
     target_modules: Optional[List[str]] = None
     merge_on_export: bool = False  # also write final/merged, a plain HF model
     # false: A stays at its random init and only B trains (LoRA-FA; FFA-LoRA under DP: half
-    # the trained parameters, so half the noise, and no product of two noisy factors).
+    # the coordinates take noise, and no product of two noisy factors).
     train_a: bool = True
 
 
