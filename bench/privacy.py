@@ -92,9 +92,10 @@ LORA = ["strategy=lora", "strategy.r=16", "strategy.alpha=32", "strategy.target_
 #   0.7775 with one bound (the lora-flat rows): with 1.3x and 2.7x the noise, the adapters'
 #   larger share of the step is mostly noise.
 # - LoRA-FA / FFA-LoRA (strategy.train_a=false: each A frozen at its init, 37,634 trained
-#   parameters instead of 74,498, so half the noisy coordinates), seed 0: 0.7947 at LoRA 1e-3
-#   (final eval loss 0.557) and at 3e-3 (0.631). The recipe as is gave 0.7947 (loss 0.564) in
-#   the same session (with trainer.save_every=1; 0.7982 when recorded): the head decides.
+#   parameters instead of 74,498, so half the noisy coordinates), `seed=0`: 0.7947 at LoRA
+#   1e-3 (final eval loss 0.557) and at 3e-3 (0.631); the recipe as is at `seed=0`: 0.7947
+#   (loss 0.564). The head decides. (The rows run at the default seed, 42: 0.7982 again when
+#   rerun in that session.)
 # - What is under the head: a non-private logistic regression on MiniLM's frozen pooled
 #   features scores 0.803 (bench/results/features.md, 128 tokens); the DP head alone here
 #   0.7924. Past 0.80 the adapters have to move the features, in 24 noisy steps.
