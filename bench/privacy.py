@@ -94,8 +94,8 @@ LORA = ["strategy=lora", "strategy.r=16", "strategy.alpha=32", "strategy.target_
 # - LoRA-FA / FFA-LoRA (strategy.train_a=false: each A frozen at its init, 37,634 trained
 #   parameters instead of 74,498, so half the noisy coordinates), `seed=0`: 0.7947 at LoRA
 #   1e-3 (final eval loss 0.557) and at 3e-3 (0.631); the recipe as is at `seed=0`: 0.7947
-#   (loss 0.564). The head decides. (The rows run at the default seed, 42: 0.7982 again when
-#   rerun in that session.)
+#   (loss 0.564); at the default seed 42 (the rows' own, whose recipe gives 0.7982, again when
+#   rerun in that session) LoRA-FA at 1e-3: 0.7924. The head decides.
 # - What is under the head: a non-private logistic regression on MiniLM's frozen pooled
 #   features scores 0.803 (bench/results/features.md, 128 tokens); the DP head alone here
 #   0.7924. Past 0.80 the adapters have to move the features, in 24 noisy steps.
