@@ -31,6 +31,7 @@ Opacus reads each nn.Linear's input, which DropoutLinear would hide behind its o
 """
 from __future__ import annotations
 
+import functools
 import sys
 from typing import List
 
@@ -69,9 +70,16 @@ def _unpack_noise(bits: torch.Tensor, like: torch.Tensor, p: float) -> torch.Ten
     lookup of each byte's 8 values, as fast as converting a bool mask."""
     if bits.dtype == torch.bool:
         return bits.to(like.dtype).div_(1 - p)
-    table = (torch.arange(256, device=bits.device).unsqueeze(-1) >> torch.arange(8, device=bits.device)) & 1
-    table = table.to(like.dtype).div_(1 - p)
+    table = _noise_table(p, like.dtype, bits.device)
     return table.index_select(0, bits.int()).view(-1)[: like.numel()].view(like.shape)
+
+
+@functools.lru_cache(maxsize=None)
+def _noise_table(p: float, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """Row b: the 8 noise values byte b stands for (its bits, low first, / (1 - p)); made
+    once per dropout rate, dtype and device, not at every backward."""
+    table = (torch.arange(256, device=device).unsqueeze(-1) >> torch.arange(8, device=device)) & 1
+    return table.to(dtype).div_(1 - p)
 
 
 class _DropoutLinearFn(torch.autograd.Function):
@@ -84,7 +92,8 @@ class _DropoutLinearFn(torch.autograd.Function):
         noise = torch.empty_like(x).bernoulli_(1 - p)
         # Under torch.compile the bool mask: compiled LoRA blocks keeping the bits trained
         # to NaN (torch 2.13, CPU inductor; test_trainer's compiled test), bool masks do not.
-        bits = noise.bool() if torch.compiler.is_compiling() else _pack(noise.bool())
+        mask = noise.bool()
+        bits = mask if torch.compiler.is_compiling() else _pack(mask)
         noise.div_(1 - p)
         out = F.linear(x * noise, weight)
         ctx.p = p
