@@ -96,6 +96,14 @@ LORA = ["strategy=lora", "strategy.r=16", "strategy.alpha=32", "strategy.target_
 #   1e-3 (final eval loss 0.557) and at 3e-3 (0.631); the recipe as is at `seed=0`: 0.7947
 #   (loss 0.564); at the default seed 42 (the rows' own, whose recipe gives 0.7982, again when
 #   rerun in that session) LoRA-FA at 1e-3: 0.7924. The head decides.
+# - The head from label texts (task.label_texts=["This is a negative review.","This is a
+#   positive review."], a zero-shot classifier learned from no example: 0.7064 before any
+#   step, eval loss 0.576), the recipe otherwise as is (seed 42): 0.7936, the same loss jump
+#   after warm-up (0.58 -> 1.10 at step 8, then 0.45). With the head at 3e-2: 0.6342 (loss
+#   climbing to 1.07 and staying near 0.8). The head frozen at that init and only the
+#   adapters trained (task.train_head=false, one bound of 0.1 on them): 0.5344, the loss
+#   climbing from 0.575 to 0.85: noisy adapter steps move the features away from the head;
+#   the head's high rate is what follows them.
 # - What is under the head: a non-private logistic regression on MiniLM's frozen pooled
 #   features scores 0.803 (bench/results/features.md, 128 tokens); the DP head alone here
 #   0.7924. Past 0.80 the adapters have to move the features, in 24 noisy steps.

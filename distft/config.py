@@ -101,6 +101,16 @@ class TaskConfig:
     # Normalize; all-MiniLM's embeddings are read so). It also bounds the new head's
     # per-example gradient, which DP-SGD clips.
     normalize: bool = False
+    # pooled, linear head: start the head from the embeddings of one text per class (in
+    # label order, e.g. ["This is a negative review.", "This is a positive review."]),
+    # pooled as the head reads them: a zero-shot classifier before the first step, learned
+    # from no training example (so it costs DP nothing). Logits are label_text_scale times
+    # the features' dot product with each class's centred embedding.
+    label_texts: Optional[List[str]] = None
+    label_text_scale: float = 20.0
+    # pooled: false keeps the head as built (e.g. from label_texts) and trains only what the
+    # strategy trains in the backbone.
+    train_head: bool = True
     head_dropout: float = 0.1
     # token_classification: the tag set, as a list or a file of one tag per line (null: O,
     # then the tags of the training data sorted); label order = the head's output order.

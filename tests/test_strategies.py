@@ -85,6 +85,11 @@ def test_pooled_head_refusals(cfg_for):
     for extra, needle in ((["task.head=cls"], "task.head='cls'"), (["task.pooling=max", "task.head=pooled"], "task.pooling"),
                           (["task.head_hidden=[8]"], "task.head=pooled"),
                           (["task.normalize=true"], "task.head=pooled"),
+                          (["task.label_texts=[no,yes]"], "task.head=pooled"),
+                          (["task.head=pooled", "task.head_hidden=[8]", "task.label_texts=[no,yes]"], "head_hidden"),
+                          (["task.head=pooled", "task.label_texts=[only]"], "one non-empty text per class"),
+                          (["task.head=pooled", "task.num_labels=3", "task.label_texts=[no,yes]"], "num_labels=3"),
+                          (["task.train_head=false"], "task.head=pooled"),
                           (["task.head=pooled", "strategy=partial", "strategy.head=mlp"], "brings its own heads")):
         with pytest.raises(ConfigError, match=needle.replace("[", r"\[")):
             Trainer(cfg_for("task=classification", *extra)).setup()
@@ -104,6 +109,36 @@ def test_pooled_head_normalize_feeds_unit_vectors(cfg_for):
     batch = trainer.task.collate(trainer.val_examples[:4])
     model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
     torch.testing.assert_close(seen[0].norm(dim=-1), torch.ones(4))
+
+
+def test_head_from_label_texts_is_zero_shot_and_can_stay_frozen(cfg_for):
+    """task.label_texts: the linear head starts as the label texts' centred embeddings, so
+    each label text is classified as its own class before any step; task.train_head=false
+    keeps that head while LoRA trains."""
+    texts = ["the first kind of text", "something else entirely, longer"]
+    cfg = cfg_for("task=classification", "task.head=pooled", "task.normalize=true", "strategy=lora",
+                  f"task.label_texts=[{texts[0]!r},{texts[1]!r}]".replace("'", '"'), "task.label_text_scale=7.0",
+                  "task.train_head=false", "trainer.max_steps=4", "trainer.lr=1e-2", "trainer.eval_every=0",
+                  "trainer.save_every=0")
+    trainer = Trainer(cfg).setup()
+    model = trainer.backend.unwrap(trainer.model)
+    batch = trainer.tokenizer(texts, padding=True, return_tensors="pt")
+    model.eval()
+    with torch.no_grad():
+        hidden = model.backbone(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
+        pooled = torch.nn.functional.normalize(model.pool(hidden.float(), batch["attention_mask"]), dim=-1)
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    model.train()
+    torch.testing.assert_close(model.head[-1].weight, 7.0 * (pooled - pooled.mean(0)))
+    assert torch.equal(model.head[-1].bias, torch.zeros(2))
+    assert logits.argmax(-1).tolist() == [0, 1]
+    head = {n: p.detach().clone() for n, p in model.head.named_parameters()}
+    assert not any(p.requires_grad for p in model.head.parameters())
+    lora = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    assert lora and all("lora_" in n for n in lora)
+    trainer.train()
+    assert all(torch.equal(head[n], p) for n, p in model.head.named_parameters())
+    assert any(not torch.equal(lora[n], p) for n, p in model.named_parameters() if n in lora)
 
 
 def test_lora_with_a_frozen_trains_b_only_and_exports_it(cfg_for, tmp_path):

@@ -23,6 +23,8 @@ class TaskInfo:
     # The task's model brings its own heads (a classification mixture: one per task), which
     # a strategy trains as they are instead of adding one.
     own_heads: bool = False
+    # False: the declared heads stay frozen as the task built them (task.train_head=false).
+    train_heads: bool = True
 
 
 def register_strategy(name: str) -> Callable[[Type["Strategy"]], Type["Strategy"]]:
@@ -61,7 +63,7 @@ class Strategy:
         model = self.transform(model, task)
         if not _is_peft(model):  # peft trains a head through its own modules_to_save copy
             for p in declared_heads(model):
-                p.requires_grad_(True)
+                p.requires_grad_(task.train_heads)
         return model
 
     def transform(self, model: nn.Module, task: TaskInfo) -> nn.Module:

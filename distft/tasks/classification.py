@@ -27,17 +27,31 @@ class ClassificationTask(Task):
             raise ConfigError("task.head_hidden is the pooled head's hidden widths: set task.head=pooled with it")
         if cfg.task.head == "model" and cfg.task.get("normalize", False):
             raise ConfigError("task.normalize scales the pooled features of task.head=pooled: set task.head=pooled with it")
+        texts = cfg.task.get("label_texts")
+        if texts is not None:
+            if cfg.task.head != "pooled" or list(cfg.task.head_hidden):
+                raise ConfigError("task.label_texts starts a linear pooled head from the texts' embeddings: set "
+                                  "task.head=pooled and task.head_hidden=[] with it")
+            if len(texts) < 2 or any(not isinstance(t, str) or not t.strip() for t in texts):
+                raise ConfigError(f"task.label_texts={list(texts)}: one non-empty text per class, in label order")
+            if cfg.task.num_labels is not None and len(texts) != cfg.task.num_labels:
+                raise ConfigError(f"task.label_texts has {len(texts)} texts for task.num_labels={cfg.task.num_labels}")
+        if not cfg.task.get("train_head", True) and cfg.task.head != "pooled":
+            raise ConfigError("task.train_head=false freezes the pooled head: set task.head=pooled with it "
+                              "(the model's own head trains with the strategy)")
 
     @classmethod
     def info_for(cls, cfg):
         from distft.strategies.base import TaskInfo
 
-        return TaskInfo(cfg.task.name, cfg.task.num_labels, cls.predicts, own_heads=cfg.task.head == "pooled")
+        return TaskInfo(cfg.task.name, cfg.task.num_labels, cls.predicts, own_heads=cfg.task.head == "pooled",
+                        train_heads=cfg.task.get("train_head", True))
 
     def info(self, num_labels: Optional[int] = None):
         from distft.strategies.base import TaskInfo
 
-        return TaskInfo(self.name, num_labels, self.predicts, own_heads=self.cfg.head == "pooled")
+        return TaskInfo(self.name, num_labels, self.predicts, own_heads=self.cfg.head == "pooled",
+                        train_heads=self.cfg.get("train_head", True))
 
     def build_model(self, model_cfg, tokenizer, num_labels, seed, source=None):
         if self.cfg.head == "model":
@@ -50,7 +64,30 @@ class ClassificationTask(Task):
                                normalize=self.cfg.get("normalize", False),
                                num_labels=num_labels, pad_token_id=tokenizer.pad_token_id)
         torch.manual_seed(seed + 1)  # the head's draw, apart from whatever the loading drew
-        return MlpHeadForSequenceClassification(config, backbone=base)
+        model = MlpHeadForSequenceClassification(config, backbone=base)
+        if self.cfg.get("label_texts") is not None:
+            self._head_from_label_texts(model, tokenizer, num_labels)
+        return model
+
+    @torch.no_grad()
+    def _head_from_label_texts(self, model, tokenizer, num_labels) -> None:
+        """The linear head as a zero-shot classifier: row c is the pooled (and, with
+        task.normalize, unit-length) embedding of task.label_texts[c], less the rows' mean
+        (only the differences between logits matter), times task.label_text_scale."""
+        texts = list(self.cfg.label_texts)
+        if len(texts) != num_labels:
+            raise ConfigError(f"task.label_texts has {len(texts)} texts for {num_labels} labels")
+        batch = tokenizer(texts, padding=True, return_tensors="pt")
+        training = model.training
+        model.eval()
+        hidden = model.backbone(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
+        model.train(training)
+        pooled = model.pool(hidden.float(), batch["attention_mask"])
+        if model.config.normalize:
+            pooled = F.normalize(pooled, dim=-1)
+        linear = model.head[-1]
+        linear.weight.copy_(self.cfg.label_text_scale * (pooled - pooled.mean(0, keepdim=True)))
+        linear.bias.zero_()
 
     @property
     def exported_by_strategy(self) -> bool:
