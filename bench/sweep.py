@@ -17,9 +17,15 @@ with the same budget of 16 trials:
   after 2 startup trials (what the replay below showed to keep tpe's best);
 - tpe_percentile_e8: that pruner with an eval every 8 steps (twice the chances to stop a
   trial early; evals cost time, not training steps);
+- tpe_e8: unpruned TPE with an eval every 8 steps (the same trials and objectives as tpe;
+  finer learning curves, losses included, for replay_tpe_e8);
+- tpe_hyperband_loss, tpe_median_loss: pruners deciding on the eval loss
+  (sweep.prune_on=loss) at an eval every 8 steps;
 - replay (no training): tpe's recorded learning curves fed to several pruners, what each
   would have saved and whether the sweep would have kept its path and best, and the fewest
-  steps any pruner deciding at these evals could use without changing the path.
+  steps any pruner deciding at these evals could use without changing the path;
+- replay_tpe_e8: the same on tpe_e8's curves, each pruner deciding from step 8 or 16, on
+  the accuracy or on the loss.
 
 Writes bench/results/sweep.{json,md} and each row's optimization history as
 bench/results/sweep-<row>.png; the studies stay in bench/results/runs/sweep-<row>/.
@@ -59,6 +65,18 @@ ROWS = {
     # stopped trial 4 (0.789 when run out, the good group TPE draws trials 5-10 from).
     "tpe_percentile_e8": ["sweep.sampler=tpe", "sweep.pruner=percentile", "sweep.pruner_percentile=70",
                           "sweep.pruner_startup_trials=2", "trainer.eval_every=8"],
+    # unpruned TPE with an eval every 8 steps: the same trials and objectives as tpe (evals do
+    # not touch training), and learning curves twice as fine for the replay below.
+    "tpe_e8": ["sweep.sampler=tpe", "trainer.eval_every=8"],
+    # Pruning on the eval loss at an eval every 8 steps: at step 8 every accuracy is at chance
+    # while the losses already differ (the replay of tpe_e8's curves). Hyperband: 0.56x in the
+    # replay, but it stops trials 10 and 11 (TPE's good group for trial 12) and the real sweep
+    # went elsewhere from trial 12 (best 0.7993). The median pruner keeps TPE's path (replay:
+    # 0.63x, best unchanged).
+    "tpe_hyperband_loss": ["sweep.sampler=tpe", "sweep.pruner=hyperband", "sweep.prune_on=loss",
+                           "trainer.eval_every=8"],
+    "tpe_median_loss": ["sweep.sampler=tpe", "sweep.pruner=median", "sweep.pruner_startup_trials=2",
+                        "sweep.prune_on=loss", "trainer.eval_every=8"],
 }
 # replay: no training; the unpruned TPE sweep's recorded learning curves (its evals, in the
 # study) fed trial by trial to each pruner below, as `distft-sweep` builds it.
@@ -69,8 +87,19 @@ REPLAY = {
     "percentile 70, 4 startup": {"pruner": "percentile", "pruner_percentile": 70.0, "pruner_startup_trials": 4},
     "percentile 30, 4 startup": {"pruner": "percentile", "pruner_percentile": 30.0, "pruner_startup_trials": 4},
     "hyperband (Optuna's defaults)": {"pruner": "hyperband"},
+    "percentile 70, 2 startup, on the loss": {"pruner": "percentile", "pruner_percentile": 70.0,
+                                              "pruner_startup_trials": 2, "prune_on": "loss"},
 }
-ORDER = ["default", *ROWS, "replay"]
+# the same on tpe_e8's curves (evals at 8, 16, ..., 56, 63): where a pruner starts deciding,
+# and on what, the accuracy or the eval loss (sweep.prune_on=loss)
+REPLAY_E8 = {
+    f"{name}{', from step ' + str(8 * warm) if warm > 1 else ''}{', on the loss' if on == 'loss' else ''}":
+        {**settings, "pruner_warmup_evals": warm, "prune_on": on}
+    for on in ("objective", "loss") for warm in (1, 2) for name, settings in (
+        ("median, 2 startup", {"pruner": "median", "pruner_startup_trials": 2}),
+        ("percentile 70, 2 startup", {"pruner": "percentile", "pruner_percentile": 70.0, "pruner_startup_trials": 2}),
+        ("hyperband", {"pruner": "hyperband"}))}
+ORDER = ["default", *ROWS, "replay", "replay_tpe_e8"]
 # --quick: the tiny model on generated data (seconds per trial).
 QUICK = ["sweep=tiny_lr", "sweep.n_trials=2", "trainer.max_steps=8", "trainer.eval_every=4", "trainer.save_every=0",
          "data.num_train=96", "model.from_config.hidden_size=32", "model.from_config.intermediate_size=64",
@@ -82,7 +111,12 @@ QUICK_ROWS = {"grid": ["sweep.sampler=grid", "sweep.space.trainer.warmup_ratio=n
               "tpe_percentile": ["sweep.sampler=tpe", "sweep.pruner=percentile", "sweep.pruner_percentile=70",
                                  "sweep.pruner_startup_trials=1"],
               "tpe_percentile_e8": ["sweep.sampler=tpe", "sweep.pruner=percentile", "sweep.pruner_percentile=70",
-                                    "sweep.pruner_startup_trials=1", "trainer.eval_every=2"]}
+                                    "sweep.pruner_startup_trials=1", "trainer.eval_every=2"],
+              "tpe_e8": ["sweep.sampler=tpe", "trainer.eval_every=2"],
+              "tpe_hyperband_loss": ["sweep.sampler=tpe", "sweep.pruner=hyperband", "sweep.prune_on=loss",
+                                     "trainer.eval_every=2"],
+              "tpe_median_loss": ["sweep.sampler=tpe", "sweep.pruner=median", "sweep.pruner_startup_trials=1",
+                                  "sweep.prune_on=loss", "trainer.eval_every=2"]}
 
 
 def base(quick: bool) -> list:
@@ -127,8 +161,22 @@ def tpe_gamma(n: int) -> int:
     return min(math.ceil(0.1 * n), 25)
 
 
-def replay_row(out: Path, quick: bool) -> dict:
-    """What each pruner would have done to the unpruned TPE sweep (the tpe row's study):
+def curves(folder: Path, trials, metric: str) -> dict:
+    """Each trial's evals as its pruner saw them: `objective` the values in the study; `loss`
+    the trial's eval/loss (from its metrics.csv), negated when the study maximises, as
+    `sweep.prune_on=loss` reports it."""
+    if metric == "objective":
+        return {t.number: sorted(t.intermediate_values.items()) for t in trials}
+    out = {}
+    for t in trials:
+        with open(Path(t.user_attrs["run_dir"]) / "metrics.csv") as f:
+            rows = [r for r in csv.DictReader(f) if r.get("eval/loss")]
+        out[t.number] = [(int(r["step"]), -float(r["eval/loss"])) for r in rows if int(r["step"]) > 0]
+    return out
+
+
+def replay_row(out: Path, quick: bool, source: str = "tpe") -> dict:
+    """What each pruner would have done to an unpruned TPE sweep (the `source` row's study):
     its trials' recorded evals reported one by one to a fresh study with that pruner. TPE
     samples its first trials at random, then trial n from the good group of trials 0..n-1
     (the other trials' parameters, pruned ones included, form the rest of its model). While
@@ -146,9 +194,9 @@ def replay_row(out: Path, quick: bool) -> dict:
     from distft.sweep import build_pruner, storage, tpe_startup
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    folder = out / "runs" / f"sweep-tpe{'-quick' if quick else ''}"
+    folder = out / "runs" / f"sweep-{source}{'-quick' if quick else ''}"
     if not (folder / "study.journal").exists():
-        raise SystemExit(f"replay needs the tpe row's study in {folder}: run --rows tpe first")
+        raise SystemExit(f"replay needs the {source} row's study in {folder}: run --rows {source} first")
     st = storage(folder)
     study = optuna.load_study(study_name=optuna.get_all_study_names(st)[0], storage=st)
     trials = sorted((t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE and t.intermediate_values),
@@ -167,14 +215,19 @@ def replay_row(out: Path, quick: bool) -> dict:
     everyone = {t.number for t in trials}
     reference = good(everyone)
     results = []
-    for label, settings in (REPLAY if not quick else dict(list(REPLAY.items())[:2])).items():
+    pruners = REPLAY_E8 if source == "tpe_e8" else REPLAY
+    if quick:  # the first pruner, and the first on the loss
+        pruners = {k: v for i, (k, v) in enumerate(pruners.items())
+                   if i == 0 or k == next((k2 for k2, v2 in pruners.items() if v2.get("prune_on") == "loss"), None)}
+    for label, settings in pruners.items():
         cfg = OmegaConf.structured(SweepConfig(**settings))  # the rest at distft-sweep's defaults
+        seen = curves(folder, trials, cfg.prune_on)
         # the sweep's own name: Hyperband puts a trial in a bracket by a hash of it and the number
         replay = optuna.create_study(study_name=study.study_name, direction=study.direction, pruner=build_pruner(cfg))
         steps, pruned = 0, {}
         for t in trials:
             trial = replay.ask()
-            curve = sorted(t.intermediate_values.items())
+            curve = seen[t.number]
             for step, value in curve:
                 trial.report(value, step)
                 if step < curve[-1][0] and trial.should_prune():  # never at the last step, as in a trial
@@ -195,7 +248,8 @@ def replay_row(out: Path, quick: bool) -> dict:
     needed.add(max(trials, key=lambda t: sign * t.value).number)  # the best, to keep the best
     bound = sum(max(t.intermediate_values) if t.number in needed else min(t.intermediate_values) for t in trials)
     best = max(sign * t.value for t in trials) * sign
-    return {"row": "replay", "of": str(folder.relative_to(out)), "trials": len(trials), "unpruned_steps": full,
+    return {"row": "replay" if source == "tpe" else f"replay_{source}", "of": str(folder.relative_to(out)),
+            "trials": len(trials), "unpruned_steps": full, "evals": sorted(trials[0].intermediate_values),
             "unpruned_best": best, "results": results, "bound_steps": bound, "bound_of_unpruned": bound / full,
             "must_finish": sorted(needed), "tpe_startup": startup}
 
@@ -214,8 +268,8 @@ def default_row(out: Path, quick: bool) -> dict:
 
 
 def report(machine: str, rows: list, quick: bool) -> str:
-    replay = next((r for r in rows if r["row"] == "replay"), None)
-    rows = [r for r in rows if r["row"] != "replay"]
+    replays = [r for r in rows if r["row"].startswith("replay")]
+    rows = [r for r in rows if not r["row"].startswith("replay")]
     what = ("the tiny model on generated data (objective: validation loss, lower is better)" if quick else
             "MiniLM + LoRA, SST-2 (2,000 train / 872 validation), max length 64, one epoch at batch 32; "
             "objective: validation accuracy of the final weights")
@@ -231,7 +285,7 @@ def report(machine: str, rows: list, quick: bool) -> str:
         lines.append(f"| {r['row']} | {r['best']:.4f} | {params or 'the config'} | {counts} | {r['steps']} | "
                      f"{r['wall_s']} |")
     by = {r["row"]: r for r in rows}
-    pruned = [n for n in by if n.startswith("tpe_")]
+    pruned = [n for n in by if n.startswith("tpe_") and "sweep.pruner=" in by[n]["command"]]
     if "tpe" in by and pruned:
         lines.append("")
         for n in pruned:
@@ -240,11 +294,14 @@ def report(machine: str, rows: list, quick: bool) -> str:
     if {"grid", "tpe"} <= set(by):
         lines += [f"TPE's best minus the grid's: {by['tpe']['best'] - by['grid']['best']:+.4f}."]
     lines += ["", "Commands:", ""] + [f"    {r['command']}" for r in rows]
-    if replay:
-        lines += ["", f"## Pruners replayed on the unpruned TPE sweep ({replay['trials']} trials, "
-                      f"{replay['unpruned_steps']} steps, best {replay['unpruned_best']:.4f})", "",
-                  "No training: each trial's recorded evals (`bench/results/" + replay["of"] + "/study.journal`) "
-                  "reported in turn to the pruner as `distft-sweep` builds it (`python bench/sweep.py --rows replay`). "
+    for replay in replays:
+        source = replay["of"].split("sweep-")[-1]
+        evals = ", ".join(map(str, replay.get("evals", []))) or "16, 32, 48, 63"
+        lines += ["", f"## Pruners replayed on the unpruned {source} sweep ({replay['trials']} trials, "
+                      f"{replay['unpruned_steps']} steps, best {replay['unpruned_best']:.4f}; evals at steps {evals})", "",
+                  "No training: each trial's recorded evals (`bench/results/" + replay["of"] + "/study.journal`; "
+                  "for the loss, each trial's metrics.csv) reported in turn to the pruner as `distft-sweep` builds it "
+                  f"(`python bench/sweep.py --rows {replay['row']}`). "
                   f"TPE samples the first {replay.get('tpe_startup', 0)} trials at random and each later one from "
                   "the good group of the trials before it; until the first trial drawn from a group a pruned trial "
                   "would have changed, the pruned sweep would have sampled the same trials; from there on it would "
@@ -275,7 +332,8 @@ def main() -> int:
     out = Path(args.out)
     run_rows(out, "sweep-quick" if args.quick else "sweep", ORDER, args.rows,
              lambda name: (default_row(out, args.quick) if name == "default" else
-                           replay_row(out, args.quick) if name == "replay" else sweep_row(name, out, args.quick)),
+                           replay_row(out, args.quick, name[len("replay_"):] or "tpe") if name.startswith("replay")
+                           else sweep_row(name, out, args.quick)),
              lambda machine, rows: report(machine, rows, args.quick))
     return 0
 

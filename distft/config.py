@@ -370,6 +370,10 @@ class SweepConfig:
     # the other trials' evals at the same step (50: the median pruner; 70 prunes only the bottom 30%)
     pruner_percentile: float = 50.0
     pruner_warmup_evals: int = 1  # a trial can be pruned from its n-th eval on (never at its last step)
+    # What each eval reports to the pruner: objective (task.metric, what the trial is ranked
+    # by) | loss (the eval loss, negated when the study maximises: early in training a loss
+    # tells trials apart while an accuracy can sit at chance for all of them).
+    prune_on: str = "objective"
     seed: int = 0  # the sampler's (worker i uses seed + i); trials keep the run's own seed
     workers: int = 1  # worker processes this command starts on this machine
     worker: Optional[int] = None  # this worker's index; SLURM_ARRAY_TASK_ID when unset

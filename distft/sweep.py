@@ -186,6 +186,8 @@ class Sweep:
         if s.pruner not in PRUNERS:
             raise ConfigError(f"sweep.pruner={s.pruner}: one of {', '.join(PRUNERS)}")
         build_pruner(s)  # its own settings refused here, before any trial
+        if s.prune_on not in ("objective", "loss"):
+            raise ConfigError(f"sweep.prune_on={s.prune_on}: objective (task.metric, {cfg.task.metric}) or loss")
         if s.pruner != "none" and cfg.trainer.eval_every <= 0:
             raise ConfigError(f"sweep.pruner={s.pruner} prunes at evals, and trainer.eval_every={cfg.trainer.eval_every} "
                               "evaluates only at the end: set trainer.eval_every")
@@ -616,7 +618,12 @@ def attach_trial(trainer) -> None:
     def report(step: int, metrics: Dict[str, float]) -> bool:
         prune = False
         if trial is not None:
-            value = metrics.get(cfg.task.metric)
+            if cfg.sweep.get("prune_on", "objective") == "loss":
+                # the pruner compares in the study's direction: a maximised objective gets -loss
+                value = metrics.get("loss")
+                value = None if value is None else (-value if cfg.task.greater_is_better else value)
+            else:
+                value = metrics.get(cfg.task.metric)
             if value is not None and math.isfinite(value):
                 trial.report(float(value), step)
                 # At the last step there is nothing left to save: the trial completes.

@@ -154,6 +154,7 @@ def test_sweep_quick(tmp_path):
     replay = rows["replay"]
     assert replay["trials"] == 2 and replay["unpruned_steps"] == rows["tpe"]["steps"]
     assert all(r["steps"] <= replay["unpruned_steps"] for r in replay["results"])
+    assert [r["settings"].get("prune_on", "objective") for r in replay["results"]] == ["objective", "loss"]
     assert replay["bound_steps"] <= replay["unpruned_steps"] and "## Pruners replayed" in md
 
 

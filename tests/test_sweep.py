@@ -156,6 +156,26 @@ def test_median_pruner_stops_a_bad_trial_and_keeps_its_folder(tmp_path):
     assert json.loads((Path(table[1]["run_dir"]) / "summary.json").read_text())["stop_reason"].startswith("pruned")
 
 
+def test_prune_on_loss_reports_the_eval_loss_in_the_studys_direction(tmp_path):
+    """sweep.prune_on=loss: the pruner sees each eval's loss (negated, as the study maximises
+    accuracy here) while the trial is still ranked by its objective."""
+    from distft.sweep import storage
+
+    folder = tmp_path / "on_loss"
+    sweep(folder, "task=classification", "task.metric=accuracy", "task.greater_is_better=true", "sweep.sampler=grid",
+          "sweep.space.trainer.warmup_ratio=null", "sweep.space.trainer.lr={type:categorical,choices:[0.01,0.003]}",
+          "sweep.pruner=median", "sweep.pruner_startup_trials=1", "sweep.prune_on=loss")
+    st = storage(folder)
+    study = optuna.load_study(study_name=optuna.get_all_study_names(st)[0], storage=st)
+    assert study.direction == optuna.study.StudyDirection.MAXIMIZE
+    for t in study.trials:
+        evals = {e["step"]: e for e in read_metrics(t.user_attrs["run_dir"]) if "eval/loss" in e}
+        assert t.intermediate_values and set(t.intermediate_values) <= set(evals)
+        assert all(v == -evals[step]["eval/loss"] for step, v in t.intermediate_values.items())
+        if t.state == optuna.trial.TrialState.COMPLETE:
+            assert t.value == evals[max(evals)]["eval/accuracy"]
+
+
 def _decisions(percentile, startup=4, warmup_evals=1, value=0.75, step=4):
     """build_pruner's decision on a trial reporting `value` after four finished trials
     that reached 0.9, 0.8, 0.7 and 0.6 at the same step (an in-memory study, no training)."""
@@ -202,6 +222,7 @@ def test_percentile_pruner_keeps_the_given_share_of_trials():
     ("sweep.space.trainer.lr={type:categorical,choices:[1e-3]}", "needs at least two choices"),
     ("sweep.space.trainer.batch_size={type:float,low:2.5,high:8.5}", "the sweep's space gives an invalid config"),
     ("sweep.sampler=annealing", "sweep.sampler=annealing: one of tpe, gp, random, grid"),
+    ("sweep.prune_on=accuracy", "sweep.prune_on=accuracy: objective (task.metric, loss) or loss"),
 ])
 def test_bad_space_is_refused_before_any_trial(tmp_path, override, message):
     folder = tmp_path / "bad"
