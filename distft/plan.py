@@ -485,7 +485,7 @@ def count_model(cfg) -> Counts:
         model = auto_cls.from_config(config, dtype=dtype, attn_implementation=attn)
         model = build_strategy(cfg.strategy).apply(model, replace(info, num_labels=num_labels))
         if cfg.trainer.lean_activations and not PRIVACY.get(cfg.privacy.name).per_example:
-            lean.apply(model)
+            lean.apply(model, cfg.trainer.lean_dropout_rng)
     seen, total, trainable, largest_tensor = set(), 0, 0, 0
     for p in model.parameters():
         if id(p) in seen:

@@ -110,6 +110,8 @@ def check_config(cfg) -> Components:
         raise ConfigError("trainer.loss_chunk_size must be >= 0 (0 computes all logits at once)")
     if t.max_bad_steps < 1:
         raise ConfigError("trainer.max_bad_steps must be >= 1")
+    if t.lean_dropout_rng not in ("fast", "torch"):
+        raise ConfigError(f"trainer.lean_dropout_rng={t.lean_dropout_rng!r}: choose fast or torch")
     if "_target_" not in cfg.optimizer:
         raise ConfigError("optimizer: the node needs _target_ (the optimizer class, e.g. torch.optim.AdamW)")
     precisions.resolve(t.precision)  # an unknown choice, or fp16 without a GPU, is refused here
@@ -257,7 +259,7 @@ class Trainer:
             log.info("lean activations off: privacy=%s takes per-example gradients from each layer's input",
                      cfg.privacy.name)
         elif t.lean_activations:
-            for line in lean.apply(model):
+            for line in lean.apply(model, t.lean_dropout_rng):
                 log.info("lean activations: %s", line)
         if t.activation_checkpointing:
             _enable_activation_checkpointing(model)

@@ -30,11 +30,12 @@ def grads(out, *tensors):
 
 @pytest.mark.parametrize("autocast,shape", [(False, (3, 7, 24)), (True, (3, 7, 24)), (False, (3, 5, 7))])
 def test_dropout_linear_gives_dropout_then_linear(autocast, shape):
-    """Bit for bit, also where the mask's element count is not a multiple of 8 (its bits padded)."""
+    """With torch's rng (trainer.lean_dropout_rng=torch) bit for bit nn.Dropout then nn.Linear,
+    also where the mask's element count is not a multiple of 8 (its bits padded)."""
     torch.manual_seed(0)
     x = torch.randn(*shape, requires_grad=True)
     plain = torch.nn.Linear(shape[-1], 4, bias=False)
-    fused = lean.DropoutLinear.fuse(plain, 0.3)
+    fused = lean.DropoutLinear.fuse(plain, 0.3, torch_rng=True)
     assert fused.weight is plain.weight and [n for n, _ in fused.named_parameters()] == ["weight"]
     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
         torch.manual_seed(1)
@@ -47,6 +48,47 @@ def test_dropout_linear_gives_dropout_then_linear(autocast, shape):
         torch.testing.assert_close(g, w, rtol=0, atol=0)
     fused.eval()  # no dropout, the plain linear
     assert torch.equal(fused(x), plain(x))
+
+
+@pytest.mark.parametrize("autocast,shape", [(False, (3, 7, 24)), (True, (3, 7, 24)), (False, (3, 5, 7))])
+def test_dropout_linear_with_the_fast_mask_is_linear_of_the_masked_input(autocast, shape):
+    """The fast mask (the default): the output and gradients of linear(x * mask / (1 - rate))
+    for the mask `_fast_keep` draws from the same seed."""
+    torch.manual_seed(0)
+    x = torch.randn(*shape, requires_grad=True)
+    plain = torch.nn.Linear(shape[-1], 4, bias=False)
+    fused = lean.DropoutLinear.fuse(plain, 0.3)
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        torch.manual_seed(1)
+        mask = lean._fast_keep(x, 0.3)
+        want = plain(x * mask / (1 - lean.fast_rate(0.3)))
+        torch.manual_seed(1)
+        got = fused(x)
+    assert got.dtype == want.dtype
+    tol = dict(rtol=2e-2, atol=1e-2) if autocast else dict(rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(got, want, **tol)
+    got_grads = grads(got, x, plain.weight)
+    for g, w in zip(got_grads, grads(want, x, plain.weight)):
+        torch.testing.assert_close(g, w, **tol)
+    assert torch.equal(got_grads[0] == 0, ~mask)  # the dropped elements get no gradient
+
+
+@pytest.mark.parametrize("p", [0.05, 0.1, 0.3, 0.5])
+def test_fast_mask_drops_at_the_rate_asked(p):
+    """Each element dropped with probability fast_rate(p) (within 1/65536 of p), in each of
+    the four int16 lanes of a 64-bit draw alike; seeded; a new draw each call."""
+    assert abs(lean.fast_rate(p) - p) <= 0.5 / 65536
+    like = torch.empty(1000, 1001)
+    torch.manual_seed(0)
+    mask = lean._fast_keep(like, p)
+    assert mask.shape == like.shape and mask.dtype == torch.bool
+    sigma = (p * (1 - p) / like.numel()) ** 0.5
+    assert abs((~mask).float().mean().item() - p) < 5 * sigma
+    lanes = (~mask).reshape(-1)[: like.numel() // 4 * 4].view(-1, 4).float().mean(0)
+    assert (lanes - p).abs().max().item() < 5 * 2 * sigma
+    torch.manual_seed(0)
+    assert torch.equal(lean._fast_keep(like, p), mask)
+    assert not torch.equal(lean._fast_keep(like, p), mask)
 
 
 def test_modules_reading_one_input_keep_it_once():
@@ -123,8 +165,9 @@ def test_apply_on_a_lora_model_same_logits_and_gradients():
     mask = torch.ones_like(ids)
     mask[0, :4] = 0
     plain, fused = build(), build()
-    done = lean.apply(fused)
-    assert done == ["LoRA dropout fused into lora_A on 8 modules", "SwiGLU keeping gate and up only in 2 MLPs",
+    done = lean.apply(fused, "torch")  # nn.Dropout's random stream: the same values as peft's modules
+    assert done == ["LoRA dropout fused into lora_A on 8 modules (masks from torch's bernoulli_)",
+                    "SwiGLU keeping gate and up only in 2 MLPs",
                     "grouped-query attention without repeated key/value heads (CPU SDPA)"]
     assert sorted(plain.state_dict()) == sorted(fused.state_dict())
     assert lean.apply(fused) == done[1:]  # again: nothing more to fuse
@@ -147,8 +190,8 @@ def test_training_with_and_without_lean_activations_gives_the_same_losses(tmp_pa
     lora = ["strategy=lora", "strategy.dropout=0.1", "strategy.target_modules=[q_proj,k_proj,v_proj,o_proj]",
             "trainer.max_steps=4", "trainer.eval_every=0", "trainer.save_every=0"]
     with caplog.at_level("INFO", logger="distft"):
-        train(compose_cfg(tmp_path / "lean", [*TINY, *lora]))
-    assert "lean activations: LoRA dropout fused into lora_A on 8 modules" in caplog.text
+        train(compose_cfg(tmp_path / "lean", [*TINY, *lora, "trainer.lean_dropout_rng=torch"]))
+    assert "lean activations: LoRA dropout fused into lora_A on 8 modules (masks from torch's" in caplog.text
     train(compose_cfg(tmp_path / "plain", [*TINY, *lora, "trainer.lean_activations=false"]))
     got, want = losses(tmp_path / "lean"), losses(tmp_path / "plain")
     assert list(got) == list(want) == [1, 2, 3, 4]
@@ -161,7 +204,7 @@ def test_fused_lora_dropout_on_sharded_backends_gives_the_same_losses(tmp_path, 
     for a plain Linear: two processes, the same losses with and without lean activations."""
     run = [*TINY, f"backend={backend}", "strategy=lora", "strategy.dropout=0.1", "trainer.max_steps=3",
            "trainer.eval_every=0", "trainer.save_every=0"]
-    run_torchrun(2, *run, f"run_dir={tmp_path / 'lean'}")
+    run_torchrun(2, *run, "trainer.lean_dropout_rng=torch", f"run_dir={tmp_path / 'lean'}")
     run_torchrun(2, *run, "trainer.lean_activations=false", f"run_dir={tmp_path / 'plain'}")
     got, want = losses(tmp_path / "lean"), losses(tmp_path / "plain")
     assert list(got) == [1, 2, 3] and got == pytest.approx(want, rel=1e-5)
