@@ -66,7 +66,8 @@ ROWS = {
     "tpe_percentile_e8": ["sweep.sampler=tpe", "sweep.pruner=percentile", "sweep.pruner_percentile=70",
                           "sweep.pruner_startup_trials=2", "trainer.eval_every=8"],
     # unpruned TPE with an eval every 8 steps: the same trials and objectives as tpe (evals do
-    # not touch training), and learning curves twice as fine for the replay below.
+    # not touch training), and learning curves twice as fine for the replay below. (Its wall
+    # time, 1560 s, was taken beside another training run on the same 2 cores.)
     "tpe_e8": ["sweep.sampler=tpe", "trainer.eval_every=8"],
     # Pruning on the eval loss at an eval every 8 steps: at step 8 every accuracy is at chance
     # while the losses already differ (the replay of tpe_e8's curves). Hyperband: 0.56x in the

@@ -321,8 +321,8 @@ class TrainerConfig:
     # LoRA's dropout fused into lora_A, SwiGLU keeping gate and up only, grouped-query
     # attention without repeated key/value heads on CPU. Not under privacy=dp.
     lean_activations: bool = True
-    # How the fused LoRA dropout draws its masks: fast (16 random bits an element, 4x fewer
-    # draws than torch's bernoulli_; rate round(65536 p) / 65536) | torch (bernoulli_, the
+    # How the fused LoRA dropout draws its masks: fast (16 random bits an element, a quarter
+    # of bernoulli_'s draws; rate round(65536 p) / 65536) | torch (bernoulli_, the
     # random stream of nn.Dropout: the same values as lean_activations=false)
     lean_dropout_rng: str = "fast"
     # torch.compile each transformer block in place (regional compilation: one compiled

@@ -137,6 +137,20 @@ def test_ner_quick(tmp_path):
                                                    "product"}
 
 
+def test_ab_quick(tmp_path):
+    """bench/ab.py on the tiny model: each value run in its own process, alternating, with
+    the override really applied (other dropout masks, other training losses)."""
+    proc = subprocess.run([sys.executable, "bench/ab.py", "trainer.lean_dropout_rng", "fast", "torch", "--model", "tiny",
+                           "--repeats", "1", "--steps", "3", "--precision", "fp32", "--layout", "padded",
+                           "--out", str(tmp_path)], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    result = json.loads((tmp_path / "ab-trainer.lean_dropout_rng.json").read_text())
+    assert [r["value"] for r in result["rows"]] == ["fast", "torch"]
+    assert all(r["tokens_per_second"] > 0 for r in result["rows"]) and set(result["mean_tokens_per_second"]) == {"fast", "torch"}
+    fast, torch_rng = (r["train_loss"] for r in result["rows"])
+    assert len(fast) == 3 and fast != torch_rng
+
+
 def test_sweep_quick(tmp_path):
     """bench/sweep.py --quick on the tiny model, 2 trials a search: the plain run, TPE, one
     pruned TPE row and the replay of TPE's curves (each search row is three interpreters, so
