@@ -220,3 +220,11 @@ def test_mask_bits_round_trip(numel):
     for dtype in (torch.float32, torch.bfloat16, torch.float64):
         like = torch.empty(numel, dtype=dtype)
         assert torch.equal(lean._unpack_noise(bits, like, 0.3), mask.to(dtype).div_(0.7))
+
+
+def test_unknown_dropout_rng_is_refused(tmp_path):
+    from distft.errors import ConfigError
+    from distft.trainer import check_config
+
+    with pytest.raises(ConfigError, match="trainer.lean_dropout_rng='bits': choose fast or torch"):
+        check_config(compose_cfg(tmp_path / "bad", [*TINY, "trainer.lean_dropout_rng=bits"]))
