@@ -70,7 +70,7 @@ ROWS = {
     # time, 1560 s, was taken beside another training run on the same 2 cores.)
     "tpe_e8": ["sweep.sampler=tpe", "trainer.eval_every=8"],
     # Pruning on the eval loss at an eval every 8 steps: at step 8 every accuracy is at chance
-    # while the losses already differ (the replay of tpe_e8's curves). Hyperband: 0.56x in the
+    # while the losses already differ (the replay of tpe_e8's curves). Hyperband: 0.54x in the
     # replay, but it stops trials 10 and 11 (TPE's good group for trial 12) and the real sweep
     # went elsewhere from trial 12 (best 0.7993). The median pruner keeps TPE's path (replay:
     # 0.63x, best unchanged).
@@ -162,17 +162,17 @@ def tpe_gamma(n: int) -> int:
     return min(math.ceil(0.1 * n), 25)
 
 
-def curves(folder: Path, trials, metric: str) -> dict:
+def curves(folder: Path, trials, metric: str, sign: int) -> dict:
     """Each trial's evals as its pruner saw them: `objective` the values in the study; `loss`
-    the trial's eval/loss (from its metrics.csv), negated when the study maximises, as
-    `sweep.prune_on=loss` reports it."""
+    the trial's eval/loss (from its metrics.csv), negated when the study maximises (sign 1),
+    as `sweep.prune_on=loss` reports it."""
     if metric == "objective":
         return {t.number: sorted(t.intermediate_values.items()) for t in trials}
     out = {}
     for t in trials:
         with open(Path(t.user_attrs["run_dir"]) / "metrics.csv") as f:
             rows = [r for r in csv.DictReader(f) if r.get("eval/loss")]
-        out[t.number] = [(int(r["step"]), -float(r["eval/loss"])) for r in rows if int(r["step"]) > 0]
+        out[t.number] = [(int(r["step"]), -sign * float(r["eval/loss"])) for r in rows if int(r["step"]) > 0]
     return out
 
 
@@ -222,7 +222,7 @@ def replay_row(out: Path, quick: bool, source: str = "tpe") -> dict:
                    if i == 0 or k == next((k2 for k2, v2 in pruners.items() if v2.get("prune_on") == "loss"), None)}
     for label, settings in pruners.items():
         cfg = OmegaConf.structured(SweepConfig(**settings))  # the rest at distft-sweep's defaults
-        seen = curves(folder, trials, cfg.prune_on)
+        seen = curves(folder, trials, cfg.prune_on, sign)
         # the sweep's own name: Hyperband puts a trial in a bracket by a hash of it and the number
         replay = optuna.create_study(study_name=study.study_name, direction=study.direction, pruner=build_pruner(cfg))
         steps, pruned = 0, {}
