@@ -218,11 +218,13 @@ def replay_row(out: Path, quick: bool, source: str = "tpe") -> dict:
     results = []
     pruners = REPLAY_E8 if source == "tpe_e8" else REPLAY
     if quick:  # the first pruner, and the first on the loss
-        pruners = {k: v for i, (k, v) in enumerate(pruners.items())
-                   if i == 0 or k == next((k2 for k2, v2 in pruners.items() if v2.get("prune_on") == "loss"), None)}
+        on_loss = next((k for k, v in pruners.items() if v.get("prune_on") == "loss"), None)
+        pruners = {k: v for i, (k, v) in enumerate(pruners.items()) if i == 0 or k == on_loss}
+    seen_as = {metric: curves(folder, trials, metric, sign) for metric in ("objective", "loss")
+               if any(v.get("prune_on", "objective") == metric for v in pruners.values())}
     for label, settings in pruners.items():
         cfg = OmegaConf.structured(SweepConfig(**settings))  # the rest at distft-sweep's defaults
-        seen = curves(folder, trials, cfg.prune_on, sign)
+        seen = seen_as[cfg.prune_on]
         # the sweep's own name: Hyperband puts a trial in a bracket by a hash of it and the number
         replay = optuna.create_study(study_name=study.study_name, direction=study.direction, pruner=build_pruner(cfg))
         steps, pruned = 0, {}

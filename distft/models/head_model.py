@@ -85,9 +85,9 @@ class MlpHeadForSequenceClassification(PreTrainedModel):
         last = attention_mask.sum(1).long() - 1  # right padding: the last real token
         return hidden[torch.arange(hidden.size(0), device=hidden.device), last]
 
-    def forward(self, input_ids=None, attention_mask=None, labels=None, **kwargs):
-        if attention_mask is None:
-            attention_mask = torch.ones_like(input_ids)
+    def features(self, input_ids, attention_mask, **kwargs) -> torch.Tensor:
+        """What the head reads: the pooled hidden states (of config.feature_layers, averaged,
+        if set), scaled to unit length with config.normalize."""
         layers = self.config.feature_layers
         out = self.backbone(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=bool(layers),
                             **kwargs)
@@ -96,7 +96,12 @@ class MlpHeadForSequenceClassification(PreTrainedModel):
         pooled = self.pool(hidden, attention_mask)
         if getattr(self.config, "normalize", False):
             pooled = nn.functional.normalize(pooled, dim=-1)
-        logits = self.head(pooled)
+        return pooled
+
+    def forward(self, input_ids=None, attention_mask=None, labels=None, **kwargs):
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        logits = self.head(self.features(input_ids, attention_mask, **kwargs))
         loss = None
         if labels is not None:
             loss = nn.functional.cross_entropy(logits.float(), labels)

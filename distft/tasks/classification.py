@@ -80,11 +80,8 @@ class ClassificationTask(Task):
         batch = tokenizer(texts, padding=True, return_tensors="pt")
         training = model.training
         model.eval()
-        hidden = model.backbone(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
+        pooled = model.features(batch["input_ids"], batch["attention_mask"]).float()
         model.train(training)
-        pooled = model.pool(hidden.float(), batch["attention_mask"])
-        if model.config.normalize:
-            pooled = F.normalize(pooled, dim=-1)
         linear = model.head[-1]
         linear.weight.copy_(self.cfg.label_text_scale * (pooled - pooled.mean(0, keepdim=True)))
         linear.bias.zero_()
