@@ -15,8 +15,9 @@ Measured per run, each in a fresh process, cases alternating A B A B:
 - non-pad tokens/s and steps/s over the optimizer steps after the first two (the time from
   the start of a step to the end of its optimizer update);
 - peak RSS of the process while training (sampled every 5 ms by a thread; the model load
-  before is not counted), and how much of it training added over the RSS at its start
-  (activations, gradients, optimizer state, logits), or the CUDA allocator's peak on GPU;
+  before is not counted; distft's eval at the last step, in its loop, is: HF's train() does
+  none), and how much of it training added over the RSS at its start (activations,
+  gradients, optimizer state, logits), or the CUDA allocator's peak on GPU;
 - held-out loss per target token after training, computed by the same function for both
   runners on the same 64 held-out examples.
 
@@ -134,8 +135,9 @@ def run_distft(case, run_dir: Path) -> dict:
     if trainer.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
     with PeakRSS() as rss:
-        # The peak of the training loop, as for the HF Trainer: distft's final evaluation
-        # and export (which HF's train() does not do) come after the sampling stops.
+        # The peak of the training loop: the eval at the last step is part of distft's loop
+        # and counted; the final export (which HF's train() does not do) comes after the
+        # sampling stops.
         finish = trainer.finish
 
         def finish_unsampled(stopped_early):

@@ -101,7 +101,7 @@ def check_config(cfg) -> Components:
     validate_schema(cfg)
     import_plugins(cfg.plugins)
     t = cfg.trainer
-    if t.batch_size < 1 or t.grad_accum < 1 or t.eval_batch_size < 1:
+    if t.batch_size < 1 or t.grad_accum < 1 or (t.eval_batch_size is not None and t.eval_batch_size < 1):
         raise ConfigError("trainer.batch_size, trainer.grad_accum and trainer.eval_batch_size must be >= 1")
     if t.max_steps == 0 or (t.max_steps < 0 and t.epochs <= 0):
         raise ConfigError("trainer.max_steps must be > 0, or -1 with trainer.epochs > 0")
@@ -629,7 +629,7 @@ class Trainer:
     def evaluate(self) -> Dict[str, float]:
         self.model.eval()
         sums: Dict[str, float] = {}
-        bs = self.cfg.trainer.eval_batch_size
+        bs = self.cfg.trainer.eval_batch_size or self.cfg.trainer.batch_size
         mine = self.val_examples[self.backend.rank :: self.backend.world_size]
         for i in range(0, len(mine), bs):
             batch = self._to_device(self.task.collate(mine[i : i + bs]))

@@ -195,3 +195,22 @@ def test_head_lr_needs_a_head(cfg_for):
 
     with pytest.raises(ConfigError, match="trainer.head_lr"):
         Trainer(cfg_for("trainer.head_lr=1e-2", "trainer.max_steps=1")).setup()
+
+
+@pytest.mark.parametrize("eval_batch, expected", [(None, 4), (7, 7)])
+def test_eval_batches_default_to_the_training_micro_batch(cfg_for, tmp_path, eval_batch, expected):
+    """Unset, trainer.eval_batch_size is the training micro-batch (an eval never holds more
+    activations than a training step); set, it is honoured; the metrics do not depend on it."""
+    extra = [] if eval_batch is None else [f"trainer.eval_batch_size={eval_batch}"]
+    cfg = cfg_for("trainer.max_steps=1", "trainer.batch_size=4", *extra)
+    cfg.run_dir = str(tmp_path / "run")
+    t = Trainer(cfg).setup()
+    sizes = []
+    hook = t.model.register_forward_pre_hook(lambda m, a, kw: sizes.append(len(kw["input_ids"])), with_kwargs=True)
+    metrics = t.evaluate()
+    hook.remove()
+    n = len(t.val_examples)
+    assert n > expected and sizes == [min(expected, n - i) for i in range(0, n, expected)]
+    whole = Trainer(cfg_for("trainer.max_steps=1", "trainer.batch_size=4", f"trainer.eval_batch_size={n}",
+                            f"run_dir={tmp_path / 'whole'}")).setup().evaluate()
+    assert metrics == pytest.approx(whole, rel=1e-5)
