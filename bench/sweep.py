@@ -79,7 +79,10 @@ ROWS = {
     "tpe_median_loss": ["sweep.sampler=tpe", "sweep.pruner=median", "sweep.pruner_startup_trials=2",
                         "sweep.prune_on=loss", "trainer.eval_every=8"],
     # Hyperband on the loss deciding from a trial's second eval (step 16): 0.60x in the
-    # replay, where at step 8 it had stopped trials 10 and 11.
+    # replay, where at step 8 it had stopped trials 10 and 11. Measured: 0.61x (617 steps)
+    # but best 0.8016 (-1.26): it stopped trial 7 at step 16 (0.784 run out), TPE went
+    # elsewhere from trial 8, and two trials at chance (0.51) ran out in Hyperband's late
+    # brackets. (Its wall time includes about 15 minutes paused, beside the test suite.)
     "tpe_hyperband_loss_w2": ["sweep.sampler=tpe", "sweep.pruner=hyperband", "sweep.prune_on=loss",
                               "sweep.pruner_warmup_evals=2", "trainer.eval_every=8"],
 }
