@@ -5,6 +5,7 @@ process through bench/vs_hf_trainer.py's runner; tokens/s, peak RSS and held-out
     python bench/ab.py trainer.lean_dropout_rng fast torch --repeats 3 --malloc tcmalloc
     python bench/ab.py trainer.frozen_in_bf16 true false          # bench/frozen_bf16_ab.py
     python bench/ab.py trainer.lean_dropout_rng fast torch --model tiny --repeats 1 --steps 3 --precision fp32  # smoke
+    python bench/ab.py malloc system tcmalloc     # the key `malloc`: the allocator (launch/malloc.sh), not a config key
 
 Writes bench/results/ab-<key>.json (the rows, each value's mean tokens/s, the machine).
 """
@@ -33,8 +34,8 @@ def run_ab(key: str, values, repeats: int, steps: int, out: Path, malloc: str = 
             case = {"name": f"{key.split('.')[-1]}-{value}", "runner": "distft", "model": model, "strategy": "lora",
                     "layout": layout, "precision": precision, "repeat": rep, "steps": steps, "batch": 8,
                     "max_length": 256, "seed": 0, "threads": 2, "train": str(train), "heldout": str(heldout),
-                    "out": str(scratch), "overrides": [f"{key}={value}"]}
-            r = vs.one_in_a_fresh_process(case, malloc)
+                    "out": str(scratch), "overrides": [] if key == "malloc" else [f"{key}={value}"]}
+            r = vs.one_in_a_fresh_process(case, value if key == "malloc" else malloc)
             if r is None:
                 raise SystemExit(f"the run with {key}={value} failed (output above)")
             rows.append({"value": value, "repeat": rep, "tokens_per_second": r["tokens_per_second"],
@@ -42,7 +43,7 @@ def run_ab(key: str, values, repeats: int, steps: int, out: Path, malloc: str = 
                          "train_loss": r.get("train_loss")})
             print(rows[-1], flush=True)
     mean = {v: statistics.mean(r["tokens_per_second"] for r in rows if r["value"] == v) for v in values}
-    result = {"machine": vs.machine_line(2), "model": model, "key": key, "layout": layout, "precision": precision, "malloc": malloc,
+    result = {"machine": vs.machine_line(2), "model": model, "key": key, "layout": layout, "precision": precision, "malloc": "each value" if key == "malloc" else malloc,
               "steps": steps, "command": "python " + " ".join([f"bench/{Path(sys.argv[0]).name}", *sys.argv[1:]]),
               "mean_tokens_per_second": mean, "rows": rows}
     (out / (name or f"ab-{key}.json")).write_text(json.dumps(result, indent=2))
