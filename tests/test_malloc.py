@@ -40,6 +40,8 @@ def test_launcher_runs_training_on_the_chosen_allocator(tmp_path, malloc):
         assert f"memory allocator: {choice}" in out, out[-3000:]
         if choice == "system":  # glibc, tuned by trainer.release_freed_memory (on by default)
             assert "memory allocator: system (glibc; freed blocks over 128 KiB go back to the OS)" in out
+        # the hint towards a faster allocator, on CPU with glibc's only
+        assert ("DISTFT_MALLOC=tcmalloc before a launcher" in out) == (choice == "system"), out[-3000:]
         runs[choice] = losses(run_dir)
     assert runs[malloc] == runs["system"]  # the allocator changes memory, not numbers
 
