@@ -201,8 +201,9 @@ class Trainer:
                      if self.freed_memory_released else "")
             if allocator == "system" and self.device.type == "cpu":
                 # bench/ab.py malloc system tcmalloc: 2.6x the tokens/s (README, Speed and memory).
-                log.info("on CPU, DISTFT_MALLOC=tcmalloc before a launcher (launch/malloc.sh) trained SmolLM2 "
-                         "LoRA 1.6-2.6x faster than glibc's malloc on an Intel Xeon with AMX")
+                log.info("on CPU, tcmalloc trained SmolLM2 LoRA 1.6-2.6x faster than glibc's malloc on an Intel "
+                         "Xeon with AMX: the launchers (scripts/train.sh, launch/*.sh, slurm/) preload it when it "
+                         "is installed (apt-get install libtcmalloc-minimal4; launch/malloc.sh)")
             precisions.report(self.precision, self.device.type)
         # Each rank composed its own config; a default run_dir holds a timestamp that may
         # differ between ranks, so all take rank 0's.

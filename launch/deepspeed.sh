@@ -12,7 +12,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-.venv/bin/python}
-source launch/malloc.sh  # DISTFT_MALLOC=tcmalloc|jemalloc: see there
+source launch/malloc.sh  # DISTFT_MALLOC=auto (tcmalloc when installed)|system|tcmalloc|jemalloc: see there
 ARGS=(--num_gpus "${NPROC:-2}" --no_local_rank --module)
 if [ -n "${HOSTFILE:-}" ]; then
   ARGS=(--hostfile "$HOSTFILE" --master_addr "${MASTER_ADDR:?set MASTER_ADDR to the address of the first node}"

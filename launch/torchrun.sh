@@ -13,7 +13,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-.venv/bin/python}
-source launch/malloc.sh  # DISTFT_MALLOC=tcmalloc|jemalloc: see there
+source launch/malloc.sh  # DISTFT_MALLOC=auto (tcmalloc when installed)|system|tcmalloc|jemalloc: see there
 NPROC=${NPROC:-2}
 NNODES=${NNODES:-1}
 if [ "$NNODES" -gt 1 ]; then

@@ -9,5 +9,5 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
-source launch/malloc.sh  # DISTFT_MALLOC=tcmalloc|jemalloc: see there
+source launch/malloc.sh  # DISTFT_MALLOC=auto (tcmalloc when installed)|system|tcmalloc|jemalloc: see there
 exec .venv/bin/distft-train --config-name quickstart "$@"

@@ -7,7 +7,7 @@ distft_setup() {
   # The checkout the job was submitted from (sbatch runs a copy of the script elsewhere).
   DISTFT_HOME=${DISTFT_HOME:-${SLURM_SUBMIT_DIR:-$PWD}}
   cd "$DISTFT_HOME" || { echo "distft: cannot cd to DISTFT_HOME=$DISTFT_HOME" >&2; exit 2; }
-  source launch/malloc.sh  # DISTFT_MALLOC=tcmalloc|jemalloc, exported to every node's step
+  source launch/malloc.sh  # DISTFT_MALLOC (default auto: tcmalloc when installed), exported to every node's step
   if [ -z "${PYTHON:-}" ]; then
     if [ -x .venv/bin/python ]; then PYTHON=$PWD/.venv/bin/python; else PYTHON=python3; fi
   fi

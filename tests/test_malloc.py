@@ -41,13 +41,46 @@ def test_launcher_runs_training_on_the_chosen_allocator(tmp_path, malloc):
         if choice == "system":  # glibc, tuned by trainer.release_freed_memory (on by default)
             assert "memory allocator: system (glibc; freed blocks over 128 KiB go back to the OS)" in out
         # the hint towards a faster allocator, on CPU with glibc's only
-        assert ("DISTFT_MALLOC=tcmalloc before a launcher" in out) == (choice == "system"), out[-3000:]
+        assert ("the launchers (scripts/train.sh, launch/*.sh, slurm/) preload it" in out) == (choice == "system"), \
+            out[-3000:]
         runs[choice] = losses(run_dir)
     assert runs[malloc] == runs["system"]  # the allocator changes memory, not numbers
 
 
+def sourced(script, env):
+    """LD_PRELOAD after sourcing a malloc.sh, and its exit status."""
+    proc = subprocess.run(["bash", "-c", f"source {script}; echo \"$LD_PRELOAD\""], cwd=ROOT, env=env,
+                          capture_output=True, text=True)
+    return proc.returncode, proc.stdout.strip(), proc.stderr
+
+
+def test_default_is_tcmalloc_when_installed_else_the_system_malloc(tmp_path):
+    env = malloc_env("tcmalloc")
+    rc, tcmalloc, err = sourced("launch/malloc.sh", env)
+    if rc != 0:
+        if os.environ.get("CI") == "true":
+            pytest.fail(f"CI must run the allocator tests: {err.strip()}")
+        pytest.skip(err.strip())
+    env.pop("DISTFT_MALLOC")
+    assert sourced("launch/malloc.sh", env)[:2] == (0, tcmalloc)  # unset = auto = tcmalloc here
+    assert sourced("launch/malloc.sh", {**env, "DISTFT_MALLOC": "auto"})[:2] == (0, tcmalloc)
+    # sourced twice (a launcher started by an sbatch script): preloaded once
+    assert sourced("launch/malloc.sh; source launch/malloc.sh", env)[:2] == (0, tcmalloc)
+    # an allocator the caller preloaded stays the only one
+    assert sourced("launch/malloc.sh", {**env, "LD_PRELOAD": "/opt/libjemalloc.so.2"})[:2] == \
+        (0, "/opt/libjemalloc.so.2")
+    # where the library is missing, auto falls back to the system's malloc without a word,
+    # while an explicit choice stops (the same script, looking for a library no system has)
+    missing = tmp_path / "malloc.sh"
+    missing.write_text((ROOT / "launch" / "malloc.sh").read_text()
+                       .replace("libtcmalloc_minimal.so.4", "libtcmalloc_nowhere.so.0"))
+    assert sourced(missing, env) == (0, "", "")
+    rc, _, err = sourced(missing, {**env, "DISTFT_MALLOC": "tcmalloc"})
+    assert rc == 2 and "libtcmalloc_nowhere.so.0 not found" in err, err
+
+
 @pytest.mark.parametrize("malloc,message", [
-    ("tcmalloc2", "choose system, tcmalloc, jemalloc or a path"),
+    ("tcmalloc2", "choose auto, system, tcmalloc, jemalloc or a path"),
     ("/nowhere/libtcmalloc.so", "not found"),
 ])
 def test_bad_choice_is_refused_before_starting(tmp_path, malloc, message):
