@@ -371,12 +371,19 @@ class SweepConfig:
     n_trials: Optional[int] = None  # trials of the whole study (all workers); grid: every point, this is ignored
     # tpe / gp: random trials before the model-based ones; tpe default min(10, max(2, n_trials // 3)), gp 10
     startup_trials: Optional[int] = None
-    pruner: str = "none"  # none | median | percentile | hyperband
+    pruner: str = "none"  # none | median | percentile | successive_halving | hyperband
     pruner_startup_trials: int = 4  # median, percentile: trials that finish before any is pruned
     # percentile: a trial goes on while its best eval so far is in the top this-many percent of
     # the other trials' evals at the same step (50: the median pruner; 70 prunes only the bottom 30%)
     pruner_percentile: float = 50.0
     pruner_warmup_evals: int = 1  # a trial can be pruned from its n-th eval on (never at its last step)
+    # successive_halving (asynchronous, ASHA; Optuna's SuccessiveHalvingPruner): rungs at
+    # min_resource * reduction_factor^(k + min_early_stopping_rate) steps; at each a trial goes
+    # on only while in the top 1/reduction_factor of the trials that reached it.
+    # min_resource null: trainer.eval_every (the first eval). hyperband keeps Optuna's defaults.
+    pruner_min_resource: Optional[int] = None
+    pruner_reduction_factor: int = 3
+    pruner_min_early_stopping_rate: int = 0
     # What each eval reports to the pruner: objective (task.metric, what the trial is ranked
     # by) | loss (the eval loss, negated when the study maximises: early in training a loss
     # tells trials apart while an accuracy can sit at chance for all of them).

@@ -51,7 +51,7 @@ log = logging.getLogger("distft.sweep")
 
 TRIAL_ENV = "DISTFT_SWEEP_TRIAL"  # set for a trial's processes: {"dir", "study", "trial_id", "number"}
 SAMPLERS = ("tpe", "gp", "random", "grid")
-PRUNERS = ("none", "median", "percentile", "hyperband")
+PRUNERS = ("none", "median", "percentile", "successive_halving", "hyperband")
 _SPEC_KEYS = {"type", "low", "high", "log", "step", "choices", "values"}
 _NOT_FOUND = object()
 
@@ -185,7 +185,7 @@ class Sweep:
             raise ConfigError(f"sweep.sampler={s.sampler}: one of {', '.join(SAMPLERS)}")
         if s.pruner not in PRUNERS:
             raise ConfigError(f"sweep.pruner={s.pruner}: one of {', '.join(PRUNERS)}")
-        build_pruner(s)  # its own settings refused here, before any trial
+        build_pruner(s, cfg.trainer.eval_every)  # its own settings refused here, before any trial
         if s.prune_on not in ("objective", "loss"):
             raise ConfigError(f"sweep.prune_on={s.prune_on}: objective (task.metric, {cfg.task.metric}) or loss")
         if s.pruner != "none" and cfg.trainer.eval_every <= 0:
@@ -612,7 +612,7 @@ def attach_trial(trainer) -> None:
     study = trial = None
     if trainer.backend.is_main:
         study = optuna.load_study(study_name=spec["study"], storage=storage(Path(spec["dir"])),
-                                  pruner=build_pruner(cfg.sweep))
+                                  pruner=build_pruner(cfg.sweep, cfg.trainer.eval_every))
         trial = optuna.trial.Trial(study, spec["trial_id"])
 
     def report(step: int, metrics: Dict[str, float]) -> bool:
@@ -644,10 +644,11 @@ def tpe_startup(n_trials: int, startup_trials: Optional[int]) -> int:
     return min(10, max(2, n_trials // 3)) if startup_trials is None else startup_trials
 
 
-def build_pruner(s):
+def build_pruner(s, eval_every: Optional[int] = None):
     """The sweep's pruner, never pruning before a trial's sweep.pruner_warmup_evals-th eval
     (Optuna's own warm-up counts steps; a sweep over batch size or epochs puts its evals at
-    different steps)."""
+    different steps). `eval_every`: the trials' trainer.eval_every, successive halving's
+    first rung unless sweep.pruner_min_resource says otherwise."""
     import optuna
 
     if s.pruner == "none":
@@ -662,6 +663,19 @@ def build_pruner(s):
             raise ConfigError(f"sweep.pruner_percentile={s.pruner_percentile}: the share of trials kept at each "
                               "eval, in percent: above 0 and at most 100 (50 is the median pruner)")
         inner = optuna.pruners.PercentilePruner(s.pruner_percentile, n_startup_trials=s.pruner_startup_trials)
+    elif s.pruner == "successive_halving":
+        rung = s.get("pruner_min_resource")
+        rung = rung if rung is not None else (eval_every if eval_every and eval_every > 0 else "auto")
+        factor, rate = s.get("pruner_reduction_factor", 3), s.get("pruner_min_early_stopping_rate", 0)
+        if rung != "auto" and rung < 1:
+            raise ConfigError(f"sweep.pruner_min_resource={rung}: the first rung's step, at least 1 "
+                              "(null: trainer.eval_every)")
+        if factor < 2:
+            raise ConfigError(f"sweep.pruner_reduction_factor={factor}: at least 2 (a rung keeps 1/factor of the trials)")
+        if rate < 0:
+            raise ConfigError(f"sweep.pruner_min_early_stopping_rate={rate} cannot be negative")
+        inner = optuna.pruners.SuccessiveHalvingPruner(min_resource=rung, reduction_factor=factor,
+                                                       min_early_stopping_rate=rate)
     else:
         inner = optuna.pruners.HyperbandPruner()
 

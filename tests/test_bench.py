@@ -185,7 +185,7 @@ def test_every_sweep_row_composes(tmp_path):
             params = sweep.parse_space(cfg)
             assert params, name
             sweep.check_trial_configs(params, overrides)
-            sweep.build_pruner(cfg.sweep)
+            sweep.build_pruner(cfg.sweep, cfg.trainer.eval_every)
             if name == "grid" and quick:
                 assert [p.grid() for p in params] == [[1e-3, 1e-2]]
 

@@ -216,6 +216,42 @@ def test_percentile_pruner_keeps_the_given_share_of_trials():
                                            "pruner_startup_trials": 4, "pruner_warmup_evals": 1}))
 
 
+def test_successive_halving_keeps_the_top_of_each_rung():
+    """ASHA: at its first rung (trainer.eval_every's step unless pruner_min_resource is set) a
+    trial goes on only in the top 1/reduction_factor of the trials that reached it."""
+    import optuna
+    from omegaconf import OmegaConf
+
+    from distft.errors import ConfigError
+    from distft.sweep import build_pruner
+
+    def decision(value, eval_every=4, **settings):
+        s = OmegaConf.create({"pruner": "successive_halving", "pruner_startup_trials": 4, "pruner_warmup_evals": 1,
+                              **settings})
+        study = optuna.create_study(direction="maximize", pruner=build_pruner(s, eval_every))
+        rung_at_4 = settings.get("pruner_min_resource", eval_every) == 4
+        for v in (0.9, 0.8, 0.7):
+            t = study.ask()
+            t.report(v, 4)
+            decided = t.should_prune()
+            assert decided == (v != 0.9 and rung_at_4)  # the first is the best at the rung so far
+            study.tell(t, v)
+        t = study.ask()
+        t.report(value, 4)
+        return t.should_prune()
+
+    assert decision(0.75) and not decision(0.95)  # 4 at the rung: the best one goes on
+    assert decision(0.75, pruner_reduction_factor=2) and not decision(0.85, pruner_reduction_factor=2)  # top 2
+    assert not decision(0.75, pruner_min_resource=8)  # the first rung is at step 8: nothing decided at 4
+    assert not decision(0.75, eval_every=8)
+    for bad, message in (({"pruner_reduction_factor": 1}, "sweep.pruner_reduction_factor=1: at least 2"),
+                         ({"pruner_min_resource": 0}, "sweep.pruner_min_resource=0: the first rung's step"),
+                         ({"pruner_min_early_stopping_rate": -1}, "cannot be negative")):
+        with pytest.raises(ConfigError, match=message):
+            build_pruner(OmegaConf.create({"pruner": "successive_halving", "pruner_startup_trials": 4,
+                                           "pruner_warmup_evals": 1, **bad}), 4)
+
+
 @pytest.mark.parametrize("override,message", [
     ("sweep.space.trainer.lrr={type:float,low:1e-4,high:1e-2}", "sweep.space.trainer.lrr: no key trainer.lrr"),
     ("sweep.space.trainer.lr={type:float,low:1e-2,high:1e-2}", "sweep.space.trainer.lr: empty range"),
