@@ -121,6 +121,48 @@ def test_ranks_agree_on_the_number_of_output_layer_calls():
     tap.remove()
 
 
+def test_frozen_output_layer_is_cast_once_under_autocast():
+    """Under bf16 autocast a frozen fp32 output layer (LoRA's tied embedding) is cast once
+    for all the chunks instead of by each chunk's call: the same loss, gradients and eval
+    sums, bit for bit, as calling the layer chunk by chunk (the path sharded parameters
+    take), without the per-chunk calls."""
+    model = get_peft_model(tiny_llama(True), LoraConfig(r=4, target_modules=["q_proj", "v_proj"], lora_dropout=0.0))
+    for n, p in model.named_parameters():
+        if "lora_B" in n:
+            torch.nn.init.normal_(p, std=0.1)
+    ids, mask, labels = batch()
+    tap = chunked_loss.HiddenStateTap(model)
+    head = tap.head
+    assert not head.weight.requires_grad and head.weight.dtype == torch.float32
+    calls = []
+    counted = head.register_forward_pre_hook(lambda module, args: calls.append(args[0].shape[0]))
+
+    def run(agree):
+        model.zero_grad()
+        calls.clear()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            model(input_ids=ids, attention_mask=mask, logits_to_keep=1)
+            loss = chunked_loss.loss_sum(tap.take(), head, labels, chunk=7, agree=agree)
+        loss.backward()
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+            model(input_ids=ids, attention_mask=mask, logits_to_keep=1)
+            sums = chunked_loss.eval_sums(tap.take(), head, labels, chunk=7, agree=agree)
+        return loss.detach(), grads(model), sums, len(calls)
+
+    loss, g, sums, once = run(None)
+    loss2, g2, sums2, each = run(lambda n: n)  # as where parameters are sharded: the module per chunk
+    assert loss == loss2 and sums == sums2
+    assert g.keys() == g2.keys() and g and all(torch.equal(g[k], g2[k]) for k in g)
+    chunks = -(-int((labels[:, 1:] != IGNORE).sum()) // 7)
+    assert once == 2 and each == 2 + 3 * chunks  # the two model forwards; then forward, recompute, eval
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert chunked_loss._cast_once(head, torch.zeros(1, 32), sharded=False).dtype == torch.bfloat16
+        assert chunked_loss._cast_once(head, torch.zeros(1, 32), sharded=True) is None
+    assert chunked_loss._cast_once(head, torch.zeros(1, 32), sharded=False) is None  # no autocast: as is
+    counted.remove()
+    tap.remove()
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("extra", [[], ["task=instruction", "data.packing=true"]], ids=["causal_lm", "instruction-packed"])
 def test_training_run_matches_full_logits(tmp_path, reference, extra):
