@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import time
 from pathlib import Path
@@ -81,9 +80,8 @@ def main() -> int:
     ap.add_argument("--threads", type=int, default=vs.default_threads(), help=vs.default_threads.__doc__)
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--out", default=str(ROOT / "bench" / "results"))
-    ap.add_argument("--malloc", default=os.environ.get("DISTFT_MALLOC", "system"),
-                    help="allocator of every run: system, tcmalloc, jemalloc (launch/malloc.sh); on an AMX Xeon "
-                         "tcmalloc ran LoRA packed bf16 2.6x faster than glibc's (bench/ab.py malloc system tcmalloc)")
+    vs.add_malloc_arg(ap, "allocator of every run: system, tcmalloc, jemalloc (launch/malloc.sh); on an AMX Xeon "
+                          "tcmalloc ran LoRA packed bf16 2.6x faster than glibc's (bench/ab.py malloc system tcmalloc)")
     args = ap.parse_args()
     if not vs.ALPACA.is_file():
         print(f"{vs.ALPACA} not found: this benchmark needs ../shared/data beside the checkout", file=sys.stderr)

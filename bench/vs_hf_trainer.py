@@ -264,6 +264,12 @@ def machine_line(threads: int) -> str:
             + (f", GPU {torch.cuda.get_device_name()}" if torch.cuda.is_available() else ""))
 
 
+def add_malloc_arg(ap, help: str) -> None:
+    """--malloc: the allocator `one_in_a_fresh_process` starts runs on; DISTFT_MALLOC, else
+    the system's (a benchmark names its allocator rather than take the launchers' auto)."""
+    ap.add_argument("--malloc", default=os.environ.get("DISTFT_MALLOC", "system"), help=help)
+
+
 def one_in_a_fresh_process(case, malloc: str = "system"):
     """One case in its own process, started through launch/malloc.sh as distft's launchers
     start training, so both runners get the same allocator; None (output printed) if it failed."""
@@ -436,8 +442,7 @@ def main() -> int:
                     help="run the cases in this process instead of a fresh one each (no allocator choice; "
                          "memory figures then carry the earlier cases' leftovers)")
     ap.add_argument("--out", default=str(ROOT / "bench" / "results"))
-    ap.add_argument("--malloc", default=os.environ.get("DISTFT_MALLOC", "system"),
-                    help="allocator of every run, both runners alike: system, tcmalloc, jemalloc (launch/malloc.sh)")
+    add_malloc_arg(ap, "allocator of every run, both runners alike: system, tcmalloc, jemalloc (launch/malloc.sh)")
     ap.add_argument("--one", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.one:

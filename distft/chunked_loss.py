@@ -82,15 +82,15 @@ def why_not(model, backend: str) -> Optional[str]:
     return None
 
 
-def _chunk_loss(head, hidden, targets):
-    # The layer is called as a module, not through its weight: under ZeRO-3 the weight is a
-    # shard outside a module call, and the call's hooks gather it (Backend.call_outside_forward
-    # keeps it gathered for the backward's recomputation).
-    return F.cross_entropy(head(hidden).float(), targets, reduction="sum")
+def _logits(head, weight: Optional[torch.Tensor], hidden: torch.Tensor) -> torch.Tensor:
+    # Without a cast weight the layer is called as a module, not through its weight: under
+    # ZeRO-3 the weight is a shard outside a module call, and the call's hooks gather it
+    # (Backend.call_outside_forward keeps it gathered for the backward's recomputation).
+    return (head(hidden) if weight is None else F.linear(hidden, weight, head.bias)).float()
 
 
-def _chunk_loss_cast(weight, bias, hidden, targets):
-    return F.cross_entropy(F.linear(hidden, weight, bias).float(), targets, reduction="sum")
+def _chunk_loss(head, weight, hidden, targets):
+    return F.cross_entropy(_logits(head, weight, hidden), targets, reduction="sum")
 
 
 def _cast_once(head, hidden: torch.Tensor, sharded: bool) -> Optional[torch.Tensor]:
@@ -132,12 +132,8 @@ def loss_sum(hidden: torch.Tensor, head: torch.nn.Linear, labels: torch.Tensor, 
     total = hidden.new_zeros((), dtype=torch.float32)
     weight = _cast_once(head, rows, agree is not None)
     for i in _chunks(rows.shape[0], chunk, agree):
-        if weight is None:
-            part = checkpoint(_chunk_loss, head, rows[i:i + chunk], targets[i:i + chunk], use_reentrant=False)
-        else:
-            part = checkpoint(_chunk_loss_cast, weight, head.bias, rows[i:i + chunk], targets[i:i + chunk],
-                              use_reentrant=False)
-        total = total + part
+        total = total + checkpoint(_chunk_loss, head, weight, rows[i:i + chunk], targets[i:i + chunk],
+                                   use_reentrant=False)
     return total
 
 
@@ -148,7 +144,7 @@ def eval_sums(hidden: torch.Tensor, head: torch.nn.Linear, labels: torch.Tensor,
     loss, correct = 0.0, 0
     weight = _cast_once(head, rows, agree is not None)
     for i in _chunks(rows.shape[0], chunk, agree):
-        logits = (head(rows[i:i + chunk]) if weight is None else F.linear(rows[i:i + chunk], weight, head.bias)).float()
+        logits = _logits(head, weight, rows[i:i + chunk])
         loss += float(F.cross_entropy(logits, targets[i:i + chunk], reduction="sum"))
         correct += int((logits.argmax(-1) == targets[i:i + chunk]).sum())
     return {"loss_sum": loss, "correct": float(correct), "count": float(targets.numel())}
