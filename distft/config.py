@@ -371,7 +371,7 @@ class SweepConfig:
     n_trials: Optional[int] = None  # trials of the whole study (all workers); grid: every point, this is ignored
     # tpe / gp: random trials before the model-based ones; tpe default min(10, max(2, n_trials // 3)), gp 10
     startup_trials: Optional[int] = None
-    pruner: str = "none"  # none | median | percentile | successive_halving | hyperband
+    pruner: str = "none"  # none | median | percentile | successive_halving | hyperband | threshold
     pruner_startup_trials: int = 4  # median, percentile: trials that finish before any is pruned
     # percentile: a trial goes on while its best eval so far is in the top this-many percent of
     # the other trials' evals at the same step (50: the median pruner; 70 prunes only the bottom 30%)
@@ -384,6 +384,11 @@ class SweepConfig:
     pruner_min_resource: Optional[int] = None
     pruner_reduction_factor: int = 3
     pruner_min_early_stopping_rate: int = 0
+    # threshold (Optuna's ThresholdPruner): a trial stops at its first eval worse than this
+    # value, whatever the other trials did: above it for the loss (prune_on=loss) or a
+    # minimised objective, below it for a maximised one. E.g. 0.68 with prune_on=loss stops
+    # the binary classifiers still at chance (ln 2 = 0.693); pruner_warmup_evals says when.
+    pruner_threshold: Optional[float] = None
     # What each eval reports to the pruner: objective (task.metric, what the trial is ranked
     # by) | loss (the eval loss, negated when the study maximises: early in training a loss
     # tells trials apart while an accuracy can sit at chance for all of them).

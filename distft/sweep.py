@@ -51,7 +51,7 @@ log = logging.getLogger("distft.sweep")
 
 TRIAL_ENV = "DISTFT_SWEEP_TRIAL"  # set for a trial's processes: {"dir", "study", "trial_id", "number"}
 SAMPLERS = ("tpe", "gp", "random", "grid")
-PRUNERS = ("none", "median", "percentile", "successive_halving", "hyperband")
+PRUNERS = ("none", "median", "percentile", "successive_halving", "hyperband", "threshold")
 _SPEC_KEYS = {"type", "low", "high", "log", "step", "choices", "values"}
 _NOT_FOUND = object()
 
@@ -186,6 +186,9 @@ class Sweep:
         if s.pruner not in PRUNERS:
             raise ConfigError(f"sweep.pruner={s.pruner}: one of {', '.join(PRUNERS)}")
         build_pruner(s, cfg.trainer.eval_every)  # its own settings refused here, before any trial
+        if s.get("pruner_threshold") is not None and s.pruner != "threshold":
+            raise ConfigError(f"sweep.pruner_threshold={s.pruner_threshold} is the threshold pruner's, and "
+                              f"sweep.pruner={s.pruner}: set sweep.pruner=threshold or drop the threshold")
         if s.prune_on not in ("objective", "loss"):
             raise ConfigError(f"sweep.prune_on={s.prune_on}: objective (task.metric, {cfg.task.metric}) or loss")
         if s.pruner != "none" and cfg.trainer.eval_every <= 0:
@@ -676,6 +679,29 @@ def build_pruner(s, eval_every: Optional[int] = None):
             raise ConfigError(f"sweep.pruner_min_early_stopping_rate={rate} cannot be negative")
         inner = optuna.pruners.SuccessiveHalvingPruner(min_resource=rung, reduction_factor=factor,
                                                        min_early_stopping_rate=rate)
+    elif s.pruner == "threshold":
+        limit = s.get("pruner_threshold")
+        on_loss = s.get("prune_on", "objective") == "loss"
+        if limit is None or not math.isfinite(limit):
+            raise ConfigError(f"sweep.pruner=threshold needs sweep.pruner_threshold (a finite number), not {limit}: "
+                              "a trial stops at the first eval worse than it")
+        if on_loss and limit <= 0:
+            raise ConfigError(f"sweep.pruner_threshold={limit} with sweep.prune_on=loss: a loss is never below 0, so "
+                              "every trial would stop at its first eval (a classifier at chance has loss ln(classes))")
+
+        class Threshold(optuna.pruners.BasePruner):
+            """Optuna's ThresholdPruner on the side the study's direction makes worse: a loss
+            (negated when the study maximises) or a minimised objective above the limit, a
+            maximised objective below it. Its bound needs the direction, known per study."""
+
+            def prune(self, study, trial) -> bool:
+                if study.direction == optuna.study.StudyDirection.MAXIMIZE:
+                    bound = optuna.pruners.ThresholdPruner(lower=-limit if on_loss else limit)
+                else:
+                    bound = optuna.pruners.ThresholdPruner(upper=limit)
+                return bound.prune(study, trial)
+
+        inner = Threshold()
     else:
         inner = optuna.pruners.HyperbandPruner()
 

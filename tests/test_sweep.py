@@ -252,6 +252,39 @@ def test_successive_halving_keeps_the_top_of_each_rung():
                                            "pruner_warmup_evals": 1, **bad}), 4)
 
 
+def test_threshold_pruner_stops_what_is_worse_than_the_limit_in_the_studys_direction():
+    """sweep.pruner=threshold: no comparison with other trials; a trial stops at its first
+    eval past the limit, on the side the direction makes worse (the loss reported negated
+    when the study maximises, as attach_trial reports it), from the warm-up eval on."""
+    import optuna
+    from omegaconf import OmegaConf
+
+    from distft.errors import ConfigError
+    from distft.sweep import build_pruner
+
+    def decision(values, direction="maximize", prune_on="loss", limit=0.68, warmup_evals=1):
+        s = OmegaConf.create({"pruner": "threshold", "pruner_threshold": limit, "prune_on": prune_on,
+                              "pruner_startup_trials": 4, "pruner_warmup_evals": warmup_evals})
+        study = optuna.create_study(direction=direction, pruner=build_pruner(s, 8))
+        t = study.ask()
+        for i, v in enumerate(values):
+            t.report(v, 8 * (i + 1))
+        return t.should_prune()
+
+    assert decision([-0.6931]) and not decision([-0.6514])  # a loss of 0.693 is above 0.68: at chance
+    assert decision([0.6931], direction="minimize") and not decision([0.6514], direction="minimize")
+    assert not decision([-0.6931], warmup_evals=2) and decision([-0.6931, -0.6925], warmup_evals=2)
+    assert not decision([-0.6931, -0.61], warmup_evals=2)  # judged at the latest eval
+    assert decision([0.51], prune_on="objective", limit=0.6) and not decision([0.74], prune_on="objective", limit=0.6)
+    assert decision([0.9], direction="minimize", prune_on="objective", limit=0.6)
+    for bad, message in (({}, "sweep.pruner=threshold needs sweep.pruner_threshold"),
+                         ({"pruner_threshold": float("nan")}, "needs sweep.pruner_threshold"),
+                         ({"pruner_threshold": 0.0, "prune_on": "loss"}, "a loss is never below 0")):
+        with pytest.raises(ConfigError, match=message):
+            build_pruner(OmegaConf.create({"pruner": "threshold", "pruner_startup_trials": 4,
+                                           "pruner_warmup_evals": 1, **bad}), 8)
+
+
 @pytest.mark.parametrize("override,message", [
     ("sweep.space.trainer.lrr={type:float,low:1e-4,high:1e-2}", "sweep.space.trainer.lrr: no key trainer.lrr"),
     ("sweep.space.trainer.lr={type:float,low:1e-2,high:1e-2}", "sweep.space.trainer.lr: empty range"),
@@ -260,6 +293,8 @@ def test_successive_halving_keeps_the_top_of_each_rung():
     ("sweep.space.trainer.batch_size={type:float,low:2.5,high:8.5}", "the sweep's space gives an invalid config"),
     ("sweep.sampler=annealing", "sweep.sampler=annealing: one of tpe, gp, random, grid"),
     ("sweep.prune_on=accuracy", "sweep.prune_on=accuracy: objective (task.metric, loss) or loss"),
+    ("sweep.pruner=threshold", "sweep.pruner=threshold needs sweep.pruner_threshold"),
+    ("sweep.pruner_threshold=0.68", "is the threshold pruner's, and sweep.pruner=none"),
 ])
 def test_bad_space_is_refused_before_any_trial(tmp_path, override, message):
     folder = tmp_path / "bad"
