@@ -3,6 +3,7 @@
     python bench/sweep.py             # every row below (about an hour on 2 CPU cores)
     python bench/sweep.py --rows tpe  # some rows (rows of earlier invocations are kept)
     python bench/sweep.py --quick     # the tiny model on generated data, 2 trials a row: a smoke run
+    python bench/sweep.py --report    # sweep.md again from sweep.json
 
 Every row is `distft-sweep sweep=lora_sst2` (conf/sweep/lora_sst2.yaml: 2,000 training
 examples, the 872 validation, max length 64, one epoch at batch 32, an eval every 16 steps)
@@ -21,6 +22,8 @@ with the same budget of 16 trials:
   finer learning curves, losses included, for replay_tpe_e8);
 - tpe_hyperband_loss, tpe_median_loss, tpe_asha_loss: pruners deciding on the eval loss
   (sweep.prune_on=loss) at an eval every 8 steps;
+- tpe_threshold_loss: no comparison between trials: a trial stops from its second eval on
+  while its eval loss is above 0.68 (still at chance);
 - replay (no training): tpe's recorded learning curves fed to several pruners, what each
   would have saved and whether the sweep would have kept its path and best, and the fewest
   steps any pruner deciding at these evals could use without changing the path;
@@ -67,13 +70,15 @@ ROWS = {
                           "sweep.pruner_startup_trials=2", "trainer.eval_every=8"],
     # unpruned TPE with an eval every 8 steps: the same trials and objectives as tpe (evals do
     # not touch training), and learning curves twice as fine for the replay below. (Its wall
-    # time, 1560 s, was taken beside another training run on the same 2 cores.)
+    # time at cef297a, 1246 s, includes about 5 minutes of two trials slowed ~14x by another
+    # training process on the same 2 cores: two processes of 2 threads each on 2 cores.)
     "tpe_e8": ["sweep.sampler=tpe", "trainer.eval_every=8"],
     # Pruning on the eval loss at an eval every 8 steps: at step 8 every accuracy is at chance
     # while the losses already differ (the replay of tpe_e8's curves). Hyperband: 0.54x in the
     # replay, but it stops trials 10 and 11 (TPE's good group for trial 12) and the real sweep
     # went elsewhere from trial 12 (best 0.7993). The median pruner keeps TPE's path (replay:
-    # 0.63x, best unchanged).
+    # 0.63x, best unchanged; measured then: 640 steps, 0.63x, best kept). Rerun at cef297a:
+    # 506 steps (0.50x), best 0.8108, TPE's own.
     "tpe_hyperband_loss": ["sweep.sampler=tpe", "sweep.pruner=hyperband", "sweep.prune_on=loss",
                            "trainer.eval_every=8"],
     "tpe_median_loss": ["sweep.sampler=tpe", "sweep.pruner=median", "sweep.pruner_startup_trials=2",
@@ -89,14 +94,25 @@ ROWS = {
     # eval, times Optuna's reduction factor 3): at each a trial goes on only in the top third
     # of those that reached it. Chosen from replay_tpe_e8 (the only pruner there under 0.6x
     # that leaves TPE's path as it was: 0.57x, best kept), so this row tests that replay.
-    # Measured: 0.45x (451 steps) but best 0.8016 (-1.26), the same trial 4 as
-    # tpe_hyperband_loss_w2. The replay's path rested on noise: at step 8 most trials sit at
-    # chance (eval loss 0.6925-0.6934), and this machine's curves differ from tpe_e8's
-    # (recorded earlier, another machine and commit) in the fifth digit (trial 0: 0.692477
-    # here, 0.692497 there; trial 1: 0.692555, 0.692473), enough to swap trials 0 and 1 at
-    # the first rung: trial 1 stopped at step 8 instead of 24, and TPE went elsewhere.
+    # Measured: 0.45x (451 steps) but best 0.8016 (-1.26 against tpe as recorded then), the
+    # same trial 4 as tpe_hyperband_loss_w2. Why the replay misled: tpe_e8's curves were
+    # recorded before 6ba7864 changed how the fused LoRA dropout draws its masks, and this row
+    # ran after it. At step 8 most trials sit at chance (eval loss 0.6925-0.6934), where the
+    # other masks moved the losses in the fifth digit (trial 1: 0.692555 here, 0.692473 there),
+    # enough to swap trials 0 and 1 at the first rung; trial 4 itself ends at 0.8016 instead of
+    # 0.7913 (trial 4 rerun with trainer.lean_dropout_rng=torch gives tpe_e8's curve to the
+    # fourth digit). tpe, tpe_e8, grid and tpe_median_loss were rerun on today's code after.
     "tpe_asha_loss": ["sweep.sampler=tpe", "sweep.pruner=successive_halving", "sweep.prune_on=loss",
                       "trainer.eval_every=8"],
+    # A threshold instead of a comparison: from a trial's second eval (step 16) on, it stops
+    # while its eval loss is above 0.68, i.e. still at chance (ln 2 = 0.693). Chosen from the
+    # replay of tpe_e8's curves as recorded before 6ba7864 (0.59x, path and best unchanged):
+    # there the losses at step 16 were either 0.69-0.71 (eight trials) or 0.55-0.65, so no
+    # decision rested on the fifth digit. Measured: 0.44x (444 steps), best 0.8108, the same
+    # trial and objective as unpruned TPE rerun on the same code (tpe, tpe_e8: 1008 steps,
+    # best 0.8108); the replay of that rerun's curves gives the same 444 steps.
+    "tpe_threshold_loss": ["sweep.sampler=tpe", "sweep.pruner=threshold", "sweep.pruner_threshold=0.68",
+                           "sweep.prune_on=loss", "sweep.pruner_warmup_evals=2", "trainer.eval_every=8"],
 }
 # replay: no training; the unpruned TPE sweep's recorded learning curves (its evals, in the
 # study) fed trial by trial to each pruner below, as `distft-sweep` builds it.
@@ -121,6 +137,9 @@ REPLAY_E8 = {
         ("percentile 70, 2 startup", {"pruner": "percentile", "pruner_percentile": 70.0, "pruner_startup_trials": 2}),
         ("hyperband", {"pruner": "hyperband"}),
         ("successive halving", {"pruner": "successive_halving"}))}
+REPLAY_E8.update({f"threshold: loss above 0.68{', from step ' + str(8 * warm) if warm > 1 else ''}":
+                  {"pruner": "threshold", "pruner_threshold": 0.68, "prune_on": "loss", "pruner_warmup_evals": warm}
+                  for warm in (1, 2)})
 ORDER = ["default", *ROWS, "replay", "replay_tpe_e8"]
 # --quick: the tiny model on generated data (seconds per trial).
 QUICK = ["sweep=tiny_lr", "sweep.n_trials=2", "trainer.max_steps=8", "trainer.eval_every=4", "trainer.save_every=0",
@@ -142,7 +161,24 @@ QUICK_ROWS = {"grid": ["sweep.sampler=grid", "sweep.space.trainer.warmup_ratio=n
               "tpe_hyperband_loss_w2": ["sweep.sampler=tpe", "sweep.pruner=hyperband", "sweep.prune_on=loss",
                                         "sweep.pruner_warmup_evals=2", "trainer.eval_every=2"],
               "tpe_asha_loss": ["sweep.sampler=tpe", "sweep.pruner=successive_halving", "sweep.prune_on=loss",
-                                "trainer.eval_every=2"]}
+                                "trainer.eval_every=2"],
+              "tpe_threshold_loss": ["sweep.sampler=tpe", "sweep.pruner=threshold", "sweep.pruner_threshold=8.0",
+                                     "sweep.prune_on=loss", "sweep.pruner_warmup_evals=2", "trainer.eval_every=2"]}
+
+
+# Commits that changed what a trial trains to (its numbers, not only its speed). A row
+# recorded before one of them carries `reference`, the unpruned TPE sweep of its own code, and
+# is compared with that instead of today's tpe row.
+TRAINING_CHANGES = {"6ba7864": "the fused LoRA dropout's masks drawn from 16 random bits an element, "
+                               "trainer.lean_dropout_rng=fast"}
+
+
+def recorded() -> str:
+    """The commit a row is measured at, with "+changes" when distft/ or conf/ differ from it."""
+    def git(*a):
+        return subprocess.run(["git", *a], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+    head = git("rev-parse", "--short=7", "HEAD") or "unknown"
+    return head + ("+changes" if git("status", "--porcelain", "--", "distft", "conf") else "")
 
 
 def base(quick: bool) -> list:
@@ -164,6 +200,7 @@ def sweep_row(name: str, out: Path, quick: bool) -> dict:
     shutil.rmtree(folder, ignore_errors=True)
     args = [*base(quick), *(QUICK_ROWS if quick else ROWS)[name], f"sweep.dir={folder}"]
     print("$ distft-sweep " + show(args), flush=True)
+    code = recorded()
     started = time.time()
     subprocess.run([sys.executable, "-m", "distft.sweep", *args], cwd=ROOT, check=True,
                    env={**os.environ, "WANDB_MODE": "offline"})
@@ -180,7 +217,7 @@ def sweep_row(name: str, out: Path, quick: bool) -> dict:
             "best_params": {k: best[k] for k in keys}, "trials": len(trials),
             "states": {s: sum(t["state"] == s for t in trials) for s in ("complete", "pruned", "fail")},
             "steps": sum(int(t["steps"] or 0) for t in trials), "wall_s": round(wall, 1),
-            "command": "distft-sweep " + show(args[:-1])}
+            "command": "distft-sweep " + show(args[:-1]), "recorded": code}
 
 
 def tpe_gamma(n: int) -> int:
@@ -272,7 +309,7 @@ def replay_row(out: Path, quick: bool, source: str = "tpe") -> dict:
                 replay.tell(trial, t.value)
                 steps += curve[-1][0]
         kept = everyone - set(pruned)
-        best = max((sign * t.value, t.value) for t in trials if t.number in kept)[1]
+        best = max(((sign * t.value, t.value) for t in trials if t.number in kept), default=(None, None))[1]  # None: all pruned
         path = good(kept)
         first_change = next((trials[startup + i].number for i in range(len(path)) if path[i] != reference[i]), None)
         results.append({"pruner": label, "settings": settings, "steps": steps, "of_unpruned": steps / full,
@@ -284,7 +321,7 @@ def replay_row(out: Path, quick: bool, source: str = "tpe") -> dict:
     return {"row": "replay" if source == "tpe" else f"replay_{source}", "of": str(folder.relative_to(out)),
             "trials": len(trials), "unpruned_steps": full, "evals": sorted(trials[0].intermediate_values),
             "unpruned_best": best, "results": results, "bound_steps": bound, "bound_of_unpruned": bound / full,
-            "must_finish": sorted(needed), "tpe_startup": startup}
+            "must_finish": sorted(needed), "tpe_startup": startup, "recorded": recorded()}
 
 
 def default_row(out: Path, quick: bool) -> dict:
@@ -292,12 +329,14 @@ def default_row(out: Path, quick: bool) -> dict:
     shutil.rmtree(run_dir, ignore_errors=True)
     args = [*base(quick), f"run_dir={run_dir}"]
     print("$ distft-train " + show(args), flush=True)
+    code = recorded()
     started = time.time()
     subprocess.run([sys.executable, "-m", "distft.train", *args], cwd=ROOT, check=True, stdout=subprocess.DEVNULL,
                    env={**os.environ, "WANDB_MODE": "offline"})
     s = json.loads((run_dir / "summary.json").read_text())
     return {"row": "default", "best": s["objective"], "trials": 1, "steps": s["steps"],
-            "wall_s": round(time.time() - started, 1), "command": "distft-train " + show(args[:-1])}
+            "wall_s": round(time.time() - started, 1), "command": "distft-train " + show(args[:-1]),
+            "recorded": code}
 
 
 def report(machine: str, rows: list, quick: bool) -> str:
@@ -305,25 +344,34 @@ def report(machine: str, rows: list, quick: bool) -> str:
     rows = [r for r in rows if not r["row"].startswith("replay")]
     what = ("the tiny model on generated data (objective: validation loss, lower is better)" if quick else
             "MiniLM + LoRA, SST-2 (2,000 train / 872 validation), max length 64, one epoch at batch 32; "
-            "objective: validation accuracy of the final weights")
+            "objective: validation accuracy of the exported weights (trainer.export_best: the best eval's, so an eval "
+            "every 8 steps instead of 16 can raise a trial's objective a little; the trials stay the same)")
     lines = [f"Machine: {machine}. Command: `python bench/sweep.py{' --quick' if quick else ''}` "
              "(rows of earlier invocations kept).", "",
              f"{what}. Budget: {max(r['trials'] for r in rows)} trials a search.", "",
              "| row | best objective | best trial's parameters | trials (complete / pruned / failed) | "
-             "training steps | wall s |", "|---|---|---|---|---|---|"]
+             "training steps | wall s | recorded at |", "|---|---|---|---|---|---|---|"]
     for r in rows:
         params = ", ".join(f"{k.split('.')[-1]}={v}" for k, v in r.get("best_params", {}).items())
         states = r.get("states")
         counts = f"{r['trials']} ({states['complete']} / {states['pruned']} / {states['fail']})" if states else "1"
+        earlier = " (earlier code)" if r.get("reference") else ""
         lines.append(f"| {r['row']} | {r['best']:.4f} | {params or 'the config'} | {counts} | {r['steps']} | "
-                     f"{r['wall_s']} |")
+                     f"{r['wall_s']} | {r.get('recorded', '-')}{earlier} |")
     by = {r["row"]: r for r in rows}
+    if any(r.get("reference") for r in rows):
+        lines += ["", "Earlier code: recorded before " + "; ".join(f"{c} ({what})" for c, what in TRAINING_CHANGES.items())
+                  + ", which changed what each trial trains to; such a row is compared with the unpruned TPE sweep of "
+                  "its own code (its `reference`), not with today's tpe row."]
     pruned = [n for n in by if n.startswith("tpe_") and "sweep.pruner=" in by[n]["command"]]
     if "tpe" in by and pruned:
         lines.append("")
         for n in pruned:
-            lines.append(f"Pruned ({n}) against unpruned TPE: {by[n]['steps'] / by['tpe']['steps']:.2f}x the training "
-                         f"steps, best {by[n]['best'] - by['tpe']['best']:+.4f}.")
+            ref = by[n].get("reference") or by["tpe"]
+            of = (f"the unpruned TPE of its code (recorded at {ref['recorded']}: {ref['steps']} steps, best "
+                  f"{ref['best']:.4f})" if by[n].get("reference") else "unpruned TPE")
+            lines.append(f"Pruned ({n}) against {of}: {by[n]['steps'] / ref['steps']:.2f}x the training "
+                         f"steps, best {by[n]['best'] - ref['best']:+.4f}.")
     if {"grid", "tpe"} <= set(by):
         lines += [f"TPE's best minus the grid's: {by['tpe']['best'] - by['grid']['best']:+.4f}."]
     lines += ["", "Commands:", ""] + [f"    {r['command']}" for r in rows]
@@ -332,7 +380,7 @@ def report(machine: str, rows: list, quick: bool) -> str:
         evals = ", ".join(map(str, replay.get("evals", []))) or "16, 32, 48, 63"
         lines += ["", f"## Pruners replayed on the unpruned {source} sweep ({replay['trials']} trials, "
                       f"{replay['unpruned_steps']} steps, best {replay['unpruned_best']:.4f}; evals at steps {evals})", "",
-                  "No training: each trial's recorded evals (`bench/results/" + replay["of"] + "/study.journal`; "
+                  f"Recorded at {replay.get('recorded', '-')}. No training: each trial's recorded evals (`bench/results/" + replay["of"] + "/study.journal`; "
                   "for the loss, each trial's metrics.csv) reported in turn to the pruner as `distft-sweep` builds it "
                   f"(`python bench/sweep.py --rows {replay['row']}`). "
                   f"TPE samples the first {replay.get('tpe_startup', 0)} trials at random and each later one from "
@@ -344,7 +392,8 @@ def report(machine: str, rows: list, quick: bool) -> str:
         for r in replay["results"]:
             pruned = ", ".join(f"{n}: {s}" for n, s in sorted(r["pruned"].items(), key=lambda kv: int(kv[0])))
             path = "unchanged" if r["path_changes_at"] is None else f"other trials after trial {r['path_changes_at']}"
-            lines.append(f"| {r['pruner']} | {r['steps']} | {r['of_unpruned']:.2f}x | {r['best']:.4f} | "
+            kept = "none finished" if r["best"] is None else f"{r['best']:.4f}"
+            lines.append(f"| {r['pruner']} | {r['steps']} | {r['of_unpruned']:.2f}x | {kept} | "
                          f"{pruned or '-'} | {path} |")
         lines += ["", f"Bound: any pruner deciding at these evals that leaves the sweep's path (and best) unchanged "
                       f"needs at least {replay['bound_steps']} steps ({replay['bound_of_unpruned']:.2f}x): trials "
@@ -358,7 +407,13 @@ def main() -> int:
     ap.add_argument("--rows", nargs="*", choices=ORDER, default=ORDER)
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--out", default=str(ROOT / "bench" / "results"))
+    ap.add_argument("--report", action="store_true", help="write sweep.md again from sweep.json, run nothing")
     args = ap.parse_args()
+    if args.report:
+        stem = Path(args.out) / ("sweep-quick" if args.quick else "sweep")
+        saved = json.loads(stem.with_suffix(".json").read_text())
+        stem.with_suffix(".md").write_text(report(saved["machine"], saved["rows"], args.quick))
+        return 0
     if not args.quick and not SST2.is_dir():
         print("this benchmark needs ../shared/data beside the checkout", file=sys.stderr)
         return 1
