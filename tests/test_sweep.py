@@ -24,9 +24,12 @@ GRID3 = ["sweep.space.trainer.warmup_ratio=null",
          "sweep.space.trainer.lr={type:float,low:1e-4,high:1e-1,log:true,values:[1e-3,3e-3,1e-2]}"]
 
 
-def sweep(folder, *overrides, check=True, timeout=600, **popen):
+def sweep(folder, *overrides, check=True, timeout=600, threads="1", **popen):
+    """threads: the OMP_NUM_THREADS it runs with; None: unset (distft-sweep's own share)."""
     cmd = [sys.executable, "-m", "distft.sweep", "sweep=tiny_lr", f"sweep.dir={folder}", *FAST, *overrides]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env = {k: v for k, v in os.environ.items() if k != "OMP_NUM_THREADS"}
+    if threads is not None:
+        env["OMP_NUM_THREADS"] = threads
     if popen:
         return subprocess.Popen(cmd, cwd=ROOT, env=env, text=True, **popen)
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
@@ -51,7 +54,9 @@ def trial_lrs(folder):
 
 def test_grid_with_two_workers_runs_every_point_once(tmp_path):
     folder = tmp_path / "grid"
-    proc = sweep(folder, "sweep.sampler=grid", *GRID3, "sweep.workers=2", "scheduler=constant")
+    proc = sweep(folder, "sweep.sampler=grid", *GRID3, "sweep.workers=2", "scheduler=constant", threads=None)
+    share = max(1, len(os.sched_getaffinity(0)) // 2)  # the two workers split this machine's cores
+    assert f"2 workers, OMP_NUM_THREADS={share} for each trial process" in proc.stderr, proc.stderr[-3000:]
     table = rows(folder)
     assert [r["state"] for r in table] == ["complete"] * 3, table
     lrs = sorted(float(r["trainer.lr"]) for r in table)
@@ -250,6 +255,16 @@ def test_successive_halving_keeps_the_top_of_each_rung():
         with pytest.raises(ConfigError, match=message):
             build_pruner(OmegaConf.create({"pruner": "successive_halving", "pruner_startup_trials": 4,
                                            "pruner_warmup_evals": 1, **bad}), 4)
+
+
+def test_local_workers_share_the_cores_unless_omp_num_threads_is_set():
+    from distft.sweep import shared_threads
+
+    assert shared_threads(2, 1, {}, cpus=2) == {"OMP_NUM_THREADS": "1"}
+    assert shared_threads(2, 1, {}, cpus=16) == {"OMP_NUM_THREADS": "8"}
+    assert shared_threads(2, 2, {}, cpus=16) == {"OMP_NUM_THREADS": "4"}  # torchrun trials: per rank
+    assert shared_threads(4, 1, {}, cpus=2) == {"OMP_NUM_THREADS": "1"}  # never 0
+    assert shared_threads(2, 1, {"OMP_NUM_THREADS": "3"}, cpus=16) == {}  # the caller's choice stands
 
 
 def test_threshold_pruner_stops_what_is_worse_than_the_limit_in_the_studys_direction():
