@@ -768,8 +768,8 @@ def shared_threads(workers: int, nproc: int, env: Dict[str, str], cpus: Optional
     OMP_NUM_THREADS is set, each trial process gets an equal share of the cores. A torch
     process takes every core by default, so N workers at once would ask for N times the
     cores, and on CPU their OpenMP threads then wait on one another: two MiniLM trainings of 2
-    threads each on 2 cores took 5.5 s a step where one alone took 0.4. (torchrun would give
-    each rank 1 thread; the share says the same for the workers' own trials.)"""
+    threads each on 2 cores took 5.5 s a step where one alone took 0.4. A trial under torchrun
+    (sweep.nproc > 1) passes the share to each rank instead of torchrun's own 1."""
     if "OMP_NUM_THREADS" in env:
         return {}
     if cpus is None:
