@@ -54,18 +54,26 @@ SST2 = ROOT.parent / "shared" / "data" / "sst2"
 
 GRID_ONLY = ["sweep.space.strategy.alpha=null", "sweep.space.trainer.weight_decay=null",
              "sweep.space.trainer.warmup_ratio=null"]
+# The "Measured" figures in these comments are of the code each row first ran on; the rows
+# before tpe_hyperband_loss_w2 ran before 6ba7864 changed the fused LoRA dropout's masks (and
+# so every trial's numbers). Every row was rerun after it (sweep.md: the commit of each), as
+# each comment's "Rerun" says.
 ROWS = {
     "grid": ["sweep.sampler=grid", *GRID_ONLY],
     "tpe": ["sweep.sampler=tpe"],
+    # Measured: 0.75x, best -1.5 points (TPE's best trial started slowly). Rerun: 0.72x (728
+    # steps), best kept.
     "tpe_pruned": ["sweep.sampler=tpe", "sweep.pruner=median", "sweep.pruner_startup_trials=4",
                    "sweep.pruner_warmup_evals=1"],
-    # the milder pruner the replay of tpe's curves pointed to (tpe's best trial starts slowly)
+    # the milder pruner the replay of tpe's curves pointed to (tpe's best trial starts slowly).
+    # Measured: 0.78x, best kept. Rerun: 0.71x (712 steps), best kept.
     "tpe_percentile": ["sweep.sampler=tpe", "sweep.pruner=percentile", "sweep.pruner_percentile=70",
                        "sweep.pruner_startup_trials=2"],
     # the same pruner deciding twice as often (an eval every 8 steps: the unpruned objectives
     # and training steps do not depend on it; each eval costs time, not training steps).
     # Measured: 0.42x the steps but best 0.7878: at step 8 the trials are near chance, and it
-    # stopped trial 4 (0.789 when run out, the good group TPE draws trials 5-10 from).
+    # stopped trial 4 (0.789 when run out, the good group TPE draws trials 5-10 from). Rerun:
+    # 427 steps again and best 0.7878 again (-2.3 against today's 0.8108).
     "tpe_percentile_e8": ["sweep.sampler=tpe", "sweep.pruner=percentile", "sweep.pruner_percentile=70",
                           "sweep.pruner_startup_trials=2", "trainer.eval_every=8"],
     # unpruned TPE with an eval every 8 steps: the same trials and objectives as tpe (evals do
@@ -76,7 +84,8 @@ ROWS = {
     # Pruning on the eval loss at an eval every 8 steps: at step 8 every accuracy is at chance
     # while the losses already differ (the replay of tpe_e8's curves). Hyperband: 0.54x in the
     # replay, but it stops trials 10 and 11 (TPE's good group for trial 12) and the real sweep
-    # went elsewhere from trial 12 (best 0.7993). The median pruner keeps TPE's path (replay:
+    # went elsewhere from trial 12 (best 0.7993); rerun: 0.52x (522 steps), best 0.8016
+    # (-0.92). The median pruner keeps TPE's path (replay:
     # 0.63x, best unchanged; measured then: 640 steps, 0.63x, best kept). Rerun at cef297a:
     # 506 steps (0.50x), best 0.8108, TPE's own.
     "tpe_hyperband_loss": ["sweep.sampler=tpe", "sweep.pruner=hyperband", "sweep.prune_on=loss",
@@ -85,7 +94,7 @@ ROWS = {
                         "sweep.prune_on=loss", "trainer.eval_every=8"],
     # Hyperband on the loss deciding from a trial's second eval (step 16): 0.60x in the
     # replay, where at step 8 it had stopped trials 10 and 11. Measured: 0.61x (617 steps)
-    # but best 0.8016 (-1.26): it stopped trial 7 at step 16 (0.784 run out), TPE went
+    # but best 0.8016 (-1.26 against tpe then, -0.92 against today's): it stopped trial 7 at step 16 (0.784 run out), TPE went
     # elsewhere from trial 8, and two trials at chance (0.51) ran out in Hyperband's late
     # brackets. (Its wall time includes about 15 minutes paused, beside the test suite.)
     "tpe_hyperband_loss_w2": ["sweep.sampler=tpe", "sweep.pruner=hyperband", "sweep.prune_on=loss",
@@ -94,14 +103,14 @@ ROWS = {
     # eval, times Optuna's reduction factor 3): at each a trial goes on only in the top third
     # of those that reached it. Chosen from replay_tpe_e8 (the only pruner there under 0.6x
     # that leaves TPE's path as it was: 0.57x, best kept), so this row tests that replay.
-    # Measured: 0.45x (451 steps) but best 0.8016 (-1.26 against tpe as recorded then), the
+    # Measured: 0.45x (451 steps) but best 0.8016 (-1.26 against tpe then, -0.92 now), the
     # same trial 4 as tpe_hyperband_loss_w2. Why the replay misled: tpe_e8's curves were
     # recorded before 6ba7864 changed how the fused LoRA dropout draws its masks, and this row
     # ran after it. At step 8 most trials sit at chance (eval loss 0.6925-0.6934), where the
     # other masks moved the losses in the fifth digit (trial 1: 0.692555 here, 0.692473 there),
     # enough to swap trials 0 and 1 at the first rung; trial 4 itself ends at 0.8016 instead of
     # 0.7913 (trial 4 rerun with trainer.lean_dropout_rng=torch gives tpe_e8's curve to the
-    # fourth digit). tpe, tpe_e8, grid and tpe_median_loss were rerun on today's code after.
+    # fourth digit).
     "tpe_asha_loss": ["sweep.sampler=tpe", "sweep.pruner=successive_halving", "sweep.prune_on=loss",
                       "trainer.eval_every=8"],
     # A threshold instead of a comparison: from a trial's second eval (step 16) on, it stops
@@ -164,13 +173,6 @@ QUICK_ROWS = {"grid": ["sweep.sampler=grid", "sweep.space.trainer.warmup_ratio=n
                                 "trainer.eval_every=2"],
               "tpe_threshold_loss": ["sweep.sampler=tpe", "sweep.pruner=threshold", "sweep.pruner_threshold=8.0",
                                      "sweep.prune_on=loss", "sweep.pruner_warmup_evals=2", "trainer.eval_every=2"]}
-
-
-# Commits that changed what a trial trains to (its numbers, not only its speed). A row
-# recorded before one of them carries `reference`, the unpruned TPE sweep of its own code, and
-# is compared with that instead of today's tpe row.
-TRAINING_CHANGES = {"6ba7864": "the fused LoRA dropout's masks drawn from 16 random bits an element, "
-                               "trainer.lean_dropout_rng=fast"}
 
 
 def recorded() -> str:
@@ -355,23 +357,15 @@ def report(machine: str, rows: list, quick: bool) -> str:
         params = ", ".join(f"{k.split('.')[-1]}={v}" for k, v in r.get("best_params", {}).items())
         states = r.get("states")
         counts = f"{r['trials']} ({states['complete']} / {states['pruned']} / {states['fail']})" if states else "1"
-        earlier = " (earlier code)" if r.get("reference") else ""
         lines.append(f"| {r['row']} | {r['best']:.4f} | {params or 'the config'} | {counts} | {r['steps']} | "
-                     f"{r['wall_s']} | {r.get('recorded', '-')}{earlier} |")
+                     f"{r['wall_s']} | {r.get('recorded', '-')} |")
     by = {r["row"]: r for r in rows}
-    if any(r.get("reference") for r in rows):
-        lines += ["", "Earlier code: recorded before " + "; ".join(f"{c} ({what})" for c, what in TRAINING_CHANGES.items())
-                  + ", which changed what each trial trains to; such a row is compared with the unpruned TPE sweep of "
-                  "its own code (its `reference`), not with today's tpe row."]
     pruned = [n for n in by if n.startswith("tpe_") and "sweep.pruner=" in by[n]["command"]]
     if "tpe" in by and pruned:
         lines.append("")
         for n in pruned:
-            ref = by[n].get("reference") or by["tpe"]
-            of = (f"the unpruned TPE of its code (recorded at {ref['recorded']}: {ref['steps']} steps, best "
-                  f"{ref['best']:.4f})" if by[n].get("reference") else "unpruned TPE")
-            lines.append(f"Pruned ({n}) against {of}: {by[n]['steps'] / ref['steps']:.2f}x the training "
-                         f"steps, best {by[n]['best'] - ref['best']:+.4f}.")
+            lines.append(f"Pruned ({n}) against unpruned TPE: {by[n]['steps'] / by['tpe']['steps']:.2f}x the training "
+                         f"steps, best {by[n]['best'] - by['tpe']['best']:+.4f}.")
     if {"grid", "tpe"} <= set(by):
         lines += [f"TPE's best minus the grid's: {by['tpe']['best'] - by['grid']['best']:+.4f}."]
     lines += ["", "Commands:", ""] + [f"    {r['command']}" for r in rows]
