@@ -186,9 +186,6 @@ class Sweep:
         if s.pruner not in PRUNERS:
             raise ConfigError(f"sweep.pruner={s.pruner}: one of {', '.join(PRUNERS)}")
         build_pruner(s, cfg.trainer.eval_every)  # its own settings refused here, before any trial
-        if s.get("pruner_threshold") is not None and s.pruner != "threshold":
-            raise ConfigError(f"sweep.pruner_threshold={s.pruner_threshold} is the threshold pruner's, and "
-                              f"sweep.pruner={s.pruner}: set sweep.pruner=threshold or drop the threshold")
         if s.prune_on not in ("objective", "loss"):
             raise ConfigError(f"sweep.prune_on={s.prune_on}: objective (task.metric, {cfg.task.metric}) or loss")
         if s.pruner != "none" and cfg.trainer.eval_every <= 0:
@@ -654,6 +651,9 @@ def build_pruner(s, eval_every: Optional[int] = None):
     first rung unless sweep.pruner_min_resource says otherwise."""
     import optuna
 
+    if s.get("pruner_threshold") is not None and s.pruner != "threshold":
+        raise ConfigError(f"sweep.pruner_threshold={s.pruner_threshold} is the threshold pruner's, and "
+                          f"sweep.pruner={s.pruner}: set sweep.pruner=threshold or drop the threshold")
     if s.pruner == "none":
         return optuna.pruners.NopPruner()
     if s.pruner_startup_trials < 0 or s.pruner_warmup_evals < 0:
@@ -689,17 +689,17 @@ def build_pruner(s, eval_every: Optional[int] = None):
             raise ConfigError(f"sweep.pruner_threshold={limit} with sweep.prune_on=loss: a loss is never below 0, so "
                               "every trial would stop at its first eval (a classifier at chance has loss ln(classes))")
 
+        below = optuna.pruners.ThresholdPruner(lower=-limit if on_loss else limit)
+        above = optuna.pruners.ThresholdPruner(upper=limit)
+
         class Threshold(optuna.pruners.BasePruner):
             """Optuna's ThresholdPruner on the side the study's direction makes worse: a loss
             (negated when the study maximises) or a minimised objective above the limit, a
-            maximised objective below it. Its bound needs the direction, known per study."""
+            maximised objective below it. Which one needs the direction, known per study."""
 
             def prune(self, study, trial) -> bool:
-                if study.direction == optuna.study.StudyDirection.MAXIMIZE:
-                    bound = optuna.pruners.ThresholdPruner(lower=-limit if on_loss else limit)
-                else:
-                    bound = optuna.pruners.ThresholdPruner(upper=limit)
-                return bound.prune(study, trial)
+                maximise = study.direction == optuna.study.StudyDirection.MAXIMIZE
+                return (below if maximise else above).prune(study, trial)
 
         inner = Threshold()
     else:
