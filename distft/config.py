@@ -242,6 +242,7 @@ class DPPrivacyConfig(PrivacyConfig):
     noise_multiplier: Optional[float] = None
     max_grad_norm: float = 1.0
     head_max_grad_norm: Optional[float] = None
+    head_noise_share: Optional[float] = None
     accountant: str = "prv"
     logical_batch_size: Optional[int] = None
     grad_sample_mode: str = "auto"

@@ -373,6 +373,41 @@ def test_group_clipping_bounds_the_head_and_the_rest_apart():
     assert optimizer.max_grad_norm == sensitivity  # Opacus' noise std is noise_multiplier x this
 
 
+def test_head_noise_share_sizes_each_groups_noise_to_its_bound():
+    """privacy.head_noise_share: the heads take noise noise_multiplier x C_head / sqrt(share),
+    the rest noise_multiplier x C / sqrt(1 - share) (the same sensitivity 1 once each group is
+    divided by its scale); the share C_head^2 / (C^2 + C_head^2) is Opacus' one scale."""
+    from opacus.grad_sample import GradSampleModule
+
+    from distft.privacy.dp import _dp_optimizer
+
+    def noisy_step(share, seed=7):
+        torch.manual_seed(0)
+        body, head = torch.nn.Linear(64, 64), torch.nn.Linear(64, 32)
+        model = torch.nn.Sequential(body, torch.nn.Tanh(), head)
+        bounds = [0.1, 1.0]
+        scales = None if share is None else [bounds[0] / math.sqrt(1 - share), bounds[1] / math.sqrt(share)]
+        groups = ({**{id(p): 0 for p in body.parameters()}, **{id(p): 1 for p in head.parameters()}}, bounds, scales)
+        optimizer = _dp_optimizer(torch.optim.SGD(model.parameters(), lr=1.0), False, False, groups=groups,
+                                  noise_multiplier=0.5, max_grad_norm=math.hypot(*bounds), expected_batch_size=1,
+                                  loss_reduction="mean", generator=torch.Generator().manual_seed(seed))
+        x, y = torch.randn(4, 64), torch.tensor([0, 1, 2, 3])
+        torch.nn.functional.cross_entropy(GradSampleModule(model)(x), y, reduction="sum").backward()
+        optimizer.pre_step()
+        noise = {}
+        for name, part in (("rest", body), ("head", head)):
+            noise[name] = torch.cat([(p.grad - p.summed_grad).flatten() for p in part.parameters()])
+        return noise
+
+    noise = noisy_step(0.5)
+    assert float(noise["rest"].std()) == pytest.approx(0.5 * 0.1 / math.sqrt(0.5), rel=0.05)
+    assert float(noise["head"].std()) == pytest.approx(0.5 * 1.0 / math.sqrt(0.5), rel=0.05)
+    uniform, as_share = noisy_step(None), noisy_step(1.0 / (0.01 + 1.0))
+    for name in ("rest", "head"):
+        assert float(uniform[name].std()) == pytest.approx(0.5 * math.hypot(0.1, 1.0), rel=0.05)
+        torch.testing.assert_close(as_share[name], uniform[name])
+
+
 def test_head_clip_bound_runs_is_reported_and_resumes_only_unchanged(cfg_for, tmp_path):
     common = ["task=classification", "strategy=lora", "trainer.max_steps=2", "trainer.save_every=2",
               "privacy.head_max_grad_norm=0.05", "privacy.target_epsilon=8"]
@@ -388,6 +423,20 @@ def test_head_clip_bound_runs_is_reported_and_resumes_only_unchanged(cfg_for, tm
     cfg = cfg_for(*DP, "privacy.head_max_grad_norm=0.1")  # a causal LM: no task head to clip apart
     cfg.run_dir = str(tmp_path / "no-head")
     with pytest.raises(ConfigError, match="no trainable task head"):
+        Trainer(cfg).setup()
+
+
+def test_head_noise_share_runs_is_reported_and_resumes_only_unchanged(cfg_for, tmp_path):
+    common = ["task=classification", "strategy=lora", "trainer.max_steps=2", "trainer.save_every=2",
+              "privacy.head_max_grad_norm=1.0", "privacy.max_grad_norm=0.1", "privacy.target_epsilon=8"]
+    t, out = train(cfg_for, tmp_path, "run", *common, "privacy.head_noise_share=0.5")
+    assert out["privacy/head_noise_share"] == 0.5
+    assert t.privacy.noise_scales == pytest.approx([0.1 / math.sqrt(0.5), 1.0 / math.sqrt(0.5)])
+    assert "noise scale 0.1414 on the rest, 1.414 on the heads" in (t.run_dir / "final" / "README.md").read_text()
+    cfg = cfg_for(*DP, *common, "privacy.head_noise_share=0.2", "trainer.max_steps=4",
+                  f"resume={t.run_dir / 'checkpoints' / 'step-2'}")
+    cfg.run_dir = str(tmp_path / "resumed")
+    with pytest.raises(ConfigError, match="head_noise_share 0.5 -> 0.2"):
         Trainer(cfg).setup()
 
 
@@ -444,6 +493,20 @@ def test_resume_with_other_privacy_settings_is_refused(cfg_for, tmp_path):
 
 # ---------------------------------------------------------------- DP-DDP
 @pytest.mark.slow
+def _one_and_two_processes_same_losses(tmp_path, overrides, steps):
+    """One process, then 2 under torchrun (ddp): the same loss at every step. Their run dirs."""
+    from distft.train import run as run_training
+
+    one, two = tmp_path / "one", tmp_path / "two"
+    run_training(compose_cfg(one, overrides))
+    run_torchrun(2, *overrides, "backend=ddp", f"run_dir={two}")
+    la, lb = losses(one), losses(two)
+    assert sorted(la) == sorted(lb) == list(range(1, steps + 1))
+    for step in la:
+        assert lb[step] == pytest.approx(la[step], rel=1e-5), f"step {step}"
+    return one, two
+
+
 def test_dp_ddp_two_processes_match_one(tmp_path):
     """Opacus' DP-DDP on 2 processes over gloo: the same epsilon as one process; with noise
     0 the same updates (both draw the same Poisson batches, each rank clips its share and
@@ -454,27 +517,35 @@ def test_dp_ddp_two_processes_match_one(tmp_path):
     noiseless = [*TINY, *DP, "privacy.noise_multiplier=0", "privacy.target_epsilon=null", "privacy.max_grad_norm=0.5",
                  "trainer.max_steps=6", "privacy.logical_batch_size=16", "trainer.batch_size=4",
                  "optimizer._target_=torch.optim.SGD", "~optimizer.betas", "~optimizer.eps", "trainer.lr=0.3"]
-    one, two = tmp_path / "one", tmp_path / "two"
-    from distft.train import run as run_training
-
-    run_training(compose_cfg(one, noiseless))
-    run_torchrun(2, *noiseless, "backend=ddp", f"run_dir={two}")
-    la, lb = losses(one), losses(two)
-    assert sorted(la) == sorted(lb) == list(range(1, 7))
-    for step in la:
-        assert lb[step] == pytest.approx(la[step], rel=1e-5), f"step {step}"
+    one, two = _one_and_two_processes_same_losses(tmp_path, noiseless, steps=6)
     a, b = load_file(str(one / "final" / "model.safetensors")), load_file(str(two / "final" / "model.safetensors"))
     for k in a:
         torch.testing.assert_close(b[k], a[k], rtol=1e-4, atol=1e-6, msg=k)
 
     noisy = [o for o in noiseless if not o.startswith("privacy.noise_multiplier") and "target_epsilon" not in o]
     one_n, two_n = tmp_path / "one-noisy", tmp_path / "two-noisy"
+    from distft.train import run as run_training
+
     run_training(compose_cfg(one_n, [*noisy, "privacy.target_epsilon=5"]))
     run_torchrun(2, *noisy, "privacy.target_epsilon=5", "backend=ddp", f"run_dir={two_n}")
     sa, sb = summary(one_n), summary(two_n)
     assert sb["privacy/epsilon"] == pytest.approx(sa["privacy/epsilon"], rel=1e-9)
     assert sb["privacy/noise_multiplier"] == sa["privacy/noise_multiplier"] and sb["processes"] == 2
     assert math.isfinite(sb["eval/loss"])
+
+
+def test_dp_ddp_head_noise_share_adds_each_groups_noise_once(tmp_path):
+    """privacy.head_noise_share on 2 processes: rank 0 adds each group's noise, the other rank
+    none, so the noisy updates are the one-process run's (same noise generator, the same
+    clipped sums; SGD keeps the update linear in them; no dropout, whose masks differ by rank)."""
+    common = [*TINY, *DP, "task=classification", "strategy=lora", "privacy.max_grad_norm=0.1",
+              "strategy.dropout=0.0", "task.head_dropout=0.0", "model.dropout=0.0",
+              "privacy.head_max_grad_norm=1.0", "privacy.head_noise_share=0.5", "privacy.noise_multiplier=1.0",
+              "privacy.target_epsilon=null", "trainer.max_steps=4", "privacy.logical_batch_size=16",
+              "trainer.batch_size=4", "optimizer._target_=torch.optim.SGD", "~optimizer.betas", "~optimizer.eps",
+              "trainer.lr=0.3"]
+    _, two = _one_and_two_processes_same_losses(tmp_path, common, steps=4)
+    assert summary(two)["privacy/head_noise_share"] == 0.5
 
 
 # ---------------------------------------------------------------- refusals
@@ -494,6 +565,8 @@ def test_dp_ddp_two_processes_match_one(tmp_path):
     (["privacy.max_grad_norm=0"], "clipping bound"),
     (["privacy.head_max_grad_norm=0"], "heads' clipping bound"),
     (["privacy.head_max_grad_norm=0.1", "privacy.grad_sample_mode=ghost"], "group-wise clipping needs each"),
+    (["privacy.head_noise_share=0.5"], "set it too"),
+    (["privacy.head_max_grad_norm=0.1", "privacy.head_noise_share=1"], "within \\(0, 1\\)"),
     (["privacy.accountant=moments"], "privacy.accountant"),
     (["privacy.logical_batch_size=32", "trainer.grad_accum=2"], "set one"),
     (["plugins=[component_plugins]", "regularizer.name=zero_penalty"], "clipped and noised"),

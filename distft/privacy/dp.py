@@ -75,6 +75,27 @@ class _GroupClipping:
     group_of: List[int]
     group_bounds: List[float]
 
+    group_noise: Optional[List[float]] = None  # per group: its noise std / noise_multiplier
+
+    def add_noise(self):
+        """Under privacy.head_noise_share each group takes noise sized to its own bound.
+        Why it is private: scale group g of the summed gradient by 1 / s_g (s_g its noise
+        scale); one example then moves it by at most sqrt(sum_g (C_g / s_g)^2), which is 1
+        when s_g = C_g / sqrt(w_g) with the shares w_g adding up to 1, and the noise there
+        is noise_multiplier x 1 on every coordinate: Opacus' own mechanism at sensitivity 1,
+        so the accountant is unchanged. With w_g = C_g^2 / sum C^2 this is Opacus' one noise
+        scale over both groups. Opacus adds one std to every tensor; hence this override."""
+        if self.group_noise is None or getattr(self, "rank", 0) != 0:  # DP-DDP: noise on rank 0 only
+            return super().add_noise()
+        from opacus.optimizers.optimizer import _check_processed_flag, _generate_noise, _mark_as_processed
+
+        for p, g in zip(self.params, self.group_of):
+            _check_processed_flag(p.summed_grad)
+            noise = _generate_noise(std=self.noise_multiplier * self.group_noise[g], reference=p.summed_grad,
+                                    generator=self.generator, secure_mode=self.secure_mode)
+            p.grad = (p.summed_grad + noise).view_as(p)
+            _mark_as_processed(p.summed_grad)
+
     def clip_and_accumulate(self):
         from opacus.optimizers.optimizer import _check_processed_flag, _mark_as_processed
 
@@ -96,7 +117,8 @@ class _GroupClipping:
 
 def _dp_optimizer(optimizer, distributed: bool, ghost: bool, groups=None, **kwargs):
     """Opacus' DP optimizer for this run; `groups` (a group index per parameter, the
-    bound of each group) switches on group-wise clipping (_GroupClipping)."""
+    bound of each group and optionally each group's noise scale) switches on group-wise
+    clipping (_GroupClipping)."""
     from opacus.optimizers import (DistributedDPOptimizer, DistributedDPOptimizerFastGradientClipping,
                                    DPOptimizer, DPOptimizerFastGradientClipping)
 
@@ -125,8 +147,9 @@ def _dp_optimizer(optimizer, distributed: bool, ghost: bool, groups=None, **kwar
 
     built = StepsEvenWhenEmpty(optimizer, **kwargs)
     if groups is not None:
-        by_id, built.group_bounds = groups
+        by_id, built.group_bounds, *noise = groups
         built.group_of = [by_id[id(p)] for p in built.params]
+        built.group_noise = noise[0] if noise else None
     return built
 
 
@@ -173,6 +196,7 @@ class DifferentialPrivacy(Privacy):
         self.run = None
         self._spent: Optional[tuple] = None  # (noisy steps, epsilon) last computed
         self.head_bound: Optional[float] = cfg.get("head_max_grad_norm")
+        self.head_share: Optional[float] = cfg.get("head_noise_share")
 
     # ------------------------------------------------------------------ config time
     def check(self, cfg) -> None:
@@ -203,6 +227,13 @@ class DifferentialPrivacy(Privacy):
                 raise ConfigError("privacy.head_max_grad_norm with privacy.grad_sample_mode=ghost: ghost clipping "
                                   "computes one clipping factor per example from the norms alone; group-wise "
                                   "clipping needs each example's gradient (hooks, functorch or auto)")
+        share = p.get("head_noise_share")
+        if share is not None:
+            if head_bound is None:
+                raise ConfigError("privacy.head_noise_share splits the noise between the heads and the rest, "
+                                  "which are clipped apart only with privacy.head_max_grad_norm; set it too")
+            if not 0 < share < 1:
+                raise ConfigError(f"privacy.head_noise_share={share}: the heads' share must be within (0, 1)")
         if p.accountant not in ACCOUNTANTS:
             raise ConfigError(f"privacy.accountant={p.accountant!r}: choose one of {list(ACCOUNTANTS)}")
         if p.grad_sample_mode not in GRAD_SAMPLE_MODES:
@@ -341,8 +372,19 @@ class DifferentialPrivacy(Privacy):
         c = float(self.cfg.max_grad_norm)
         return c if self.head_bound is None else math.hypot(c, float(self.head_bound))
 
+    @property
+    def noise_scales(self) -> Optional[List[float]]:
+        """Under privacy.head_noise_share, each group's noise std over noise_multiplier:
+        [the rest, the heads] = [C / sqrt(1 - share), C_head / sqrt(share)]
+        (_GroupClipping.add_noise says why that is as private as one scale)."""
+        if self.head_share is None:
+            return None
+        return [float(self.cfg.max_grad_norm) / math.sqrt(1 - self.head_share),
+                float(self.head_bound) / math.sqrt(self.head_share)]
+
     def _clip_groups(self, model):
-        """(group index by parameter id, bounds): 1 for the task heads, 0 for the rest."""
+        """(group index by parameter id, bounds, noise scales or None): 1 for the task
+        heads, 0 for the rest."""
         from distft.backends.base import peel
         from distft.strategies.base import declared_heads
 
@@ -353,8 +395,8 @@ class DifferentialPrivacy(Privacy):
                               "weights, but this model has " + ("no trainable task head (a classification "
                               "task's task.head=pooled declares one)" if not heads else "nothing else training")
                               + "; drop privacy.head_max_grad_norm")
-        return {**{i: 1 for i in heads}, **{id(p): 0 for p in rest}}, [float(self.cfg.max_grad_norm),
-                                                                         float(self.head_bound)]
+        return ({**{i: 1 for i in heads}, **{id(p): 0 for p in rest}},
+                [float(self.cfg.max_grad_norm), float(self.head_bound)], self.noise_scales)
 
     def optimizer_factory(self, make):
         def build(model):
@@ -370,6 +412,12 @@ class DifferentialPrivacy(Privacy):
 
         return build
 
+    def _noise_words(self) -> str:
+        if self.noise_scales is None:
+            return f"noise scale {self.sensitivity:.4g} on both"
+        rest, head = self.noise_scales
+        return f"noise scale {rest:.4g} on the rest, {head:.4g} on the heads (head share {self.head_share:g})"
+
     def _calibrate(self, steps: int) -> None:
         p = self.cfg
         if self.noise_multiplier is None:
@@ -383,7 +431,7 @@ class DifferentialPrivacy(Privacy):
         if run_main(self.run):
             planned = self.epsilon_after(steps)
             clip = f"{p.max_grad_norm:g}" if self.head_bound is None else \
-                f"{p.max_grad_norm:g} (heads apart at {self.head_bound:g}; noise scale {self.sensitivity:.3g})"
+                f"{p.max_grad_norm:g} (heads apart at {self.head_bound:g}; {self._noise_words()})"
             log.info("DP-SGD: noise multiplier %.4f, per-example clip %s, sample rate %.5f (expected %d of %d "
                      "examples per step), %d steps: epsilon %.3f at delta %.2g (%s accountant)%s",
                      self.noise_multiplier, clip, self.sample_rate, self.expected_batch,
@@ -485,6 +533,7 @@ class DifferentialPrivacy(Privacy):
                 "privacy/noise_multiplier": float(self.noise_multiplier), "privacy/sample_rate": self.sample_rate,
                 "privacy/max_grad_norm": float(self.cfg.max_grad_norm),
                 **({"privacy/head_max_grad_norm": float(self.head_bound)} if self.head_bound is not None else {}),
+                **({"privacy/head_noise_share": float(self.head_share)} if self.head_share is not None else {}),
                 "privacy/noisy_steps": float(sum(h[2] for h in self.accountant.history))}
 
     def card(self) -> Optional[str]:
@@ -499,8 +548,7 @@ class DifferentialPrivacy(Privacy):
             f"- noise multiplier: {self.noise_multiplier:.4f}",
             f"- per-example clipping norm: {self.cfg.max_grad_norm:g}" + (
                 "" if self.head_bound is None else
-                f" (the task head's gradient clipped apart to {self.head_bound:g}; noise scaled to "
-                f"{self.sensitivity:.4g})"),
+                f" (the task head's gradient clipped apart to {self.head_bound:g}; {self._noise_words()})"),
             f"- Poisson sample rate: {self.sample_rate:.6f} (expected {self.expected_batch} examples per step)",
             f"- noisy steps: {int(m['privacy/noisy_steps'])}",
             "",
@@ -510,7 +558,7 @@ class DifferentialPrivacy(Privacy):
     def _settings(self) -> Dict:
         return {"noise_multiplier": self.noise_multiplier, "sample_rate": self.sample_rate,
                 "max_grad_norm": float(self.cfg.max_grad_norm), "head_max_grad_norm": self.head_bound,
-                "delta": float(self.cfg.delta),
+                "head_noise_share": self.head_share, "delta": float(self.cfg.delta),
                 "accountant": self.cfg.accountant, "expected_batch": self.expected_batch}
 
     def state_dict(self) -> Dict:
