@@ -127,25 +127,25 @@ LORA = ["strategy=lora", "strategy.r=16", "strategy.alpha=32", "strategy.target_
 #   rank 2 (alpha 4; 18,434 adapter weights, a quarter of the noisy coordinates): 0.7959.
 # - Where the loss jump after warm-up comes from: the head. With LoRA frozen (trainer.lr=1e-8)
 #   the head alone jumps the same (0.63 -> 1.25 at step 7; 0.7833); with Adam's beta1 at 0 or
-#   0.5 for the head alone (its own param group, a scratch patch) the jump is smaller and over by step 8, and
-#   the recipe gives 0.7936 / 0.7936. It comes from clipping: a head clipped at 0.1 (its
-#   examples' norms near 1) steps on the sign of each example, not on the loss's gradient.
-#   Without DP at the same 1024 a step and 24 steps (trainer.grad_accum=16) the loss falls
-#   smoothly (0.69 -> 0.40) and the run gives 0.8131 at LoRA 1e-3 and at 5e-3: what 24 steps
-#   can reach here.
+#   0.5 for the head alone (its own param group, a scratch patch) the jump is smaller and over
+#   by step 8, and the recipe gives 0.7936 / 0.7936. It comes from clipping: a head clipped at
+#   0.1 (its examples' norms near 1) steps on each example's direction, not on the loss's
+#   gradient. Without DP at the same 1024 a step and 24 steps (trainer.grad_accum=16) the loss
+#   falls smoothly (0.69 -> 0.40) and the run gives 0.8131 at LoRA 1e-3 and at 5e-3 (2e-2:
+#   0.7615): what 24 steps can reach here.
 # - privacy.head_noise_share (each group's noise sized to its own bound, the same epsilon):
 #   the head's bound at 1 (its gradients' own norm) and share 0.5 keep the adapters' noise
 #   scale at 0.141 while the head follows the loss: no jump (0.69 -> 0.41 by step 9), and
 #   0.7982 at the default seed, as the recipe; seeds 1 / 2: 0.7924 / 0.7947 (the recipe as is
-#   0.7913 / 0.7913; a mean over the three of 0.7951 against 0.7936). With it, LoRA at 3e-3 / 5e-3: the loss climbs
-#   from step 10 (0.7557 / 0.7362); share 0.2 (adapters' noise 0.112): 0.7924, at LoRA 3e-3
-#   0.7523; 6 epochs (48 steps): 0.7947, the loss drifting up after step 25. A head bound of
-#   0.3 with share 0.5: 0.7913. Fewer, less noisy steps now that the head settles by step 9:
-#   2 epochs (16 steps, noise 0.715): 0.7833, at LoRA 2e-3 0.7764; 2048 a step over 3 epochs
-#   (12 steps, noise 0.892): 0.7867. Adam's eps as a damper of the noisy coordinates (1e-4; 3e-4 at
-#   LoRA 3e-3; 1e-3 at 1e-2): 0.7695 / 0.6881 / 0.5149. Once the head no longer overshoots,
-#   the adapters' noisy steps are what is left: below LoRA 1e-3 they barely move, above it
-#   they undo the features.
+#   0.7913 / 0.7913; a mean over the three of 0.7951 against 0.7936). With it, LoRA at 3e-3 /
+#   5e-3: the loss climbs from step 10 (0.7557 / 0.7362); share 0.2 (adapters' noise 0.112):
+#   0.7924, at LoRA 2e-3 0.7798, at 3e-3 0.7523; 6 epochs (48 steps): 0.7947, the loss
+#   drifting up after step 25; a head bound of 0.3 with share 0.5: 0.7913. Fewer, less noisy
+#   steps now that the head settles by step 9: 2 epochs (16 steps, noise 0.715): 0.7833, at
+#   LoRA 2e-3 0.7764; 2048 a step over 3 epochs (12 steps, noise 0.892): 0.7867. Adam's eps as
+#   a damper of the noisy coordinates (1e-4; 3e-4 at LoRA 3e-3; 1e-3 at 1e-2): 0.7695 /
+#   0.6881 / 0.5149. Once the head no longer overshoots, the adapters' noisy steps are what is
+#   left: below LoRA 1e-3 they barely move, above it they undo the features.
 # Physical micro-batches of 64.
 DP_LORA = ["strategy=lora", "strategy.r=8", "strategy.alpha=16", "strategy.target_modules=[query,value]",
            "task.head=pooled", "task.normalize=true", "trainer.head_lr=1e-1"]
