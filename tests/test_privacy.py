@@ -492,7 +492,6 @@ def test_resume_with_other_privacy_settings_is_refused(cfg_for, tmp_path):
 
 
 # ---------------------------------------------------------------- DP-DDP
-@pytest.mark.slow
 def _one_and_two_processes_same_losses(tmp_path, overrides, steps):
     """One process, then 2 under torchrun (ddp): the same loss at every step. Their run dirs."""
     from distft.train import run as run_training
@@ -507,6 +506,7 @@ def _one_and_two_processes_same_losses(tmp_path, overrides, steps):
     return one, two
 
 
+@pytest.mark.slow
 def test_dp_ddp_two_processes_match_one(tmp_path):
     """Opacus' DP-DDP on 2 processes over gloo: the same epsilon as one process; with noise
     0 the same updates (both draw the same Poisson batches, each rank clips its share and
@@ -534,6 +534,7 @@ def test_dp_ddp_two_processes_match_one(tmp_path):
     assert math.isfinite(sb["eval/loss"])
 
 
+@pytest.mark.slow
 def test_dp_ddp_head_noise_share_adds_each_groups_noise_once(tmp_path):
     """privacy.head_noise_share on 2 processes: rank 0 adds each group's noise, the other rank
     none, so the noisy updates are the one-process run's (same noise generator, the same
