@@ -18,6 +18,6 @@ if [ -n "${HOSTFILE:-}" ]; then
   ARGS=(--hostfile "$HOSTFILE" --master_addr "${MASTER_ADDR:?set MASTER_ADDR to the address of the first node}"
         --master_port "${MASTER_PORT:-29500}" "${ARGS[@]}")
 fi
-# each process an equal share of this machine's cores (at least one) unless told otherwise
-export OMP_NUM_THREADS=${OMP_NUM_THREADS:-$(( $(nproc) / ${NPROC:-2} > 0 ? $(nproc) / ${NPROC:-2} : 1 ))}
+source launch/threads.sh
+distft_threads "$(nproc)" "${NPROC:-2}"  # each process a share of the cores, unless OMP_NUM_THREADS is set
 exec "$PY" -m deepspeed.launcher.runner "${ARGS[@]}" distft.train "$@"

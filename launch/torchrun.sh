@@ -23,8 +23,6 @@ if [ "$NNODES" -gt 1 ]; then
 else
   RDZV=(--standalone)
 fi
-# Each process an equal share of this machine's cores (at least one), unless told otherwise:
-# torch takes every core by default, and processes asking for more cores than there are
-# wait on each other's threads (two of 2 threads on 2 cores: 11x slower steps).
-export OMP_NUM_THREADS=${OMP_NUM_THREADS:-$(( $(nproc) / NPROC > 0 ? $(nproc) / NPROC : 1 ))}
+source launch/threads.sh
+distft_threads "$(nproc)" "$NPROC"  # each process a share of the cores, unless OMP_NUM_THREADS is set
 exec "$PY" -m torch.distributed.run "${RDZV[@]}" --nproc_per_node "$NPROC" -m distft.train "$@"

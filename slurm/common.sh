@@ -8,6 +8,7 @@ distft_setup() {
   DISTFT_HOME=${DISTFT_HOME:-${SLURM_SUBMIT_DIR:-$PWD}}
   cd "$DISTFT_HOME" || { echo "distft: cannot cd to DISTFT_HOME=$DISTFT_HOME" >&2; exit 2; }
   source launch/malloc.sh  # DISTFT_MALLOC (default auto: tcmalloc when installed), exported to every node's step
+  source launch/threads.sh
   if [ -z "${PYTHON:-}" ]; then
     if [ -x .venv/bin/python ]; then PYTHON=$PWD/.venv/bin/python; else PYTHON=python3; fi
   fi
@@ -41,7 +42,7 @@ distft_setup() {
   # Processes per node: one per GPU given to the job, else NPROC_PER_NODE (default 1).
   NPROC_PER_NODE=${NPROC_PER_NODE:-${SLURM_GPUS_ON_NODE:-1}}
   # CPU threads per process: the task's cores shared by its processes.
-  export OMP_NUM_THREADS=${OMP_NUM_THREADS:-$(( ${SLURM_CPUS_PER_TASK:-1} / NPROC_PER_NODE > 0 ? ${SLURM_CPUS_PER_TASK:-1} / NPROC_PER_NODE : 1 ))}
+  distft_threads "${SLURM_CPUS_PER_TASK:-1}" "$NPROC_PER_NODE"
   export TOKENIZERS_PARALLELISM=false
   echo "[distft] job ${SLURM_JOB_ID:-?} (restart ${SLURM_RESTART_COUNT:-0}) on ${NODES[*]}: $NNODES node(s) x" \
        "$NPROC_PER_NODE process(es), rendezvous $MASTER_ADDR:$MASTER_PORT, run_dir=$RUN_DIR"
