@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # GPU paths in one short run, for a machine with one or more NVIDIA GPUs:
-# NCCL, bf16, the attention choice (flash-attention 2 when installed), and every backend
-# training the tiny model in bf16; prints tokens/s and peak memory per backend.
+# NCCL, bf16, the attention choice (flash-attention 2 when installed), fp16 with its scaler,
+# DP-SGD on one process and across all, and every backend training the tiny model in bf16;
+# prints tokens/s and peak memory per backend.
 #   bash bench/gpu_check.sh            # after scripts/setup.sh with a CUDA build of torch
 # Not yet run on a GPU: no session so far had a device machine.
 set -uo pipefail
@@ -39,6 +40,17 @@ PY
 # bf16 LoRA with frozen weights held in bf16 (the log names how many)
 "$PY" -m distft.train strategy=lora trainer.precision=bf16 trainer.max_steps=10 logger=csv logger.progress_bar=false \
   "run_dir=$OUT-bf16-lora" 2>&1 | grep -h "frozen weights held in bf16" || echo "bf16 frozen weights: not logged (FAILED)"
+# DP-SGD (Opacus) on the GPU, bf16 autocast: LoRA on one process, then DP-DDP over NCCL on
+# every GPU (the noise added once, on rank 0); each reports the epsilon it spent.
+for nproc in 1 $([ "$NGPU" -gt 1 ] && echo "$NGPU"); do
+  backend=$([ "$nproc" = 1 ] && echo single || echo ddp)
+  "$PY" -m torch.distributed.run --standalone --nproc_per_node "$nproc" -m distft.train privacy=dp strategy=lora \
+    privacy.target_epsilon=8 trainer.precision=bf16 trainer.max_steps=10 logger=csv logger.progress_bar=false \
+    "backend=$backend" "run_dir=$OUT-dp-$nproc" > "$OUT.dp-$nproc.log" 2>&1 \
+    && "$PY" -c "import json,math,sys; s=json.load(open(sys.argv[1])); assert s['privacy/noisy_steps'] == 10 and math.isfinite(s['eval/loss']); print('dp', sys.argv[2], 'processes ok: epsilon %.3f' % s['privacy/epsilon'], 'noise', round(s['privacy/noise_multiplier'], 4), 'tokens/s %.0f' % s['tokens_per_second'], 'loss %.4f' % s['eval/loss'])" \
+      "$OUT-dp-$nproc/summary.json" "$nproc" \
+    || { echo "dp on $nproc processes FAILED"; tail -20 "$OUT.dp-$nproc.log"; }
+done
 for backend in single ddp fsdp zero1 zero2 zero3; do
   args=(task=instruction strategy=full model.dtype=bfloat16 trainer.precision=bf16 trainer.max_steps=30
         trainer.batch_size=16 trainer.eval_every=0 logger=csv logger.progress_bar=false
