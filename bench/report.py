@@ -74,6 +74,19 @@ def _mfu(data: dict) -> list[str]:
     return lines
 
 
+def _profile(data: dict) -> list[str]:
+    steps = data["step_seconds"]
+    lines = ["## Where a step's time goes", "", f"Machine: {data['machine']}", "", f"Command: `{data['command']}`", "",
+             f"{data['case']}: self CPU time of each operator over {data['profiled_steps']} optimizer steps "
+             f"({sum(data['tokens']) / sum(steps):.0f} non-pad tokens/s under the profiler), by kind of work.", "",
+             "| kind | seconds | share |", "|---|---|---|"]
+    lines += [f"| {k['kind']} | {k['self_s']:.2f} | {k['share']:.1%} |" for k in data["kinds"]]
+    lines += ["", "| operator | kind | calls | seconds | share |", "|---|---|---|---|---|"]
+    lines += [f"| `{o['op']}` | {o['kind']} | {o['calls']} | {o['self_s']:.2f} | {o['share']:.1%} |"
+              for o in data["top_ops"]]
+    return lines
+
+
 def write_benchmarks_md(folder: Path = RESULTS) -> Path:
     """BENCHMARKS.md at the top of the checkout for bench/results, else beside the results."""
     target = ROOT / "BENCHMARKS.md" if folder.resolve() == RESULTS.resolve() else folder / "BENCHMARKS.md"
@@ -83,6 +96,8 @@ def write_benchmarks_md(folder: Path = RESULTS) -> Path:
         lines += _vs_hf(json.loads((folder / "vs_hf_trainer.json").read_text()), folder) + [""]
     if (folder / "mfu.json").is_file():
         lines += _mfu(json.loads((folder / "mfu.json").read_text())) + [""]
+    if (folder / "profile_step.json").is_file():
+        lines += _profile(json.loads((folder / "profile_step.json").read_text())) + [""]
     target.write_text("\n".join(lines))
     return target
 

@@ -12,14 +12,21 @@ from bench import vs_hf_trainer as vs  # noqa: E402
 from distft import precision  # noqa: E402
 from distft.precision import native_bf16_here  # noqa: E402
 
+
+def run_bench(script: str, *args: str, timeout: int = 900) -> subprocess.CompletedProcess:
+    """bench/<script> with `args` in a fresh interpreter; fails the test with its output's tail
+    unless it exits 0."""
+    proc = subprocess.run([sys.executable, f"bench/{script}", *args], cwd=ROOT, capture_output=True, text=True,
+                          timeout=timeout)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    return proc
+
 pytestmark = pytest.mark.slow
 
 
 def test_vs_hf_trainer_quick(tmp_path):
     shared_data("alpaca")  # skips when ../shared is absent
-    proc = subprocess.run([sys.executable, "bench/vs_hf_trainer.py", "--quick", "--out", str(tmp_path)], cwd=ROOT,
-                          capture_output=True, text=True, timeout=900)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    run_bench("vs_hf_trainer.py", "--quick", "--out", str(tmp_path))
     data = json.loads((tmp_path / "vs_hf_trainer.json").read_text())
     mean = data["mean"]
     bf16, why = native_bf16_here()
@@ -51,9 +58,7 @@ def test_vs_hf_trainer_quick(tmp_path):
 
 def test_mfu_quick(tmp_path):
     shared_data("alpaca")
-    proc = subprocess.run([sys.executable, "bench/mfu.py", "--quick", "--out", str(tmp_path)], cwd=ROOT,
-                          capture_output=True, text=True, timeout=900)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    run_bench("mfu.py", "--quick", "--out", str(tmp_path))
     data = json.loads((tmp_path / "mfu.json").read_text())
     # bf16 cases only where bf16 is native here, and the table says when they were skipped
     bf16, why = native_bf16_here()
@@ -72,9 +77,7 @@ def test_privacy_cost_quick(tmp_path):
     """bench/privacy.py's cost part: a non-private and a DP-SGD LoRA run at the same
     physical batch, both measured, the DP one with its epsilon."""
     shared_data("sst2")
-    proc = subprocess.run([sys.executable, "bench/privacy.py", "--quick", "--only", "cost", "--out", str(tmp_path)],
-                          cwd=ROOT, capture_output=True, text=True, timeout=900)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    run_bench("privacy.py", "--quick", "--only", "cost", "--out", str(tmp_path))
     cost = json.loads((tmp_path / "privacy-quick.json").read_text())["cost"]
     for run in ("non-private", "dp"):
         assert cost[run]["step_s"] > 0 and cost[run]["peak_mb"] > 0 and cost[run]["s_per_example"] > 0
@@ -88,10 +91,8 @@ def test_sequential_quick(tmp_path):
     """bench/sequential.py --quick: a shared stage 1, then replay (LoRA) and the 3-stage EWC
     run, each with its forgetting matrix in the table."""
     shared_data("trec")
-    proc = subprocess.run([sys.executable, "bench/sequential.py", "--quick", "--strategies", "lora", "--settings",
-                           "replay", "--three-settings", "ewc", "--out", str(tmp_path)], cwd=ROOT,
-                          capture_output=True, text=True, timeout=900)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    run_bench("sequential.py", "--quick", "--strategies", "lora", "--settings", "replay",
+              "--three-settings", "ewc", "--out", str(tmp_path))
     rows = json.loads((tmp_path / "sequential-quick.json").read_text())["rows"]
     two = {r["setting"]: r for r in rows if len(r["tasks"]) == 2}
     three = {r["setting"]: r for r in rows if len(r["tasks"]) == 3}
@@ -109,9 +110,7 @@ def test_features_quick(tmp_path):
     the others read the cache), each exported head scoring as scikit-learn did, and
     distft's embeddings equal to sentence-transformers' for the throughput comparison."""
     shared_data("sst2")
-    proc = subprocess.run([sys.executable, "bench/features.py", "--quick", "--only", "accuracy", "throughput",
-                           "--out", str(tmp_path)], cwd=ROOT, capture_output=True, text=True, timeout=900)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    run_bench("features.py", "--quick", "--only", "accuracy", "throughput", "--out", str(tmp_path))
     result = json.loads((tmp_path / "features-quick.json").read_text())
     rows = result["accuracy"]
     assert [r["cache_hit"] for r in rows] == [False, True, True]
@@ -127,9 +126,7 @@ def test_ner_quick(tmp_path):
     """bench/ner.py --quick: the feature row and the transformers.Trainer row, scored with
     seqeval on words."""
     shared_data("ner")
-    proc = subprocess.run([sys.executable, "bench/ner.py", "--quick", "--rows", "feature", "hf_trainer",
-                           "--out", str(tmp_path)], cwd=ROOT, capture_output=True, text=True, timeout=900)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    run_bench("ner.py", "--quick", "--rows", "feature", "hf_trainer", "--out", str(tmp_path))
     rows = {r["row"]: r for r in json.loads((tmp_path / "ner-quick.json").read_text())["rows"]}
     assert sorted(rows) == ["feature", "hf_trainer"]
     assert all(0 <= r["f1"] <= 1 for r in rows.values())
@@ -140,10 +137,8 @@ def test_ner_quick(tmp_path):
 def test_ab_quick(tmp_path):
     """bench/ab.py on the tiny model: each value run in its own process, alternating, with
     the override really applied (other dropout masks, other training losses)."""
-    proc = subprocess.run([sys.executable, "bench/ab.py", "trainer.lean_dropout_rng", "fast", "torch", "--model", "tiny",
-                           "--repeats", "1", "--steps", "3", "--precision", "fp32", "--layout", "padded",
-                           "--out", str(tmp_path)], cwd=ROOT, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    proc = run_bench("ab.py", "trainer.lean_dropout_rng", "fast", "torch", "--model", "tiny", "--repeats", "1",
+                     "--steps", "3", "--precision", "fp32", "--layout", "padded", "--out", str(tmp_path), timeout=600)
     result = json.loads((tmp_path / "ab-trainer.lean_dropout_rng.json").read_text())
     assert [r["value"] for r in result["rows"]] == ["fast", "torch"]
     assert all(r["tokens_per_second"] > 0 for r in result["rows"]) and set(result["mean_tokens_per_second"]) == {"fast", "torch"}
@@ -155,9 +150,8 @@ def test_sweep_quick(tmp_path):
     """bench/sweep.py --quick on the tiny model, 2 trials a search: the plain run, TPE, one
     pruned TPE row and the replay of TPE's curves (each search row is three interpreters, so
     the grid and median rows, the same code with other keys, are only composed: below)."""
-    proc = subprocess.run([sys.executable, "bench/sweep.py", "--quick", "--rows", "default", "tpe", "tpe_percentile",
-                           "replay", "--out", str(tmp_path)], cwd=ROOT, capture_output=True, text=True, timeout=900)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    run_bench("sweep.py", "--quick", "--rows", "default", "tpe", "tpe_percentile", "replay",
+              "--out", str(tmp_path))
     rows = {r["row"]: r for r in json.loads((tmp_path / "sweep-quick.json").read_text())["rows"]}
     assert list(rows) == ["default", "tpe", "tpe_percentile", "replay"]
     assert all(r["states"]["fail"] == 0 for n, r in rows.items() if n not in ("default", "replay"))
@@ -194,9 +188,7 @@ def test_plan_check_quick(tmp_path):
     """bench/plan_check.py --quick: a real zero3 run on 2 processes, planned by `distft-plan
     --check` in its own process; the table holds it with the errors (what each backend
     shards is tested in test_plan.py)."""
-    proc = subprocess.run([sys.executable, "bench/plan_check.py", "--quick", "--out", str(tmp_path)], cwd=ROOT,
-                          capture_output=True, text=True, timeout=900)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    proc = run_bench("plan_check.py", "--quick", "--out", str(tmp_path))
     rows = json.loads((tmp_path / "plan_check-quick.json").read_text())["rows"]
     assert [r["row"] for r in rows] == ["tiny-full-zero3"]
     for r in rows:
@@ -205,3 +197,21 @@ def test_plan_check_quick(tmp_path):
         assert r["memory_error"] == pytest.approx(r["planned_peak_mb"] / r["measured_peak_mb"] - 1)
     md = (tmp_path / "plan_check-quick.md").read_text()
     assert "| tiny | full | zero3 | no | 2 |" in md and "cases within 20%" in md
+
+
+def test_profile_step_quick(tmp_path):
+    shared_data("alpaca")
+    run_bench("profile_step.py", "--quick", "--out", str(tmp_path))
+    data = json.loads((tmp_path / "profile_step.json").read_text())
+    assert data["profiled_steps"] == 1 and data["precision"] == "fp32"
+    from bench.profile_step import OTHER, kind_of
+    assert [kind_of(n) for n in ("aten::mm", "aten::_scaled_dot_product_flash_attention_for_cpu_backward",
+                                 "aten::_to_copy", "aten::random_", "aten::_log_softmax", "aten::to_dense", "aten::add")] \
+        == ["matmul", "attention", "casts and copies", "random numbers", "softmax, cross-entropy", OTHER, OTHER]
+    kinds = {k["kind"]: k for k in data["kinds"]}
+    # every operator's own time lands in exactly one kind, and a LoRA step does matmuls and attention
+    assert sum(k["share"] for k in data["kinds"]) == pytest.approx(1.0)
+    assert kinds["matmul"]["self_s"] > 0 and kinds["attention"]["self_s"] > 0
+    assert data["top_ops"] and all(o["self_s"] > 0 for o in data["top_ops"])
+    md = (tmp_path / "BENCHMARKS.md").read_text()
+    assert "Where a step's time goes" in md and "python bench/profile_step.py --quick" in md
