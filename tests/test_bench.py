@@ -12,6 +12,8 @@ from bench import vs_hf_trainer as vs  # noqa: E402
 from distft import precision  # noqa: E402
 from distft.precision import native_bf16_here  # noqa: E402
 
+pytestmark = pytest.mark.slow
+
 
 def run_bench(script: str, *args: str, timeout: int = 900) -> subprocess.CompletedProcess:
     """bench/<script> with `args` in a fresh interpreter; fails the test with its output's tail
@@ -20,8 +22,6 @@ def run_bench(script: str, *args: str, timeout: int = 900) -> subprocess.Complet
                           timeout=timeout)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     return proc
-
-pytestmark = pytest.mark.slow
 
 
 def test_vs_hf_trainer_quick(tmp_path):
