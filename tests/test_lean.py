@@ -124,9 +124,10 @@ def tiny_gqa_llama():
     return model
 
 
-def test_gqa_attention_on_cpu_keeps_the_key_value_heads_unrepeated():
-    model = tiny_gqa_llama()
-    attn = model.model.layers[0].self_attn
+def gqa_attention_inputs():
+    """A grouped-query attention layer (8 query, 2 key/value heads) with q, k, v and a causal
+    bool mask whose first row is left-padded; lean's SDPA registered."""
+    attn = tiny_gqa_llama().model.layers[0].self_attn
     torch.manual_seed(1)
     q = torch.randn(2, 8, 10, 8, requires_grad=True)
     k, v = torch.randn(2, 2, 10, 8, requires_grad=True), torch.randn(2, 2, 10, 8, requires_grad=True)
@@ -134,6 +135,11 @@ def test_gqa_attention_on_cpu_keeps_the_key_value_heads_unrepeated():
     mask[0, :, :, :3] = False  # left padding in the first row
     mask[0, :, :3, 0] = True
     lean._register_sdpa()
+    return attn, q, k, v, mask
+
+
+def test_gqa_attention_on_cpu_keeps_the_key_value_heads_unrepeated():
+    attn, q, k, v, mask = gqa_attention_inputs()
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
     plain_bytes, (want, _) = saved_bytes(sdpa_attention_forward, attn, q, k, v, mask)
@@ -151,6 +157,28 @@ def test_gqa_attention_on_cpu_keeps_the_key_value_heads_unrepeated():
     _, (no_mask, _) = saved_bytes(lean.sdpa_attention, attn, q, k, v, None)
     torch.testing.assert_close(no_mask, sdpa_attention_forward(attn, q, k, v, None)[0], rtol=0, atol=0)
 
+
+
+def test_gqa_attention_under_bf16_autocast_keeps_one_mask_for_every_layer():
+    """Under CPU autocast SDPA computes in bf16: the additive mask is made once in bf16, so
+    the layers of a forward keep one mask for backward, not a bf16 cast each."""
+    attn, q, k, v, mask = gqa_attention_inputs()
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    kept = []
+
+    def pack(t):
+        kept.append((tuple(t.shape), t.dtype, t.data_ptr()))
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), torch.autocast("cpu", dtype=torch.bfloat16):
+        outs = [lean.sdpa_attention(attn, q, k, v, mask)[0] for _ in range(3)]
+    masks = {(dtype, ptr) for shape, dtype, ptr in kept if shape == tuple(mask.shape)}
+    assert len(masks) == 1 and next(iter(masks))[0] == torch.bfloat16, masks
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        want = sdpa_attention_forward(attn, q, k, v, mask)[0]
+    assert outs[0].dtype == torch.bfloat16
+    torch.testing.assert_close(outs[0], want, rtol=0, atol=0)
 
 def test_apply_on_a_lora_model_same_logits_and_gradients():
     from peft import LoraConfig, get_peft_model

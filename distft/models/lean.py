@@ -223,7 +223,10 @@ def sdpa_attention(module, query, key, value, attention_mask, dropout=0.0, scali
             or key.shape[-1] != value.shape[-1]):
         return _HF_SDPA(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                         is_causal=is_causal, **kwargs)
-    mask = _additive(attention_mask, query.dtype)[:, :, :, : key.shape[-2]]
+    # Under CPU autocast SDPA computes in autocast's dtype (rotary embeddings hand it fp32 q
+    # and k): the mask made in that dtype is the one every layer uses, not cast by each.
+    dtype = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else query.dtype
+    mask = _additive(attention_mask, dtype)[:, :, :, : key.shape[-2]]
     out = F.scaled_dot_product_attention(query, key, value, attn_mask=mask, dropout_p=dropout, scale=scaling,
                                          enable_gqa=True)
     return out.transpose(1, 2).contiguous(), None
