@@ -76,12 +76,11 @@ def profile(case: dict, steps_profiled: int) -> dict:
     by_kind: dict[str, float] = {}
     ops = []
     for e in prof.key_averages():
-        if e.key.startswith("ProfilerStep"):
-            continue  # the step marker's own time is the Python of the loop: "the rest"
-        by_kind[kind_of(e.key)] = by_kind.get(kind_of(e.key), 0.0) + e.self_cpu_time_total / 1e6
-        ops.append({"op": e.key, "kind": kind_of(e.key), "self_s": e.self_cpu_time_total / 1e6, "calls": e.count})
-    marker = sum(e.self_cpu_time_total for e in prof.key_averages() if e.key.startswith("ProfilerStep")) / 1e6
-    by_kind[OTHER] = by_kind.get(OTHER, 0.0) + marker
+        marker = e.key.startswith("ProfilerStep")  # its own time is the loop's Python: "the rest"
+        kind = OTHER if marker else kind_of(e.key)
+        by_kind[kind] = by_kind.get(kind, 0.0) + e.self_cpu_time_total / 1e6
+        if not marker:
+            ops.append({"op": e.key, "kind": kind, "self_s": e.self_cpu_time_total / 1e6, "calls": e.count})
     total = sum(by_kind.values())
     events = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     timed = [e for e in events if "step_seconds" in e][vs.WARMUP:vs.WARMUP + steps_profiled]
@@ -126,18 +125,9 @@ def main() -> int:
     if args.quick:
         result = profile(case, args.steps)  # a smoke run: the interpreter start would be most of it
     else:  # a fresh process on the chosen allocator, as the other benchmarks measure
-        import os
-        import subprocess
-
-        cmd = ["bash", "-c", 'source launch/malloc.sh && exec "$@"', "malloc", sys.executable, __file__,
-               "--one", json.dumps({"case": case, "steps": args.steps})]
-        proc = subprocess.run(cmd, cwd=ROOT, text=True, capture_output=True,
-                              env={**os.environ, "WANDB_SILENT": "true", "DISTFT_MALLOC": args.malloc})
-        line = [x for x in proc.stdout.splitlines() if x.startswith("RESULT ")]
-        if proc.returncode != 0 or not line:
-            print(proc.stdout[-3000:], proc.stderr[-5000:], file=sys.stderr)
+        result = vs.one_in_a_fresh_process({"case": case, "steps": args.steps}, args.malloc, script=__file__)
+        if result is None:
             return 1
-        result = json.loads(line[0][len("RESULT "):])
     out.mkdir(parents=True, exist_ok=True)
     (out / "profile_step.json").write_text(json.dumps(
         {"machine": f"{vs.machine_line(args.threads)}, allocator {args.malloc}",

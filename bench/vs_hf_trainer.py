@@ -270,11 +270,12 @@ def add_malloc_arg(ap, help: str) -> None:
     ap.add_argument("--malloc", default=os.environ.get("DISTFT_MALLOC", "system"), help=help)
 
 
-def one_in_a_fresh_process(case, malloc: str = "system"):
-    """One case in its own process, started through launch/malloc.sh as distft's launchers
-    start training, so both runners get the same allocator; None (output printed) if it failed."""
+def one_in_a_fresh_process(case, malloc: str = "system", script: str = __file__):
+    """One case in its own process (`script --one <case as JSON>`, which prints its result
+    on a line starting RESULT), started through launch/malloc.sh as distft's launchers start
+    training, so both runners get the same allocator; None (output printed) if it failed."""
     cmd = ["bash", "-c", 'source launch/malloc.sh && exec "$@"', "malloc",
-           sys.executable, __file__, "--one", json.dumps(case)]
+           sys.executable, script, "--one", json.dumps(case)]
     proc = subprocess.run(cmd, cwd=ROOT, text=True, capture_output=True,
                           env={**os.environ, "WANDB_SILENT": "true", "DISTFT_MALLOC": malloc})
     line = [x for x in proc.stdout.splitlines() if x.startswith("RESULT ")]

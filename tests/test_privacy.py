@@ -361,7 +361,7 @@ def test_group_clipping_bounds_the_head_and_the_rest_apart():
 
     wrapped = GradSampleModule(model, batch_first=True, loss_reduction="sum")
     groups = ({**{id(p): 0 for p in body.parameters()}, **{id(p): 1 for p in head.parameters()}},
-              [bounds["rest"], bounds["head"]])
+              [bounds["rest"], bounds["head"]], None)
     sensitivity = math.hypot(bounds["rest"], bounds["head"])
     optimizer = _dp_optimizer(torch.optim.SGD(model.parameters(), lr=1.0), False, False, groups=groups,
                               noise_multiplier=0.0, max_grad_norm=sensitivity, expected_batch_size=6,

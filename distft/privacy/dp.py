@@ -117,8 +117,8 @@ class _GroupClipping:
 
 def _dp_optimizer(optimizer, distributed: bool, ghost: bool, groups=None, **kwargs):
     """Opacus' DP optimizer for this run; `groups` (a group index per parameter, the
-    bound of each group and optionally each group's noise scale) switches on group-wise
-    clipping (_GroupClipping)."""
+    bound of each group, each group's noise scale or None for Opacus' one scale) switches
+    on group-wise clipping (_GroupClipping)."""
     from opacus.optimizers import (DistributedDPOptimizer, DistributedDPOptimizerFastGradientClipping,
                                    DPOptimizer, DPOptimizerFastGradientClipping)
 
@@ -147,9 +147,8 @@ def _dp_optimizer(optimizer, distributed: bool, ghost: bool, groups=None, **kwar
 
     built = StepsEvenWhenEmpty(optimizer, **kwargs)
     if groups is not None:
-        by_id, built.group_bounds, *noise = groups
+        by_id, built.group_bounds, built.group_noise = groups
         built.group_of = [by_id[id(p)] for p in built.params]
-        built.group_noise = noise[0] if noise else None
     return built
 
 
