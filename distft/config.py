@@ -320,6 +320,11 @@ class TrainerConfig:
     # the frozen weights in bf16 (trainable ones and the optimizer state stay fp32), so
     # autocast stops casting them at every matmul. single/ddp backends.
     frozen_in_bf16: bool = True
+    # With frozen_in_bf16 and lean activations: the frozen embeddings and norms in bf16 too,
+    # so the residual stream between layers is bf16 (as in a model loaded in bf16) and the
+    # norms are lean ones that keep bf16 inputs; false keeps an fp32 stream, cast to bf16
+    # by every matmul that reads it.
+    bf16_stream: bool = True
     activation_checkpointing: bool = False  # recompute block activations in backward (any backend)
     # Keep fewer tensors from forward for backward, same forward values (distft/models/lean.py):
     # LoRA's dropout fused into lora_A, SwiGLU keeping gate and up only, grouped-query

@@ -72,23 +72,34 @@ class Precision:
         (the loop's scaler is not used under ZeRO)."""
         return {"bf16": {"enabled": self.name == "bf16"}, "fp16": {"enabled": self.name == "fp16"}}
 
-    def hold_frozen(self, model: torch.nn.Module) -> int:
-        """Under bf16, keep the frozen matmul weights (those of nn.Linear layers) in bf16;
-        trainable weights and the optimizer state stay fp32. Autocast caches its casts only
-        for weights that require grad, so a frozen fp32 weight is cast again at every
-        matmul. Embeddings (and a head tied to them) and norms keep their dtype: casting
-        them would turn the residual stream to bf16, whose norms then keep fp32 copies of
-        every activation for backward (measured: more memory and no faster on CPU).
+    def hold_frozen(self, model: torch.nn.Module, stream: bool = False) -> int:
+        """Under bf16, keep frozen weights in bf16; trainable weights and the optimizer state
+        stay fp32. Autocast caches its casts only for weights that require grad, so a frozen
+        fp32 weight is cast again at every matmul.
+
+        Without `stream`, only the frozen weights of nn.Linear layers: embeddings (and a head
+        tied to them) and norms keep their dtype, so the residual stream stays fp32 and every
+        layer's input is cast to bf16 by each matmul that reads it (q, k, v, gate and up each
+        cast the same norm output). With `stream` (what the loop asks for where lean
+        activations apply, whose RMSNorm keeps bf16 inputs for backward instead of fp32
+        copies), also every module whose own parameters are all frozen: embeddings, norms,
+        a tied head. The residual stream is then bf16, as in a model loaded in bf16, and
+        those casts go: SmolLM2 LoRA packed 967 -> 1129 tokens/s on the AMX Xeon.
         Returns how many parameters were cast."""
         if self.name != "bf16":
             return 0
         embeddings = {id(p) for m in model.modules() if isinstance(m, torch.nn.Embedding) for p in m.parameters()}
         n = 0
         for module in model.modules():
-            if not isinstance(module, torch.nn.Linear):
-                continue
-            for p in module.parameters(recurse=False):
-                if not p.requires_grad and p.dtype == torch.float32 and id(p) not in embeddings:
+            own = list(module.parameters(recurse=False))
+            if isinstance(module, torch.nn.Linear):
+                cast = [p for p in own if not p.requires_grad and (stream or id(p) not in embeddings)]
+            elif stream and own and not any(p.requires_grad for p in own):
+                cast = own
+            else:
+                cast = []
+            for p in cast:
+                if p.dtype == torch.float32:
                     p.data = p.data.to(torch.bfloat16)
                     n += p.numel()
         return n  # buffers (rotary frequencies, ...) keep their dtype

@@ -115,6 +115,66 @@ def test_swiglu_keeps_gate_and_up_only():
     assert plain_bytes == 3 * gate.nbytes and lean_bytes == 2 * gate.nbytes
 
 
+@pytest.mark.parametrize("x_dtype,w_dtype,trainable", [(torch.bfloat16, torch.bfloat16, False),
+                                                      (torch.bfloat16, torch.float32, True),
+                                                      (torch.float32, torch.float32, True)])
+def test_lean_rms_norm_gives_transformers_values_keeping_its_input_and_one_scale_a_row(x_dtype, w_dtype, trainable):
+    """A bf16 stream with a frozen bf16 norm (LoRA under bf16), a trainable fp32 norm on a
+    bf16 stream (partial training), fp32 throughout: transformers' forward values, its
+    gradients (bf16's rounding apart), and x plus one fp32 scale a row kept for backward."""
+    from transformers.models.llama.modeling_llama import LlamaRMSNorm
+
+    torch.manual_seed(0)
+    plain = LlamaRMSNorm(48, eps=1e-5)
+    plain.weight.data = (1 + 0.1 * torch.randn(48)).to(w_dtype)
+    plain.weight.requires_grad_(trainable)
+    norm = LlamaRMSNorm(48, eps=1e-5)
+    norm.load_state_dict(plain.state_dict())
+    norm.weight.data = norm.weight.data.to(w_dtype)
+    norm.weight.requires_grad_(trainable)
+    assert lean.apply(norm, norms=True) == ["RMSNorm keeping its input and one scale a row in 1 norms"]
+    assert lean.lean_rms_norm(norm) and lean.apply(norm, norms=True) == []  # once
+    x = (3 * torch.randn(4, 10, 48)).to(x_dtype).requires_grad_()
+    plain_bytes, want = saved_bytes(plain, x)
+    lean_bytes, got = saved_bytes(norm, x)
+    assert got.dtype == want.dtype and torch.equal(got, want)
+    assert lean_bytes == x.nbytes + 4 * 10 * 4 < plain_bytes
+    wanted = [x, plain.weight] if trainable else [x]
+    tol = {"rtol": 2e-2, "atol": 2e-2} if x_dtype == torch.bfloat16 else {"rtol": 1e-5, "atol": 1e-6}
+    got_grads = grads(got, *([x, norm.weight] if trainable else [x]))
+    for g, w in zip(got_grads, grads(want, *wanted)):
+        assert g.dtype == w.dtype
+        torch.testing.assert_close(g.float(), w.float(), **tol)
+    with torch.no_grad():  # without grad: transformers' own forward
+        assert torch.equal(norm(x), plain(x))
+
+
+def test_lora_model_on_a_bf16_stream_runs_with_and_without_autocast():
+    """Frozen weights, embeddings and norms in bf16 (Precision.hold_frozen's stream), lean
+    applied: peft's cast of each adapter's input to fp32 is off, the adapters cast their
+    input themselves where autocast does not; the logits match peft's own modules."""
+    from peft import LoraConfig, get_peft_model
+
+    from distft.precision import Precision
+
+    def build():
+        model = get_peft_model(tiny_gqa_llama(), LoraConfig(r=4, lora_dropout=0.0,
+                                                            target_modules=["q_proj", "k_proj", "v_proj", "o_proj"]))
+        Precision("bf16", "bf16", "test").hold_frozen(model, stream=True)
+        return model.eval()
+
+    ids = torch.randint(0, 100, (3, 12), generator=torch.Generator().manual_seed(2))
+    plain, fused = build(), build()
+    lean.apply(fused, norms=True)
+    assert all(isinstance(m, lean.DropoutLinear) for n, m in fused.named_modules() if n.endswith("lora_A.default"))
+    assert not any(getattr(m, "cast_input_dtype_enabled", False) for m in fused.modules())
+    for autocast in (False, True):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            want, got = plain(input_ids=ids).logits, fused(input_ids=ids).logits
+        assert got.dtype == want.dtype
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
 def tiny_gqa_llama():
     cfg = LlamaConfig(vocab_size=100, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
                       num_attention_heads=8, num_key_value_heads=2, max_position_embeddings=64)

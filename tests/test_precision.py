@@ -135,14 +135,15 @@ def test_fp16_is_refused_on_cpu():
 
 
 def test_bf16_holds_frozen_weights_in_bf16(cfg_for):
-    """LoRA under bf16: frozen matmul weights bf16, adapters and their optimizer state
-    fp32; the run trains and exports an fp32 adapter."""
+    """LoRA under bf16 with an fp32 stream (trainer.bf16_stream=false): frozen matmul
+    weights bf16, adapters and their optimizer state fp32; the run trains and exports an
+    fp32 adapter."""
     import torch
 
     from distft.trainer import Trainer
 
     trainer = Trainer(cfg_for("strategy=lora", "trainer.precision=bf16", "trainer.max_steps=3",
-                              "trainer.lr=1e-2")).setup()
+                              "trainer.lr=1e-2", "trainer.bf16_stream=false")).setup()
     linear = {id(p) for m in trainer.model.modules() if isinstance(m, torch.nn.Linear) for p in m.parameters()}
     embedding = {id(m.weight) for m in trainer.model.modules() if isinstance(m, torch.nn.Embedding)}
     params = list(trainer.model.parameters())
@@ -163,3 +164,31 @@ def test_bf16_holds_frozen_weights_in_bf16(cfg_for):
     off = Trainer(cfg_for("strategy=lora", "trainer.precision=bf16", "trainer.max_steps=1",
                           "trainer.frozen_in_bf16=false", "run_dir=" + str(trainer.run_dir) + "-off")).setup()
     assert {p.dtype for p in off.model.parameters()} == {torch.float32}
+
+
+def test_bf16_stream_holds_every_frozen_weight_in_bf16(cfg_for, tmp_path):
+    """The default under bf16: embeddings and norms too, so the residual stream is bf16;
+    the norms are lean ones; trainable weights and the export stay fp32; the losses are an
+    fp32 stream's within bf16's rounding."""
+    import torch
+    from safetensors.torch import load_file
+
+    from conftest import compose_cfg, losses
+    from distft.models import lean
+    from distft.trainer import Trainer
+
+    run = ["strategy=lora", "trainer.precision=bf16", "trainer.max_steps=4", "trainer.lr=1e-2"]
+    trainer = Trainer(cfg_for(*run)).setup()
+    params = list(trainer.model.parameters())
+    assert {p.dtype for p in params if not p.requires_grad} == {torch.bfloat16}
+    assert {p.dtype for p in params if p.requires_grad} == {torch.float32}
+    norms = [m for m in trainer.model.modules() if type(m).__name__ == "LlamaRMSNorm"]
+    assert norms and all(lean.lean_rms_norm(m) for m in norms)
+    summary = trainer.train()
+    assert math.isfinite(summary["eval/loss"])
+    adapter = load_file(str(trainer.run_dir / "final" / "adapter_model.safetensors"))
+    assert adapter and {t.dtype for t in adapter.values()} == {torch.float32}
+    fp32_stream = Trainer(compose_cfg(tmp_path / "fp32-stream", [*TINY, *run, "trainer.bf16_stream=false"])).setup()
+    fp32_stream.train()
+    got, want = losses(trainer.run_dir), losses(tmp_path / "fp32-stream")
+    assert list(got) == [1, 2, 3, 4] and got == pytest.approx(want, rel=2e-2)

@@ -18,6 +18,12 @@ most of a step's memory, and three places keep more than backward needs:
   inverse of its complement, so the dropped input is unbiased as with nn.Dropout; the
   values differ from nn.Dropout's random stream. `trainer.lean_dropout_rng=torch` draws
   with `bernoulli_` as nn.Dropout does: the same forward values as the unfused modules.
+- **RMSNorm.** transformers' `weight * (x.float() * rsqrt(mean(x.float()^2) + eps)).to(x.dtype)`
+  keeps the fp32 copy of x and the normalized fp32 x for backward; with a bf16 residual
+  stream (`Precision.hold_frozen`'s `stream`) that is four bytes an element kept twice per
+  norm, against the two of x. `RMSNormFn` keeps x as it came and one fp32 scale a row,
+  and recomputes the rest in backward: the same forward values, a handful of element-wise
+  passes fewer per norm.
 - **SwiGLU.** `down(silu(gate) * up)` keeps gate (for silu), silu(gate) and up (for the
   product); `SwiGLU` keeps gate and up and recomputes silu in backward (element-wise).
 - **Grouped-query attention on CPU.** transformers repeats the key/value heads to the
@@ -49,6 +55,9 @@ from torch import nn
 
 # MLP classes whose forward is down_proj(act_fn(gate_proj(x)) * up_proj(x)) in transformers.
 SWIGLU_MLPS = ("LlamaMLP", "MistralMLP", "Qwen2MLP", "Qwen3MLP")
+# Norm classes whose forward is LlamaRMSNorm's: weight * (x.float() * rsqrt(var + eps)).to(x.dtype)
+# (not Gemma's, which scales by 1 + weight in fp32).
+RMS_NORMS = ("LlamaRMSNorm", "MistralRMSNorm", "Qwen2RMSNorm", "Qwen3RMSNorm")
 
 
 def _autocast_state(device_type: str):
@@ -170,12 +179,55 @@ class DropoutLinear(nn.Linear):
         return fused
 
     def forward(self, x):
+        # peft casts x to the adapter's dtype before lora_A; `apply` turns that off (x comes
+        # from a bf16 residual stream under autocast, and the cast to fp32 was undone by
+        # autocast at once), so without autocast the cast is made here.
+        if x.dtype != self.weight.dtype and not torch.is_autocast_enabled(x.device.type):
+            x = x.to(self.weight.dtype)
         if self.training and self.p > 0 and torch.is_grad_enabled() and self.bias is None:
             return _DropoutLinearFn.apply(x, self.weight, self.p, self.torch_rng)
-        return F.linear(F.dropout(x, self.p, self.training), self.weight, self.bias)
+        return F.linear(F.dropout(x, self.p, self.training) if self.p > 0 else x, self.weight, self.bias)
 
     def extra_repr(self) -> str:
-        return f"{super().extra_repr()}, dropout={self.p}{', torch rng' if self.torch_rng else ''}"
+        return f"{super().extra_repr()}, dropout={self.p}{', torch rng' if self.torch_rng and self.p else ''}"
+
+
+class RMSNormFn(torch.autograd.Function):
+    """transformers' RMSNorm forward (`LlamaRMSNorm`): weight * (x.float() * r).to(x.dtype),
+    r = rsqrt(mean(x.float()^2) + eps) per row. Keeps x, r (fp32, one a row) and the weight;
+    backward recomputes the normalized x."""
+
+    @staticmethod
+    def forward(ctx, x, weight, eps):
+        xf = x.float()
+        r = torch.rsqrt(xf.pow(2).mean(-1, keepdim=True).add_(eps))
+        ctx.save_for_backward(x, r, weight)
+        return weight * (xf * r).to(x.dtype)
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, r, weight = ctx.saved_tensors
+        xhat = x.float() * r
+        grad_x = grad_w = None
+        if ctx.needs_input_grad[0]:
+            # d/dx of x * r: r * (g - xhat * mean(g * xhat)), g the gradient at the normalized x
+            g = grad.float() * weight.float()
+            grad_x = (r * (g - xhat * (g * xhat).mean(-1, keepdim=True))).to(x.dtype)
+        if ctx.needs_input_grad[1]:
+            grad_w = (grad.float() * xhat.to(x.dtype).float()).reshape(-1, x.shape[-1]).sum(0).to(weight.dtype)
+        return grad_x, grad_w, None
+
+
+def _rms_norm_forward(self, hidden_states):
+    if torch.is_grad_enabled() and not torch.compiler.is_compiling():
+        return RMSNormFn.apply(hidden_states, self.weight, self.variance_epsilon)
+    # Nothing kept without grad; compiled blocks leave what to keep to the compiler.
+    return type(self).forward(self, hidden_states)
+
+
+def lean_rms_norm(module: nn.Module) -> bool:
+    """Whether `apply` gave this norm the lean forward."""
+    return getattr(getattr(module, "forward", None), "__func__", None) is _rms_norm_forward
 
 
 class _SwiGLUFn(torch.autograd.Function):
@@ -260,9 +312,10 @@ def _register_sdpa() -> None:
         AttentionInterface.register("sdpa", sdpa_attention)
 
 
-def apply(model: nn.Module, dropout_rng: str = "fast") -> List[str]:
+def apply(model: nn.Module, dropout_rng: str = "fast", norms: bool = False) -> List[str]:
     """Put the lean versions on `model` where they apply; returns what was changed.
-    dropout_rng: how the fused LoRA dropout draws its masks, fast | torch (see above)."""
+    dropout_rng: how the fused LoRA dropout draws its masks, fast | torch (see above).
+    norms: the lean RMSNorm too (the loop asks for it; off, the norms are transformers')."""
     if dropout_rng not in ("fast", "torch"):
         raise ValueError(f"dropout_rng={dropout_rng!r}: fast or torch")
     done = []
@@ -272,16 +325,27 @@ def apply(model: nn.Module, dropout_rng: str = "fast") -> List[str]:
         if not isinstance(drops, nn.ModuleDict) or not isinstance(lora_a, nn.ModuleDict):
             continue
         variants = getattr(module, "lora_variant", {}) or {}
-        for name, drop in list(drops.items()):
-            a = lora_a[name] if name in lora_a else None
-            if (type(drop) is nn.Dropout and drop.p > 0 and type(a) is nn.Linear and a.bias is None
-                    and name not in variants):
-                lora_a[name] = DropoutLinear.fuse(a, drop.p, torch_rng=dropout_rng == "torch")
-                drops[name] = nn.Identity()
-                fused += 1
+        names = [name for name, drop in drops.items() if type(drop) in (nn.Dropout, nn.Identity)
+                 and name not in variants and type(lora_a[name] if name in lora_a else None) is nn.Linear
+                 and lora_a[name].bias is None]
+        for name in names:
+            p = drops[name].p if isinstance(drops[name], nn.Dropout) else 0.0
+            lora_a[name] = DropoutLinear.fuse(lora_a[name], p, torch_rng=dropout_rng == "torch")
+            drops[name] = nn.Identity()
+            fused += p > 0
+        if names and len(names) == len(drops):
+            # Every adapter here casts its own input (DropoutLinear.forward), where needed.
+            module.cast_input_dtype_enabled = False
     if fused:
         done.append(f"LoRA dropout fused into lora_A on {fused} modules"
                     + (" (masks from torch's bernoulli_)" if dropout_rng == "torch" else ""))
+    lean_norms = 0
+    for module in model.modules() if norms else ():
+        if type(module).__name__ in RMS_NORMS and hasattr(module, "variance_epsilon") and not lean_rms_norm(module):
+            module.forward = _rms_norm_forward.__get__(module)
+            lean_norms += 1
+    if lean_norms:
+        done.append(f"RMSNorm keeping its input and one scale a row in {lean_norms} norms")
     mlps = 0
     for module in model.modules():
         if type(module).__name__ in SWIGLU_MLPS and _is_silu(getattr(module, "act_fn", None)):
