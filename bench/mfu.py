@@ -28,8 +28,10 @@ sys.path.insert(0, str(ROOT))
 from bench import vs_hf_trainer as vs  # noqa: E402
 
 
-# (strategy, layout, precision); LoRA in fp32 too, for a LoRA figure where bf16 is skipped.
-CASES = [("full", "padded", "fp32"), ("full", "padded", "bf16"), ("lora", "packed", "fp32"), ("lora", "packed", "bf16")]
+# (strategy, layout, precision, variant); LoRA in fp32 too, for a LoRA figure where bf16 is
+# skipped; LoRA packed bf16 with its blocks compiled too (variant "compile", trainer.compile).
+CASES = [("full", "padded", "fp32", ""), ("full", "padded", "bf16", ""), ("lora", "packed", "fp32", ""),
+         ("lora", "packed", "bf16", ""), ("lora", "packed", "bf16", "compile")]
 
 
 def matmul_peak(dtype, seconds: float = 2.0, n: int = 2048) -> float:
@@ -101,12 +103,12 @@ def main() -> int:
     skipped = None if bf16 else f"bf16 cases skipped: {why}"
     if skipped:
         print(skipped, flush=True)
-    cases = [c for c in CASES if bf16 or c[2] != "bf16"]
+    cases = [c for c in CASES if (bf16 or c[2] != "bf16") and not (args.quick and c[3])]
     runs = []
-    for strategy, layout, precision in cases:
-        name = f"distft-{args.model}-{strategy}-{layout}-{precision}"
+    for strategy, layout, precision, variant in cases:
+        name = f"distft-{args.model}-{strategy}-{layout}-{precision}" + (f"-{variant}" if variant else "")
         case = {"name": name, "runner": "distft", "model": args.model, "strategy": strategy, "layout": layout,
-                "precision": precision, "repeat": "mfu", "steps": args.steps, "batch": args.batch,
+                "precision": precision, "variant": variant, "repeat": "mfu", "steps": args.steps, "batch": args.batch,
                 "max_length": args.max_length, "seed": 0, "threads": args.threads, "train": str(train),
                 "heldout": str(heldout), "out": str(out)}
         print(name, flush=True)
@@ -133,7 +135,8 @@ def main() -> int:
         else:
             per_token = 4 * n + 6 * adapters + 8 * L * d * context
         gflops = per_token * r["tokens_per_second"] / 1e9
-        rows.append({"case": f"{r['strategy']} {r['layout']} {r['precision']}", "tokens_per_second": r["tokens_per_second"],
+        rows.append({"case": f"{r['strategy']} {r['layout']} {r['precision']}"
+                             + (" compiled" if r.get("variant") == "compile" else ""), "tokens_per_second": r["tokens_per_second"],
                      "flops_per_token": per_token, "model_gflops": gflops, "mfu": gflops / peak[r["precision"]]})
     notes = [
         "What limits it here: under full fine-tuning CPU autocast to bf16 re-casts the fp32 weights for every "

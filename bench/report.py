@@ -41,13 +41,14 @@ def _vs_hf(data: dict, folder: Path) -> list[str]:
              "AdamW, cosine schedule, seed 0. Throughput over the steps after the first two. "
              f"Mean of {data['args']['repeats']} repeat(s), cases alternating A B A B.", "",
              "AC: activation checkpointing (distft `trainer.activation_checkpointing=true`; the HF Trainer "
-             "`gradient_checkpointing=True`, non-reentrant).", "",
-             f"| runner | model | strategy | layout | precision | AC | non-pad tokens/s | steps/s | padding | {mem_name} "
+             "`gradient_checkpointing=True`, non-reentrant). compiled: distft `trainer.compile=true` (each block "
+             "compiled in place; its compile time falls in the first two steps, left out).", "",
+             f"| runner | model | strategy | layout | precision | AC / compile | non-pad tokens/s | steps/s | padding | {mem_name} "
              "| added by training (MiB) | held-out loss |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for m in sorted(data["mean"].values(), key=lambda m: (m["model"], m["strategy"], m["precision"],
                                                            m.get("variant", ""), m["runner"] != "hf", m["layout"])):
         lines.append(f"| {m['runner']} | {m['model']} | {m['strategy']} | {m['layout']} | {m['precision']} | "
-                     f"{'yes' if m.get('variant') == 'ac' else 'no'} | "
+                     f"{ {'ac': 'AC', 'compile': 'compiled'}.get(m.get('variant', ''), 'no')} | "
                      f"{m['tokens_per_second']:.1f} | {m['steps_per_second']:.3f} | {m['padding_share']:.0%} | "
                      f"{m[mem]:.0f} | {m.get('added_rss_mb', 0):.0f} | {m['heldout_loss']:.4f} |")
     if data.get("skipped"):
