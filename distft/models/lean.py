@@ -22,8 +22,9 @@ most of a step's memory, and three places keep more than backward needs:
   keeps the fp32 copy of x and the normalized fp32 x for backward; with a bf16 residual
   stream (`Precision.hold_frozen`'s `stream`) that is four bytes an element kept twice per
   norm, against the two of x. `RMSNormFn` keeps x as it came and one fp32 scale a row,
-  and recomputes the rest in backward: the same forward values, a handful of element-wise
-  passes fewer per norm.
+  and recomputes the normalized x in backward: the same forward values, at about
+  autograd's speed (forward and backward of 8 x 256 x 576 in bf16: 3.2-4.2 ms against
+  3.6 on 2 CPU cores).
 - **SwiGLU.** `down(silu(gate) * up)` keeps gate (for silu), silu(gate) and up (for the
   product); `SwiGLU` keeps gate and up and recomputes silu in backward (element-wise).
 - **Grouped-query attention on CPU.** transformers repeats the key/value heads to the
