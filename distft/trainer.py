@@ -172,6 +172,7 @@ class Trainer:
         self.ckpt_root = self.run_dir / "checkpoints"
         self.last_eval: Optional[tuple[int, Dict[str, float]]] = None
         self._held_frozen = 0  # frozen parameters held in bf16 (Precision.hold_frozen)
+        self._empty_positions: Optional[torch.Tensor] = None  # logits_to_keep of the chunked loss's forwards
         self.peak_memory_mb = 0.0
         self._agree_calls = None  # the chunked loss's agreement on output-layer calls (sharded parameters)
         self._peak_rss = False  # CPU: the kernel's high-water mark of the resident set is usable
@@ -427,7 +428,9 @@ class Trainer:
         With 1 (the last one) the output layer still ran on 8 rows, and on a non-contiguous
         slice of them that made torch's matmul copy its weight once per row (a bf16 tied
         embedding: 8 x 49,152 x 576 values, 0.27 s a SmolLM2 step on 2 CPU cores)."""
-        return torch.empty(0, dtype=torch.long, device=self.device)
+        if self._empty_positions is None:  # made once, not at every forward
+            self._empty_positions = torch.empty(0, dtype=torch.long, device=self.device)
+        return self._empty_positions
 
     def _eval_stats(self, batch) -> Dict[str, float]:
         if self.tap is None:

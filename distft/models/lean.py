@@ -208,14 +208,14 @@ class RMSNormFn(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         x, r, weight = ctx.saved_tensors
-        xhat = x.float() * r
+        xhat, grad = x.float() * r, grad.float()
         grad_x = grad_w = None
         if ctx.needs_input_grad[0]:
             # d/dx of x * r: r * (g - xhat * mean(g * xhat)), g the gradient at the normalized x
-            g = grad.float() * weight.float()
+            g = grad * weight.float()
             grad_x = (r * (g - xhat * (g * xhat).mean(-1, keepdim=True))).to(x.dtype)
         if ctx.needs_input_grad[1]:
-            grad_w = (grad.float() * xhat.to(x.dtype).float()).reshape(-1, x.shape[-1]).sum(0).to(weight.dtype)
+            grad_w = (grad * xhat.to(x.dtype).float()).reshape(-1, x.shape[-1]).sum(0).to(weight.dtype)
         return grad_x, grad_w, None
 
 
