@@ -334,6 +334,11 @@ class TrainerConfig:
     # of bernoulli_'s draws; rate round(65536 p) / 65536) | torch (bernoulli_, the
     # random stream of nn.Dropout: the same values as lean_activations=false)
     lean_dropout_rng: str = "fast"
+    # Attention in bf16 training on CPU: matmul (two bf16 matmuls and a softmax, the
+    # probabilities kept for backward; about twice the flash kernel's speed forward and
+    # backward, heads x keys x 2 bytes more a token and layer; up to 512 keys, else flash;
+    # distft/models/matmul_attention.py) | flash (SDPA's CPU flash kernel throughout)
+    cpu_attention: str = "matmul"
     # torch.compile each transformer block in place (regional compilation: one compiled
     # block reused by all, parameter names unchanged); the first steps pay the compile time.
     compile: bool = False

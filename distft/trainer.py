@@ -38,7 +38,7 @@ from distft.memory import (MMAP_THRESHOLD, allocator_in_use, peak_rss_bytes, rel
                            rss_bytes, trim_freed_memory)
 from distft.metrics import MetricsLogger
 from distft.models import load_tokenizer
-from distft.models import lazy, lean
+from distft.models import lazy, lean, matmul_attention
 from distft.models.loading import parameter_bytes_on_meta, resolve_model_path
 from distft.privacy import PRIVACY
 from distft.registry import import_plugins
@@ -112,6 +112,8 @@ def check_config(cfg) -> Components:
         raise ConfigError("trainer.max_bad_steps must be >= 1")
     if t.lean_dropout_rng not in ("fast", "torch"):
         raise ConfigError(f"trainer.lean_dropout_rng={t.lean_dropout_rng!r}: choose fast or torch")
+    if t.cpu_attention not in ("matmul", "flash"):
+        raise ConfigError(f"trainer.cpu_attention={t.cpu_attention!r}: choose matmul or flash")
     if "_target_" not in cfg.optimizer:
         raise ConfigError("optimizer: the node needs _target_ (the optimizer class, e.g. torch.optim.AdamW)")
     precisions.resolve(t.precision)  # an unknown choice, or fp16 without a GPU, is refused here
@@ -274,6 +276,10 @@ class Trainer:
         elif lean_applies:
             for line in lean.apply(model, t.lean_dropout_rng, norms=bf16_stream):
                 log.info("lean activations: %s", line)
+        if t.cpu_attention == "matmul" and (n := matmul_attention.mark(model)):
+            log.info("attention: bf16 training on CPU by matmuls, probabilities kept, up to %d keys "
+                     "(%d attention modules; trainer.cpu_attention=flash for SDPA's flash kernel)",
+                     matmul_attention.MAX_KEYS, n)
         if t.activation_checkpointing:
             _enable_activation_checkpointing(model)
         if t.compile:

@@ -316,3 +316,30 @@ def test_unknown_dropout_rng_is_refused(tmp_path):
 
     with pytest.raises(ConfigError, match="trainer.lean_dropout_rng='bits': choose fast or torch"):
         check_config(compose_cfg(tmp_path / "bad", [*TINY, "trainer.lean_dropout_rng=bits"]))
+
+
+def test_lora_layers_add_through_lora_b_and_fall_back_to_peft_when_merged_or_disabled():
+    """After apply, lora_B adds its scaled product to the frozen output in one addmm (the
+    same logits as peft's forward, checked above); with the adapters disabled, or merged
+    into the base weights, peft's own forward runs and gives its own results."""
+    from peft import LoraConfig, get_peft_model
+
+    model = get_peft_model(tiny_gqa_llama(), LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
+    for p in model.parameters():  # non-zero lora_B, so the adapters change the logits
+        torch.nn.init.normal_(p, std=0.2)
+    lean.apply(model)
+    q = model.base_model.model.model.layers[0].self_attn.q_proj
+    assert isinstance(q.lora_B["default"], lean.AddmmLinear) and "lora_B.default.weight" in dict(q.named_parameters())
+    model.eval()
+    ids = torch.randint(0, 100, (2, 9), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        adapted = model(input_ids=ids).logits
+        with model.disable_adapter():
+            base = model(input_ids=ids).logits
+        model.merge_adapter()
+        merged = model(input_ids=ids).logits
+        model.unmerge_adapter()
+        again = model(input_ids=ids).logits
+    assert not torch.allclose(adapted, base, atol=1e-3)
+    torch.testing.assert_close(merged, adapted, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(again, adapted, rtol=1e-5, atol=1e-5)
