@@ -6,7 +6,8 @@
 The case is bench/vs_hf_trainer.py's "distft LoRA packed" (same data, batch, length and
 adapters) at the precision distft's `trainer.precision=auto` picks here. The profiler runs
 over the optimizer steps after the first `vs_hf_trainer.WARMUP`; each operator's own time
-(self CPU time, so nothing is counted twice) goes to one kind: matmuls, attention, casts
+(self CPU time, so nothing is counted twice) goes to one kind: matmuls, attention (SDPA's
+kernels, or the batched matmuls and softmax of distft's matmul attention), casts
 and copies (aten::copy_, mostly autocast's dtype casts), random numbers (LoRA's dropout
 masks), softmax and cross-entropy, everything else (element-wise work, norms, the
 optimizer). It says what a faster step has to shrink; the MFU table says how far the step
@@ -28,9 +29,12 @@ from bench import vs_hf_trainer as vs  # noqa: E402
 
 # Operator name -> kind; the first rule that matches wins. Names are aten's (and autograd
 # functions' own, whose self time is the Python around their aten calls).
+# Attention: SDPA's kernels, or distft's matmul attention (trainer.cpu_attention=matmul),
+# whose batched matmuls and softmax are the only aten::bmm and aten::_softmax of these
+# models' steps (their linear layers run aten::mm/addmm, the loss aten::_log_softmax).
 KINDS = [
-    ("matmul", ("aten::mm", "aten::bmm", "aten::addmm", "aten::baddbmm", "aten::matmul", "aten::linear")),
-    ("attention", ("scaled_dot_product",)),
+    ("attention", ("scaled_dot_product", "aten::bmm", "aten::_softmax", "aten::_softmax_backward_data")),
+    ("matmul", ("aten::mm", "aten::addmm", "aten::baddbmm", "aten::matmul", "aten::linear")),
     ("casts and copies", ("aten::copy_", "aten::_to_copy", "aten::to")),
     ("random numbers", ("aten::random_", "aten::bernoulli_", "aten::uniform_", "aten::normal_")),
     ("softmax, cross-entropy", ("softmax", "nll_loss", "cross_entropy")),

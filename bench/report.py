@@ -88,6 +88,22 @@ def _profile(data: dict) -> list[str]:
     return lines
 
 
+def _attention(data: dict) -> list[str]:
+    lines = ["## CPU attention in bf16 training: flash kernel against matmuls", "", f"Machine: {data['machine']}", "",
+             f"Command: `{data['command']}`", "",
+             "Forward and backward of one layer's attention (heads, key/value heads, head width: "
+             f"{', '.join(map(str, data['heads']))}), packed rows of two documents; median ms. Kept: "
+             "what each keeps for backward, q, k and v included. distft trains with the matmul path up "
+             "to 512 keys (`trainer.cpu_attention=matmul`, the default), with the flash kernel beyond.", "",
+             "| batch x length | flash ms | matmul ms | speed-up | flash kept MiB | matmul kept MiB | matmul in training |",
+             "|---|---|---|---|---|---|---|"]
+    for r in data["rows"]:
+        lines.append(f"| {r['batch']} x {r['length']} | {r['flash_ms']:.2f} | {r['matmul_ms']:.2f} | "
+                     f"{r['speedup']:.2f}x | {r['flash_kept_mb']:.1f} | {r['matmul_kept_mb']:.1f} | "
+                     f"{'yes' if r['matmul_in_training'] else 'no'} |")
+    return lines
+
+
 def write_benchmarks_md(folder: Path = RESULTS) -> Path:
     """BENCHMARKS.md at the top of the checkout for bench/results, else beside the results."""
     target = ROOT / "BENCHMARKS.md" if folder.resolve() == RESULTS.resolve() else folder / "BENCHMARKS.md"
@@ -99,6 +115,8 @@ def write_benchmarks_md(folder: Path = RESULTS) -> Path:
         lines += _mfu(json.loads((folder / "mfu.json").read_text())) + [""]
     if (folder / "profile_step.json").is_file():
         lines += _profile(json.loads((folder / "profile_step.json").read_text())) + [""]
+    if (folder / "attention.json").is_file():
+        lines += _attention(json.loads((folder / "attention.json").read_text())) + [""]
     target.write_text("\n".join(lines))
     return target
 

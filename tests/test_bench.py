@@ -215,3 +215,22 @@ def test_profile_step_quick(tmp_path):
     assert data["top_ops"] and all(o["self_s"] > 0 for o in data["top_ops"])
     md = (tmp_path / "BENCHMARKS.md").read_text()
     assert "Where a step's time goes" in md and "python bench/profile_step.py --quick" in md
+
+
+def test_attention_quick(tmp_path):
+    """Flash against matmul attention on small shapes (bf16 even where it is slow: the shapes
+    are tiny): both run, what each keeps is counted, the table is written; the profile
+    counts the matmul path's batched matmuls and softmax as attention."""
+    run_bench("attention.py", "--quick", "--out", str(tmp_path))
+    data = json.loads((tmp_path / "attention.json").read_text())
+    assert [(r["batch"], r["length"]) for r in data["rows"]] == [(2, 64), (1, 128)]
+    for r in data["rows"]:
+        assert r["flash_ms"] > 0 and r["matmul_ms"] > 0 and r["matmul_in_training"]
+        # the matmul path keeps the bf16 probabilities besides q, k and v: batch x heads x length^2 x 2 bytes
+        probs = r["batch"] * 4 * r["length"] ** 2 * 2 / 2**20
+        assert r["matmul_kept_mb"] == pytest.approx(probs + r["batch"] * r["length"] * (4 + 2 + 2) * 16 * 2 / 2**20)
+    md = (tmp_path / "BENCHMARKS.md").read_text()
+    assert "CPU attention in bf16 training" in md and "python bench/attention.py --quick" in md
+    from bench.profile_step import kind_of
+    assert [kind_of(n) for n in ("aten::bmm", "aten::_softmax", "aten::_softmax_backward_data", "aten::addmm")] \
+        == ["attention", "attention", "attention", "matmul"]

@@ -18,6 +18,9 @@ most of a step's memory, and three places keep more than backward needs:
   inverse of its complement, so the dropped input is unbiased as with nn.Dropout; the
   values differ from nn.Dropout's random stream. `trainer.lean_dropout_rng=torch` draws
   with `bernoulli_` as nn.Dropout does: the same forward values as the unfused modules.
+  Not about what is kept, but on the same modules: lora_B adds its scaled product to the
+  frozen layer's output in one addmm (`AddmmLinear`), where peft's `result + lora_B(h) *
+  scaling` made three passes over the output forward and one backward.
 - **RMSNorm.** transformers' `weight * (x.float() * rsqrt(mean(x.float()^2) + eps)).to(x.dtype)`
   keeps the fp32 copy of x and the normalized fp32 x for backward; with a bf16 residual
   stream (`Precision.hold_frozen`'s `stream`) that is four bytes an element kept twice per

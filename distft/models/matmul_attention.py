@@ -2,14 +2,14 @@
 
 `trainer.cpu_attention=matmul` (the default; `flash` turns it off). On CPU, SDPA runs
 PyTorch's flash kernel: it keeps only q, k, v, the output and one log-sum-exp a row, and
-its backward recomputes the probabilities block by block. On 2 cores of an AMX Xeon that
-backward is most of a step's attention time (SmolLM2-135M's 9 query / 3 key-value heads,
-8 packed rows of 256 tokens, bf16: forward 3 ms, backward 13-20 ms a layer), while the same
-work as whole bf16 matmuls (AMX tiles) and one softmax takes 4 + 4-6 ms: 1.5-2x faster at
-every length up to 2048 tokens (`python bench/attention.py`). The price is memory: the
-probabilities are kept in bf16, heads x keys x 2 bytes a token and layer (4.6 KiB at 9
-heads and 256 keys). So this path runs only where that is small and the matmuls are
-native:
+its backward recomputes the probabilities block by block, most of a step's attention time
+on 2 cores of an AMX Xeon. The same work as whole bf16 matmuls (AMX tiles) and one softmax,
+keeping the probabilities, was 1.9x faster forward and backward at SmolLM2-135M's 9 query /
+3 key-value heads and 8 packed rows of 256 tokens (6.3 against 12.1 ms a layer), 1.5-1.7x
+at 512 to 2048 keys (`python bench/attention.py`, BENCHMARKS.md). The price is memory: the
+probabilities are kept in bf16, heads x keys x 2 bytes a token and layer (4.5 KiB at 9
+heads and 256 keys; SmolLM2 LoRA packed bf16's peak RSS 2033 -> 2272 MiB in
+bench/vs_hf_trainer.py). So this path runs only where that is small:
 
 - training (grad enabled), on CPU, computing in bf16 (autocast's dtype or the inputs');
 - at most `MAX_KEYS` keys (512), a bool mask as transformers passes to sdpa, no
@@ -22,10 +22,11 @@ head are one matrix of G x T rows (transformers' and SDPA's head order, h // G).
 
 Numbers: the scores are rounded to bf16 before the softmax (as transformers' eager
 attention computes them under autocast); the flash kernel keeps them in fp32. Against an
-fp32 reference the output's relative error is about 0.8% here against 0.5% for flash
-(tests/test_lean.py). Masked scores are the dtype's lowest finite value, not -inf, so a
-row with nothing to attend to (left padding) averages v instead of making NaN; its
-gradient is zero where the loss ignores that position, as it does padding.
+fp32 reference the output's relative error was 0.8% here against 0.5% for flash in bf16
+(tests/test_matmul_attention.py holds it within twice flash's). Masked scores are the
+dtype's lowest finite value, not -inf, so a row with nothing to attend to (left padding)
+averages v instead of making NaN; its gradient is zero where the loss ignores that
+position, as it does padding.
 
 Written here because no library ships a CPU attention with a fast backward: the fused
 kernels (flash-attn, xformers, Liger) are GPU kernels, and PyTorch's own CPU choices are
