@@ -276,7 +276,8 @@ class Trainer:
         elif lean_applies:
             for line in lean.apply(model, t.lean_dropout_rng, norms=bf16_stream):
                 log.info("lean activations: %s", line)
-        if t.cpu_attention == "matmul" and (n := matmul_attention.mark(model)):
+        if (t.cpu_attention == "matmul" and self.device.type == "cpu" and self.precision.name == "bf16"
+                and (n := matmul_attention.mark(model))):
             log.info("attention: bf16 training on CPU by matmuls, probabilities kept, up to %d keys "
                      "(%d attention modules; trainer.cpu_attention=flash for SDPA's flash kernel)",
                      matmul_attention.MAX_KEYS, n)

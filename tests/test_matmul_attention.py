@@ -91,7 +91,8 @@ def test_sdpa_takes_the_matmul_path_only_where_it_applies():
 
 def test_training_in_bf16_with_matmul_and_flash_attention(tmp_path, caplog):
     """The default (matmul) and trainer.cpu_attention=flash train to the same losses within
-    bf16 rounding; the log says which ran; an unknown choice is refused at config time."""
+    bf16 rounding; the log says which ran (in fp32 neither claims the matmul path); an
+    unknown choice is refused at config time."""
     from distft.errors import ConfigError
     from distft.train import run as train
     from distft.trainer import check_config
@@ -110,5 +111,9 @@ def test_training_in_bf16_with_matmul_and_flash_attention(tmp_path, caplog):
     assert list(got) == list(want) == [1, 2, 3, 4]
     assert got == pytest.approx(want, rel=2e-2)
     assert got != want  # bf16 scores rounded before the softmax: the matmul path ran
+    caplog.clear()
+    with caplog.at_level("INFO", logger="distft"):  # fp32: SDPA's kernel, and the log does not claim otherwise
+        train(compose_cfg(tmp_path / "fp32", [*run, "trainer.precision=fp32"]))
+    assert "attention: bf16 training on CPU by matmuls" not in caplog.text
     with pytest.raises(ConfigError, match="trainer.cpu_attention='fast': choose matmul or flash"):
         check_config(compose_cfg(tmp_path / "bad", [*TINY, "trainer.cpu_attention=fast"]))
