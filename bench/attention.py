@@ -88,11 +88,8 @@ def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--repeats", type=int, default=20)
     ap.add_argument("--tokens", type=int, default=2048, help="batch x length of every shape")
-    ap.add_argument("--threads", type=int, default=vs.default_threads(), help=vs.default_threads.__doc__)
     ap.add_argument("--quick", action="store_true", help="one small shape, 3 repeats")
-    ap.add_argument("--out", default=str(ROOT / "bench" / "results"))
-    vs.add_malloc_arg(ap, "allocator of the run: system, tcmalloc, jemalloc (launch/malloc.sh)")
-    ap.add_argument("--one", help=argparse.SUPPRESS)
+    vs.add_process_args(ap)
     args = ap.parse_args()
     if args.one:
         import torch

@@ -100,11 +100,8 @@ def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", default="smollm2")
     ap.add_argument("--steps", type=int, default=4, help="optimizer steps profiled, after the warm-up ones")
-    ap.add_argument("--threads", type=int, default=vs.default_threads(), help=vs.default_threads.__doc__)
     ap.add_argument("--quick", action="store_true", help="the tiny model, 1 profiled step, fp32: a smoke run")
-    ap.add_argument("--out", default=str(ROOT / "bench" / "results"))
-    vs.add_malloc_arg(ap, "allocator of the run: system, tcmalloc, jemalloc (launch/malloc.sh)")
-    ap.add_argument("--one", help=argparse.SUPPRESS)
+    vs.add_process_args(ap)
     args = ap.parse_args()
     if args.one:
         one = json.loads(args.one)

@@ -271,6 +271,15 @@ def add_malloc_arg(ap, help: str) -> None:
     ap.add_argument("--malloc", default=os.environ.get("DISTFT_MALLOC", "system"), help=help)
 
 
+def add_process_args(ap, malloc_help: str = "allocator of the run: system, tcmalloc, jemalloc (launch/malloc.sh)") -> None:
+    """--threads, --out, --malloc and the hidden --one (a case run in the fresh process that
+    `one_in_a_fresh_process` starts): the arguments of a benchmark that runs one."""
+    ap.add_argument("--threads", type=int, default=default_threads(), help=default_threads.__doc__)
+    ap.add_argument("--out", default=str(ROOT / "bench" / "results"))
+    add_malloc_arg(ap, malloc_help)
+    ap.add_argument("--one", help=argparse.SUPPRESS)
+
+
 def one_in_a_fresh_process(case, malloc: str = "system", script: str = __file__):
     """One case in its own process (`script --one <case as JSON>`, which prints its result
     on a line starting RESULT), started through launch/malloc.sh as distft's launchers start
