@@ -343,3 +343,24 @@ def test_lora_layers_add_through_lora_b_and_fall_back_to_peft_when_merged_or_dis
     assert not torch.allclose(adapted, base, atol=1e-3)
     torch.testing.assert_close(merged, adapted, rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(again, adapted, rtol=1e-5, atol=1e-5)
+
+
+def test_lean_norms_outlast_eval_and_train_on_a_model_loaded_from_a_folder(tmp_path):
+    """transformers 5 kernelizes what from_pretrained loads when the `kernels` package is
+    installed, and each train()/eval() of the model then kernelizes it again, which resets
+    forwards set on module instances to their class's: lean's norms were undone by the
+    first evaluation of a run. distft loads without kernels; the norms stay lean."""
+    from types import SimpleNamespace
+
+    from distft.models import load_model
+
+    tiny_gqa_llama().save_pretrained(tmp_path / "model")
+    cfg = compose_cfg(tmp_path / "run", ["model=hf", f"model.path={tmp_path / 'model'}"])
+    model = load_model(cfg.model, "next_tokens", SimpleNamespace(pad_token_id=0))
+    lean.apply(model, norms=True)
+    norms = [m for m in model.modules() if type(m).__name__ == "LlamaRMSNorm"]
+    assert len(norms) == 5 and all(map(lean.lean_rms_norm, norms))
+    model.eval()
+    model.train()
+    assert all(map(lean.lean_rms_norm, norms))
+    assert not getattr(model, "use_kernels", False)

@@ -144,8 +144,13 @@ def load_model(cfg, predicts: str, tokenizer, num_labels: Optional[int] = None, 
     elif cfg.from_config is not None:
         model = auto_cls.from_config(config, dtype=dtype, attn_implementation=attn)
     else:
+        # use_kernels=False: with the `kernels` package installed (transformers 5 pulls it in),
+        # from_pretrained kernelizes the model by default, and then every train()/eval() of
+        # it kernelizes again, which resets forwards set on module instances to their class's:
+        # lean's RMSNorm was silently undone by the first evaluation. It would also fetch
+        # kernels from the Hub at run time on GPUs. distft's own lean paths do that work.
         model = auto_cls.from_pretrained(resolve_model_path(cfg), config=config, dtype=dtype,
-                                         attn_implementation=attn, **load_kwargs)
+                                         attn_implementation=attn, use_kernels=False, **load_kwargs)
     if cfg.gguf_file:
         _clear_gguf_quantization_mark(model)
     log.info("model %s: %s, attention=%s, dtype=%s%s", cfg.name, type(model).__name__, attn, cfg.dtype,
