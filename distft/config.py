@@ -339,6 +339,10 @@ class TrainerConfig:
     # backward, heads x keys x 2 bytes more a token and layer; up to 512 keys, else flash;
     # distft/models/matmul_attention.py) | flash (SDPA's CPU flash kernel throughout)
     cpu_attention: str = "matmul"
+    # The lean norms' and SwiGLUs' element-wise work in bf16 training on CPU: compiled (each
+    # forward and backward one loop compiled by torch.compile's inductor, a few seconds at
+    # the first step; eager where compiling fails) | eager (a pass over memory per op)
+    cpu_elementwise: str = "compiled"
     # torch.compile each transformer block in place (regional compilation: one compiled
     # block reused by all, parameter names unchanged); the first steps pay the compile time.
     compile: bool = False

@@ -114,6 +114,8 @@ def check_config(cfg) -> Components:
         raise ConfigError(f"trainer.lean_dropout_rng={t.lean_dropout_rng!r}: choose fast or torch")
     if t.cpu_attention not in ("matmul", "flash"):
         raise ConfigError(f"trainer.cpu_attention={t.cpu_attention!r}: choose matmul or flash")
+    if t.cpu_elementwise not in ("compiled", "eager"):
+        raise ConfigError(f"trainer.cpu_elementwise={t.cpu_elementwise!r}: choose compiled or eager")
     if "_target_" not in cfg.optimizer:
         raise ConfigError("optimizer: the node needs _target_ (the optimizer class, e.g. torch.optim.AdamW)")
     precisions.resolve(t.precision)  # an unknown choice, or fp16 without a GPU, is refused here
@@ -274,7 +276,11 @@ class Trainer:
             log.info("lean activations off: privacy=%s takes per-example gradients from each layer's input",
                      cfg.privacy.name)
         elif lean_applies:
-            for line in lean.apply(model, t.lean_dropout_rng, norms=bf16_stream):
+            # Compiled element-wise kernels where they were measured to pay: bf16 training on
+            # CPU; not inside blocks that trainer.compile compiles whole.
+            compiled = (t.cpu_elementwise == "compiled" and self.device.type == "cpu" and self.precision.name == "bf16"
+                        and not t.compile)
+            for line in lean.apply(model, t.lean_dropout_rng, norms=bf16_stream, compiled=compiled):
                 log.info("lean activations: %s", line)
         if (t.cpu_attention == "matmul" and self.device.type == "cpu" and self.precision.name == "bf16"
                 and (n := matmul_attention.mark(model))):

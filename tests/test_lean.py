@@ -1,4 +1,6 @@
 """Lean activations (distft/models/lean.py): the values autograd's own ops give, fewer saved tensors."""
+from pathlib import Path
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -364,3 +366,98 @@ def test_lean_norms_outlast_eval_and_train_on_a_model_loaded_from_a_folder(tmp_p
     model.train()
     assert all(map(lean.lean_rms_norm, norms))
     assert not getattr(model, "use_kernels", False)
+
+
+@pytest.mark.parametrize("trainable", [False, True])
+def test_compiled_rms_norm_gives_the_eager_lean_norms_values_and_keeps_as_little(trainable):
+    """cpu_elementwise=compiled: the norm's forward and input gradient as compiled kernels.
+    On a bf16 stream (frozen bf16 weight, or a trainable fp32 one) the values and gradients
+    of RMSNormFn within one bf16 rounding, and the same tensors kept for backward."""
+    torch.manual_seed(0)
+    w = (1 + 0.1 * torch.randn(48)).to(torch.float32 if trainable else torch.bfloat16).requires_grad_(trainable)
+    x = (3 * torch.randn(4, 10, 48)).bfloat16().requires_grad_()
+    eager_bytes, want = saved_bytes(lean.RMSNormFn.apply, x, w, 1e-5)
+    compiled_bytes, got = saved_bytes(lean._CompiledRMSNormFn.apply, x, w, 1e-5)
+    assert lean.kernels_work() and lean._rms_norm_fwd.compiled is not None
+    assert compiled_bytes == eager_bytes and got.dtype == want.dtype
+    torch.testing.assert_close(got.float(), want.float(), rtol=1e-2, atol=1e-2)
+    wrt = [x, w] if trainable else [x]
+    for g, e in zip(grads(got, *wrt), grads(want, *wrt)):
+        assert g.dtype == e.dtype
+        torch.testing.assert_close(g.float(), e.float(), rtol=2e-2, atol=2e-2)
+
+
+def test_compiled_swiglu_gives_the_eager_values_and_keeps_gate_and_up_only():
+    torch.manual_seed(0)
+    gate, up = (torch.randn(2, 9, 40).bfloat16().requires_grad_() for _ in range(2))
+    eager_bytes, want = saved_bytes(lean.swiglu, gate, up)
+    compiled_bytes, got = saved_bytes(lean.swiglu, gate, up, True)
+    assert lean.kernels_work() and lean._swiglu_bwd.compiled is None  # backward not run yet
+    assert compiled_bytes == eager_bytes == 2 * gate.nbytes
+    torch.testing.assert_close(got.float(), want.float(), rtol=1e-2, atol=1e-2)
+    for g, e in zip(grads(got, gate, up), grads(want, gate, up)):
+        torch.testing.assert_close(g.float(), e.float(), rtol=2e-2, atol=2e-2)
+    assert lean._swiglu_bwd.compiled is not None
+
+
+def test_a_kernel_that_cannot_be_compiled_runs_eager_after_one_warning():
+    """A machine without a working C++ compiler (here: inductor pointed at one that does not
+    exist, in a process of its own: inductor caches the compiler it found): the eager
+    function's values, one warning, and every kernel eager from then on."""
+    import subprocess
+    import sys
+    import textwrap
+
+    code = textwrap.dedent("""
+        import logging, torch
+        import torch._inductor.config as inductor_config
+        from distft.models import lean
+        inductor_config.cpp.cxx = ("/nonexistent/c++",)
+        inductor_config.fx_graph_cache = False
+        logging.basicConfig(level=logging.WARNING, format="LOG %(message)s")
+
+        def axpb(a, b):
+            return a * b + 0.5
+
+        kernel = lean._Kernel(axpb)
+        a, b = torch.randn(64), torch.randn(64)
+        assert torch.equal(kernel(a, b), axpb(a, b)) and torch.equal(kernel(a, b), axpb(a, b))
+        print("WORKS", lean.kernels_work())
+    """)
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                          cwd=str(Path(__file__).resolve().parent.parent))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "WORKS False" in proc.stdout
+    assert proc.stderr.count("LOG compiled element-wise kernels unavailable, eager instead") == 1, proc.stderr[-3000:]
+
+
+def test_training_in_bf16_with_compiled_and_eager_elementwise(tmp_path, caplog):
+    """bf16 on CPU compiles the lean norms' and SwiGLUs' element-wise work by default (the log
+    says so), cpu_elementwise=eager does not; the same losses within bf16 rounding, and the
+    norms stay compiled across evaluations. fp32 runs compile nothing; an unknown choice is
+    refused at config time."""
+    from distft.errors import ConfigError
+    from distft.train import run as train
+    from distft.trainer import check_config
+
+    run = [*TINY, "trainer.precision=bf16", "strategy=lora", "strategy.dropout=0.1", "trainer.max_steps=4",
+           "trainer.eval_every=2", "trainer.save_every=0"]
+    with caplog.at_level("INFO", logger="distft"):
+        train(compose_cfg(tmp_path / "compiled", run))
+    assert "RMSNorm keeping its input and one scale a row in 5 norms, compiled" in caplog.text
+    assert "SwiGLU keeping gate and up only in 2 MLPs, compiled" in caplog.text
+    assert lean.kernels_work() and lean._rms_norm_grad_x.compiled is not None
+    caplog.clear()
+    with caplog.at_level("INFO", logger="distft"):
+        train(compose_cfg(tmp_path / "eager", [*run, "trainer.cpu_elementwise=eager"]))
+    assert "RMSNorm keeping its input and one scale a row in 5 norms\n" in caplog.text + "\n"
+    assert ", compiled" not in caplog.text
+    got, want = losses(tmp_path / "compiled"), losses(tmp_path / "eager")
+    assert list(got) == list(want) == [1, 2, 3, 4]
+    assert got == pytest.approx(want, rel=2e-2)
+    caplog.clear()
+    with caplog.at_level("INFO", logger="distft"):
+        train(compose_cfg(tmp_path / "fp32", [*run, "trainer.precision=fp32"]))
+    assert "SwiGLU keeping gate and up only in 2 MLPs" in caplog.text and ", compiled" not in caplog.text
+    with pytest.raises(ConfigError, match="trainer.cpu_elementwise='fused': choose compiled or eager"):
+        check_config(compose_cfg(tmp_path / "bad", [*TINY, "trainer.cpu_elementwise=fused"]))
