@@ -424,6 +424,12 @@ def test_a_kernel_that_cannot_be_compiled_runs_eager_after_one_warning():
         assert torch.equal(kernel(a, b), axpb(a, b)) and torch.equal(kernel(a, b), axpb(a, b))
         print("WORKS", lean.kernels_work())
     """)
+    # An error of the arithmetic itself (mismatched shapes) is raised, not taken for a
+    # compiler that does not work: the kernels stay on.
+    kernel = lean._Kernel(lambda a, b: a * b)
+    with pytest.raises(RuntimeError, match="size of tensor a"):
+        kernel(torch.randn(3), torch.randn(4))
+    assert lean.kernels_work()
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
                           cwd=str(Path(__file__).resolve().parent.parent))
     assert proc.returncode == 0, proc.stderr[-3000:]

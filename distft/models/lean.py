@@ -95,9 +95,12 @@ class _Kernel:
                 self.compiled = torch.compile(self.fn, fullgraph=True)
             try:
                 return self.compiled(*args)
-            except Exception as e:  # noqa: BLE001 - any failure of the compiler: eager from here on
+            except Exception as e:  # noqa: BLE001 - whatever the compiler raised
+                # An error of the arithmetic itself raises here again, and the kernels stay on.
+                out = self.fn(*args)
                 _Kernel.broken = f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[0][:300]}"
                 log.warning("compiled element-wise kernels unavailable, eager instead: %s", _Kernel.broken)
+                return out
         return self.fn(*args)
 
 
@@ -335,14 +338,14 @@ class _CompiledRMSNormFn(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, eps):
-        y, r = _rms_norm_fwd(x.view(-1, x.shape[-1]), weight, eps)
+        y, r = _rms_norm_fwd(x.reshape(-1, x.shape[-1]), weight, eps)
         ctx.save_for_backward(x, r, weight)
         return y.view(x.shape)
 
     @staticmethod
     def backward(ctx, grad):
         x, r, weight = ctx.saved_tensors
-        x2, g2 = x.view(-1, x.shape[-1]), grad.reshape(-1, x.shape[-1])
+        x2, g2 = x.reshape(-1, x.shape[-1]), grad.reshape(-1, x.shape[-1])
         grad_x = _rms_norm_grad_x(x2, r, weight, g2).view(x.shape) if ctx.needs_input_grad[0] else None
         grad_w = None
         if ctx.needs_input_grad[1]:
