@@ -272,18 +272,17 @@ class Trainer:
         bf16_stream = any(m.weight.dtype == torch.bfloat16 for m in model.modules() if isinstance(m, torch.nn.Embedding))
         if bf16_stream:
             log.info("the residual stream between layers is bf16 (its embeddings are)")
+        # The CPU paths measured to pay in bf16 training only: compiled element-wise kernels
+        # (not inside blocks that trainer.compile compiles whole) and the matmul attention.
+        bf16_on_cpu = self.device.type == "cpu" and self.precision.name == "bf16"
         if t.lean_activations and self.components.privacy.per_example:
             log.info("lean activations off: privacy=%s takes per-example gradients from each layer's input",
                      cfg.privacy.name)
         elif lean_applies:
-            # Compiled element-wise kernels where they were measured to pay: bf16 training on
-            # CPU; not inside blocks that trainer.compile compiles whole.
-            compiled = (t.cpu_elementwise == "compiled" and self.device.type == "cpu" and self.precision.name == "bf16"
-                        and not t.compile)
+            compiled = t.cpu_elementwise == "compiled" and bf16_on_cpu and not t.compile
             for line in lean.apply(model, t.lean_dropout_rng, norms=bf16_stream, compiled=compiled):
                 log.info("lean activations: %s", line)
-        if (t.cpu_attention == "matmul" and self.device.type == "cpu" and self.precision.name == "bf16"
-                and (n := matmul_attention.mark(model))):
+        if t.cpu_attention == "matmul" and bf16_on_cpu and (n := matmul_attention.mark(model)):
             log.info("attention: bf16 training on CPU by matmuls, probabilities kept, up to %d keys "
                      "(%d attention modules; trainer.cpu_attention=flash for SDPA's flash kernel)",
                      matmul_attention.MAX_KEYS, n)

@@ -377,7 +377,7 @@ def test_compiled_rms_norm_gives_the_eager_lean_norms_values_and_keeps_as_little
     w = (1 + 0.1 * torch.randn(48)).to(torch.float32 if trainable else torch.bfloat16).requires_grad_(trainable)
     x = (3 * torch.randn(4, 10, 48)).bfloat16().requires_grad_()
     eager_bytes, want = saved_bytes(lean.RMSNormFn.apply, x, w, 1e-5)
-    compiled_bytes, got = saved_bytes(lean._CompiledRMSNormFn.apply, x, w, 1e-5)
+    compiled_bytes, got = saved_bytes(lean.RMSNormFn.apply, x, w, 1e-5, True)
     assert lean.kernels_work() and lean._rms_norm_fwd.compiled is not None
     assert compiled_bytes == eager_bytes and got.dtype == want.dtype
     torch.testing.assert_close(got.float(), want.float(), rtol=1e-2, atol=1e-2)

@@ -41,8 +41,8 @@ most of a step's memory, and three places keep more than backward needs:
   and exported models still say sdpa.
 - **Compiled element-wise work** (`trainer.cpu_elementwise=compiled`, the default; bf16
   training on CPU only). Eager, the norm and SwiGLU are a pass over memory per op (about
-  eight forward and ten backward for the norm); `_CompiledRMSNormFn` and `_CompiledSwiGLUFn`
-  run the same arithmetic with each forward and backward one loop that torch.compile
+  eight forward and ten backward for the norm); `RMSNormFn` and `_SwiGLUFn` with
+  `compiled` run the same arithmetic with each forward and backward one loop that torch.compile
   (inductor) generates, the matmuls staying eager. SmolLM2 LoRA packed bf16 on an AMX
   Xeon, 2 cores: 563 against 509 tokens/s (`python bench/ab.py trainer.cpu_elementwise
   compiled eager --repeats 3 --malloc tcmalloc`). Values within a bf16 rounding of the eager ones
@@ -309,36 +309,14 @@ def _lora_linear_forward(self, x, *args, **kwargs):
 class RMSNormFn(torch.autograd.Function):
     """transformers' RMSNorm forward (`LlamaRMSNorm`): weight * (x.float() * r).to(x.dtype),
     r = rsqrt(mean(x.float()^2) + eps) per row. Keeps x, r (fp32, one a row) and the weight;
-    backward recomputes the normalized x."""
+    backward recomputes the normalized x. compiled: the forward and the input gradient each
+    one compiled kernel (`_Kernel`), the same arithmetic and the same tensors kept."""
 
     @staticmethod
-    def forward(ctx, x, weight, eps):
-        xf = x.float()
-        r = torch.rsqrt(xf.pow(2).mean(-1, keepdim=True).add_(eps))
-        ctx.save_for_backward(x, r, weight)
-        return weight * (xf * r).to(x.dtype)
-
-    @staticmethod
-    def backward(ctx, grad):
-        x, r, weight = ctx.saved_tensors
-        xhat, grad = x.float() * r, grad.float()
-        grad_x = grad_w = None
-        if ctx.needs_input_grad[0]:
-            # d/dx of x * r: r * (g - xhat * mean(g * xhat)), g the gradient at the normalized x
-            g = grad * weight.float()
-            grad_x = (r * (g - xhat * (g * xhat).mean(-1, keepdim=True))).to(x.dtype)
-        if ctx.needs_input_grad[1]:
-            grad_w = (grad * xhat.to(x.dtype).float()).reshape(-1, x.shape[-1]).sum(0).to(weight.dtype)
-        return grad_x, grad_w, None
-
-
-class _CompiledRMSNormFn(torch.autograd.Function):
-    """RMSNormFn's arithmetic with its forward and its input gradient each one compiled loop
-    (`compiled`): the same saved tensors (x, one fp32 scale a row, the weight)."""
-
-    @staticmethod
-    def forward(ctx, x, weight, eps):
-        y, r = _rms_norm_fwd(x.reshape(-1, x.shape[-1]), weight, eps)
+    def forward(ctx, x, weight, eps, compiled=False):
+        # Rows of the last dimension, so a compiled kernel sees one dimension that varies.
+        y, r = (_rms_norm_fwd if compiled else _rms_norm_fwd_eager)(x.reshape(-1, x.shape[-1]), weight, eps)
+        ctx.compiled = compiled
         ctx.save_for_backward(x, r, weight)
         return y.view(x.shape)
 
@@ -346,11 +324,12 @@ class _CompiledRMSNormFn(torch.autograd.Function):
     def backward(ctx, grad):
         x, r, weight = ctx.saved_tensors
         x2, g2 = x.reshape(-1, x.shape[-1]), grad.reshape(-1, x.shape[-1])
-        grad_x = _rms_norm_grad_x(x2, r, weight, g2).view(x.shape) if ctx.needs_input_grad[0] else None
-        grad_w = None
+        grad_x = grad_w = None
+        if ctx.needs_input_grad[0]:
+            grad_x = (_rms_norm_grad_x if ctx.compiled else _rms_norm_grad_x_eager)(x2, r, weight, g2).view(x.shape)
         if ctx.needs_input_grad[1]:
             grad_w = (g2.float() * (x2.float() * r).to(x.dtype).float()).sum(0).to(weight.dtype)
-        return grad_x, grad_w, None
+        return grad_x, grad_w, None, None
 
 
 def _rms_norm_fwd_eager(x, weight, eps: float):
@@ -360,6 +339,7 @@ def _rms_norm_fwd_eager(x, weight, eps: float):
 
 
 def _rms_norm_grad_x_eager(x, r, weight, grad):
+    # d/dx of x * r: r * (g - xhat * mean(g * xhat)), g the gradient at the normalized x
     xhat, g = x.float() * r, grad.float() * weight.float()
     return (r * (g - xhat * (g * xhat).mean(-1, keepdim=True))).to(x.dtype)
 
@@ -369,9 +349,8 @@ _rms_norm_fwd, _rms_norm_grad_x = _Kernel(_rms_norm_fwd_eager), _Kernel(_rms_nor
 
 def _rms_norm_forward(self, hidden_states):
     if torch.is_grad_enabled() and not torch.compiler.is_compiling():
-        if getattr(self, COMPILED_ATTR, False) and kernels_work():
-            return _CompiledRMSNormFn.apply(hidden_states, self.weight, self.variance_epsilon)
-        return RMSNormFn.apply(hidden_states, self.weight, self.variance_epsilon)
+        compiled = getattr(self, COMPILED_ATTR, False) and kernels_work()
+        return RMSNormFn.apply(hidden_states, self.weight, self.variance_epsilon, compiled)
     # Nothing kept without grad; compiled blocks leave what to keep to the compiler.
     return type(self).forward(self, hidden_states)
 
@@ -382,32 +361,24 @@ def lean_rms_norm(module: nn.Module) -> bool:
 
 
 class _SwiGLUFn(torch.autograd.Function):
+    """silu(gate) * up keeping gate and up; compiled: forward and backward each one compiled
+    kernel (`_Kernel`), in fp32 between ops and rounded once."""
+
     @staticmethod
-    def forward(ctx, gate, up):
+    def forward(ctx, gate, up, compiled=False):
+        ctx.compiled = compiled
         ctx.save_for_backward(gate, up)
-        return F.silu(gate) * up
+        return _swiglu_fwd(gate, up) if compiled else _swiglu_fwd_eager(gate, up)
 
     @staticmethod
     def backward(ctx, grad):
         gate, up = ctx.saved_tensors
+        if ctx.compiled:
+            return (*_swiglu_bwd(gate, up, grad), None)
         # As autograd differentiates silu(gate) * up: the product rule, then silu's backward.
         grad_gate = torch.ops.aten.silu_backward(grad * up, gate) if ctx.needs_input_grad[0] else None
         grad_up = grad * F.silu(gate) if ctx.needs_input_grad[1] else None
-        return grad_gate, grad_up
-
-
-class _CompiledSwiGLUFn(torch.autograd.Function):
-    """_SwiGLUFn with its forward and its backward each one compiled loop (`compiled`)."""
-
-    @staticmethod
-    def forward(ctx, gate, up):
-        ctx.save_for_backward(gate, up)
-        return _swiglu_fwd(gate, up)
-
-    @staticmethod
-    def backward(ctx, grad):
-        gate, up = ctx.saved_tensors
-        return _swiglu_bwd(gate, up, grad)
+        return grad_gate, grad_up, None
 
 
 def _swiglu_fwd_eager(gate, up):
@@ -426,9 +397,7 @@ _swiglu_fwd, _swiglu_bwd = _Kernel(_swiglu_fwd_eager), _Kernel(_swiglu_bwd_eager
 
 def swiglu(gate: torch.Tensor, up: torch.Tensor, compiled: bool = False) -> torch.Tensor:
     if torch.is_grad_enabled() and (gate.requires_grad or up.requires_grad):
-        if compiled and not torch.compiler.is_compiling() and kernels_work():
-            return _CompiledSwiGLUFn.apply(gate, up)
-        return _SwiGLUFn.apply(gate, up)
+        return _SwiGLUFn.apply(gate, up, compiled and not torch.compiler.is_compiling() and kernels_work())
     return F.silu(gate) * up
 
 
