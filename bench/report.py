@@ -1,6 +1,7 @@
 """BENCHMARKS.md, generated from the JSON the benchmark scripts write (never typed by hand).
 
-    python bench/report.py      # regenerate from bench/results/*.json
+    python bench/report.py          # regenerate from bench/results/*.json
+    python bench/report.py FOLDER   # FOLDER/BENCHMARKS.md from the JSON in FOLDER (another machine's runs)
 """
 from __future__ import annotations
 
@@ -122,4 +123,6 @@ def write_benchmarks_md(folder: Path = RESULTS) -> Path:
 
 
 if __name__ == "__main__":
-    print(write_benchmarks_md())
+    import sys
+
+    print(write_benchmarks_md(Path(sys.argv[1]) if len(sys.argv) > 1 else RESULTS))

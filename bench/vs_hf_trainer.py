@@ -458,6 +458,9 @@ def main() -> int:
     ap.add_argument("--same-process", action="store_true",
                     help="run the cases in this process instead of a fresh one each (no allocator choice; "
                          "memory figures then carry the earlier cases' leftovers)")
+    ap.add_argument("--only", default="",
+                    help="comma-separated case names (e.g. hf-smollm2-lora-padded-fp32,distft-smollm2-lora-packed-bf16) "
+                         "to run alone, repeated A B A B: a paired check of one ratio without the whole matrix")
     ap.add_argument("--out", default=str(ROOT / "bench" / "results"))
     add_malloc_arg(ap, "allocator of every run, both runners alike: system, tcmalloc, jemalloc (launch/malloc.sh)")
     ap.add_argument("--one", help=argparse.SUPPRESS)
@@ -475,7 +478,6 @@ def main() -> int:
         ap.error("--same-process runs on this process's allocator: drop --malloc (or DISTFT_MALLOC)")
     models = args.models.split(",")
     out = Path(args.out)
-    train, heldout = split_data(out, args.rows)
     # bf16 cases only where bf16 matmuls are native: emulated (an AVX2-only CPU) they run
     # hundreds of times slower than fp32 and measure nothing worth a table row.
     from distft.precision import native_bf16_here
@@ -484,9 +486,20 @@ def main() -> int:
     skipped = None if bf16 else f"bf16 cases skipped: {why}"
     if skipped:
         print(skipped, flush=True)
+    matrix = cases_for(models, args.quick, bf16)
+    only = [n for n in args.only.split(",") if n]
+    if only:
+        known = {case_name(*c) for c in matrix}
+        unknown = [n for n in only if n not in known]
+        if unknown:
+            ap.error(f"--only: no case named {', '.join(unknown)} here; the cases are: {', '.join(sorted(known))}")
+        matrix = [c for c in matrix if case_name(*c) in only]
+        if out.resolve() == (ROOT / "bench" / "results").resolve():
+            ap.error("--only writes a partial table: give it its own --out, not the committed bench/results")
+    train, heldout = split_data(out, args.rows)
     results = []
     for repeat in range(args.repeats):  # A B A B: machine drift hits every case alike
-        for runner, model, strategy, layout, precision, variant in cases_for(models, args.quick, bf16):
+        for runner, model, strategy, layout, precision, variant in matrix:
             name = case_name(runner, model, strategy, layout, precision, variant)
             case = {"name": name, "runner": runner, "model": model, "strategy": strategy, "layout": layout,
                     "precision": precision, "variant": variant, "repeat": repeat, "steps": args.steps, "batch": args.batch,

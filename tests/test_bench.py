@@ -56,6 +56,27 @@ def test_vs_hf_trainer_quick(tmp_path):
     assert (tmp_path / "vs_hf_trainer.png").stat().st_size > 5000
 
 
+def test_vs_hf_trainer_only_runs_the_named_cases_alternating(tmp_path):
+    shared_data("alpaca")
+    pair = ["hf-tiny-lora-padded-fp32", "distft-tiny-lora-packed-fp32"]
+    run_bench("vs_hf_trainer.py", "--quick", "--only", ",".join(pair), "--repeats", "2", "--out", str(tmp_path))
+    data = json.loads((tmp_path / "vs_hf_trainer.json").read_text())
+    assert [(r["name"], r["repeat"]) for r in data["runs"]] == [(n, k) for k in (0, 1) for n in pair]
+    assert "tiny LoRA, fp32: distft packed / HF padded tokens/s" in {r["what"] for r in data["ratios"]}
+
+    def refused(*args):
+        proc = subprocess.run([sys.executable, "bench/vs_hf_trainer.py", "--quick", *args], cwd=ROOT,
+                              capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 2, proc.stdout[-2000:] + proc.stderr[-2000:]
+        return proc.stderr
+
+    assert "--only: no case named hf-tiny-lora-padded-f32 here" in refused("--only", "hf-tiny-lora-padded-f32",
+                                                                          "--out", str(tmp_path / "x"))
+    # A partial table never replaces the committed one.
+    assert "give it its own --out" in refused("--only", pair[0])
+    assert not (tmp_path / "x").exists()
+
+
 def test_mfu_quick(tmp_path):
     shared_data("alpaca")
     run_bench("mfu.py", "--quick", "--out", str(tmp_path))
