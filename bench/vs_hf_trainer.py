@@ -494,7 +494,9 @@ def main() -> int:
         if unknown:
             ap.error(f"--only: no case named {', '.join(unknown)} here; the cases are: {', '.join(sorted(known))}")
         matrix = [c for c in matrix if case_name(*c) in only]
-        if out.resolve() == (ROOT / "bench" / "results").resolve():
+        from bench.report import RESULTS
+
+        if out.resolve() == RESULTS.resolve():
             ap.error("--only writes a partial table: give it its own --out, not the committed bench/results")
     train, heldout = split_data(out, args.rows)
     results = []
