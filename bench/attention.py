@@ -17,7 +17,6 @@ Writes bench/results/attention.json.
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import time
@@ -92,13 +91,7 @@ def main() -> int:
     vs.add_process_args(ap)
     args = ap.parse_args()
     if args.one:
-        import torch
-
-        one = json.loads(args.one)
-        torch.set_num_threads(one["threads"])
-        rows = [measure(*shape, one["repeats"]) for shape in one["shapes"]]
-        print("RESULT " + json.dumps(rows), flush=True)
-        return 0
+        return vs.measure_shapes(args.one, measure)
     from distft.precision import native_bf16_here
 
     bf16, why = native_bf16_here()
@@ -110,24 +103,13 @@ def main() -> int:
     else:
         shapes = [(args.tokens // length, length, 9, 3, 64) for length in (256, 512, 1024, 2048)]
         repeats = args.repeats
-    rows = vs.one_in_a_fresh_process({"shapes": shapes, "repeats": repeats, "threads": args.threads}, args.malloc,
-                                     script=__file__)
+    rows = vs.shapes_in_a_fresh_process(args, __file__, "attention", shapes, repeats, heads=shapes[0][2:])
     if rows is None:
         return 1
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "attention.json").write_text(json.dumps(
-        {"machine": f"{vs.machine_line(args.threads)}, allocator {args.malloc}",
-         "command": "python bench/attention.py " + " ".join(sys.argv[1:]), "heads": shapes[0][2:],
-         "rows": rows}, indent=2))
     for r in rows:
         print(f"{r['batch']} x {r['length']:5d}: flash {r['flash_ms']:7.2f} ms, matmul {r['matmul_ms']:7.2f} ms "
               f"({r['speedup']:.2f}x); kept {r['flash_kept_mb']:.1f} / {r['matmul_kept_mb']:.1f} MiB")
-    from bench.report import write_benchmarks_md
-
-    print(write_benchmarks_md(out))
     return 0
-
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -105,6 +105,22 @@ def _attention(data: dict) -> list[str]:
     return lines
 
 
+def _chunked_loss(data: dict) -> list[str]:
+    lines = ["## The loss through a frozen output layer: gradient in the forward against recomputed logits", "",
+             f"Machine: {data['machine']}", "", f"Command: `{data['command']}`", "",
+             "Forward and backward of the chunked next-token loss through a frozen output layer (LoRA, BitFit, "
+             "partial). In forward: each chunk's gradient taken right after its loss (what training does); "
+             "recomputed: the checkpointed chunks, whose logits are computed again in backward. Median ms; "
+             "gradient error: relative to an fp32 gradient of the same inputs.", "",
+             "| precision | targets | output layer | chunk | recomputed ms | in forward ms | speed-up | "
+             "error recomputed | error in forward |", "|---|---|---|---|---|---|---|---|---|"]
+    for r in data["rows"]:
+        lines.append(f"| {r['precision']} | {r['rows']} x {r['length']} | {r['vocab']} x {r['hidden']} | {r['chunk']} | "
+                     f"{r['recomputed_ms']:.1f} | {r['in_forward_ms']:.1f} | {r['speedup']:.2f}x | "
+                     f"{r['recomputed_grad_error']:.2e} | {r['in_forward_grad_error']:.2e} |")
+    return lines
+
+
 def write_benchmarks_md(folder: Path = RESULTS) -> Path:
     """BENCHMARKS.md at the top of the checkout for bench/results, else beside the results."""
     target = ROOT / "BENCHMARKS.md" if folder.resolve() == RESULTS.resolve() else folder / "BENCHMARKS.md"
@@ -118,6 +134,8 @@ def write_benchmarks_md(folder: Path = RESULTS) -> Path:
         lines += _profile(json.loads((folder / "profile_step.json").read_text())) + [""]
     if (folder / "attention.json").is_file():
         lines += _attention(json.loads((folder / "attention.json").read_text())) + [""]
+    if (folder / "chunked_loss.json").is_file():
+        lines += _chunked_loss(json.loads((folder / "chunked_loss.json").read_text())) + [""]
     target.write_text("\n".join(lines))
     return target
 

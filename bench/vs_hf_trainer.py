@@ -280,6 +280,37 @@ def add_process_args(ap, malloc_help: str = "allocator of the run: system, tcmal
     ap.add_argument("--one", help=argparse.SUPPRESS)
 
 
+def measure_shapes(one: str, measure) -> int:
+    """The fresh process's side of a shapes benchmark (bench/attention.py, chunked_loss.py):
+    `measure(*shape, repeats)` for each shape of the --one JSON, printed as the RESULT line."""
+    import torch
+
+    case = json.loads(one)
+    torch.set_num_threads(case["threads"])
+    rows = [measure(*shape, case["repeats"]) for shape in case["shapes"]]
+    print("RESULT " + json.dumps(rows), flush=True)
+    return 0
+
+
+def shapes_in_a_fresh_process(args, script: str, stem: str, shapes: list, repeats: int, **extra):
+    """Measure `shapes` in one fresh process and write <args.out>/<stem>.json (the machine, the
+    command, `extra`, the rows) and the BENCHMARKS.md beside it; the rows, or None if the run
+    failed."""
+    rows = one_in_a_fresh_process({"shapes": shapes, "repeats": repeats, "threads": args.threads}, args.malloc,
+                                  script=script)
+    if rows is None:
+        return None
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{stem}.json").write_text(json.dumps(
+        {"machine": f"{machine_line(args.threads)}, allocator {args.malloc}",
+         "command": f"python bench/{Path(script).name} " + " ".join(sys.argv[1:]), **extra, "rows": rows}, indent=2))
+    from bench.report import write_benchmarks_md
+
+    print(write_benchmarks_md(out))
+    return rows
+
+
 def one_in_a_fresh_process(case, malloc: str = "system", script: str = __file__):
     """One case in its own process (`script --one <case as JSON>`, which prints its result
     on a line starting RESULT), started through launch/malloc.sh as distft's launchers start

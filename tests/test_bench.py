@@ -238,6 +238,21 @@ def test_profile_step_quick(tmp_path):
     assert "Where a step's time goes" in md and "python bench/profile_step.py --quick" in md
 
 
+def test_chunked_loss_quick(tmp_path):
+    """The frozen output layer's loss both ways on a small shape, in fp32 and bf16: both run,
+    the gradient taken in the forward is as close to the fp32 one as the recomputed path's,
+    the table is written."""
+    run_bench("chunked_loss.py", "--quick", "--out", str(tmp_path))
+    data = json.loads((tmp_path / "chunked_loss.json").read_text())
+    assert [r["precision"] for r in data["rows"]] == ["fp32", "bf16"]
+    for r in data["rows"]:
+        assert r["recomputed_ms"] > 0 and r["in_forward_ms"] > 0, r
+        limit = 1e-5 if r["precision"] == "fp32" else 2e-2
+        assert r["in_forward_grad_error"] < limit and r["recomputed_grad_error"] < limit, r
+    md = (tmp_path / "BENCHMARKS.md").read_text()
+    assert "gradient in the forward against recomputed logits" in md and "python bench/chunked_loss.py --quick" in md
+
+
 def test_attention_quick(tmp_path):
     """Flash against matmul attention on small shapes (bf16 even where it is slow: the shapes
     are tiny): both run, what each keeps is counted, the table is written; the profile

@@ -18,6 +18,14 @@ def tiny_llama(tied: bool):
     return LlamaForCausalLM(cfg)
 
 
+def tiny_lora(model):
+    model = get_peft_model(model, LoraConfig(r=4, target_modules=["q_proj", "v_proj"], lora_dropout=0.0))
+    for n, p in model.named_parameters():  # LoRA B starts at zero: make it matter
+        if "lora_B" in n:
+            torch.nn.init.normal_(p, std=0.1)
+    return model
+
+
 def batch():
     g = torch.Generator().manual_seed(1)
     ids = torch.randint(0, 300, (3, 17), generator=g)
@@ -44,10 +52,7 @@ def grads(model):
 def test_same_loss_gradients_and_eval_as_full_logits(tied, lora):
     model = tiny_llama(tied)
     if lora:
-        model = get_peft_model(model, LoraConfig(r=4, target_modules=["q_proj", "v_proj"], lora_dropout=0.0))
-        for n, p in model.named_parameters():  # LoRA B starts at zero: make it matter
-            if "lora_B" in n:
-                torch.nn.init.normal_(p, std=0.1)
+        model = tiny_lora(model)
     assert chunked_loss.why_not(model, "single") is None
     ids, mask, labels = batch()
 
@@ -126,10 +131,7 @@ def test_frozen_output_layer_is_cast_once_under_autocast():
     for all the chunks instead of by each chunk's call: the same loss, gradients and eval
     sums, bit for bit, as calling the layer chunk by chunk (the path sharded parameters
     take), without the per-chunk calls."""
-    model = get_peft_model(tiny_llama(True), LoraConfig(r=4, target_modules=["q_proj", "v_proj"], lora_dropout=0.0))
-    for n, p in model.named_parameters():
-        if "lora_B" in n:
-            torch.nn.init.normal_(p, std=0.1)
+    model = tiny_lora(tiny_llama(True))
     ids, mask, labels = batch()
     tap = chunked_loss.HiddenStateTap(model)
     head = tap.head
@@ -160,6 +162,40 @@ def test_frozen_output_layer_is_cast_once_under_autocast():
         assert chunked_loss._cast_once(head, torch.zeros(1, 32), sharded=True) is None
     assert chunked_loss._cast_once(head, torch.zeros(1, 32), sharded=False) is None  # no autocast: as is
     counted.remove()
+    tap.remove()
+
+
+def test_frozen_output_layer_takes_its_gradient_in_the_forward():
+    """A frozen output layer (LoRA, BitFit, partial) has each chunk's gradient computed right
+    after its loss instead of the logits being recomputed in backward: the loss and the
+    gradients of the full-logits loss under an upstream factor (the trainer's 1/tokens),
+    in fp32 and within bf16 rounding under autocast; a trained output layer (full fine-tune)
+    keeps the checkpointed chunks."""
+    model = tiny_lora(tiny_llama(True))
+    ids, mask, labels = batch()
+    tap = chunked_loss.HiddenStateTap(model)
+    (full_loss(model, ids, mask, labels) / 7).backward()
+    expected = grads(model)
+    for bf16 in (False, True):
+        model.zero_grad(set_to_none=True)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            model(input_ids=ids, attention_mask=mask, logits_to_keep=1)
+            loss = chunked_loss.loss_sum(tap.take(), tap.head, labels, chunk=7)
+        assert type(loss.grad_fn).__name__ == "_FrozenHeadLossFnBackward"
+        (loss / 7).backward()
+        got = grads(model)
+        assert got.keys() == expected.keys() and got
+        for name in expected:
+            scale = float(expected[name].abs().max())
+            tol = dict(rtol=0.05, atol=0.02 * scale) if bf16 else dict(rtol=1e-4, atol=1e-6 * scale)
+            torch.testing.assert_close(got[name], expected[name], **tol, msg=name)
+    tap.remove()
+
+    full = tiny_llama(True)
+    tap = chunked_loss.HiddenStateTap(full)
+    full(input_ids=ids, attention_mask=mask, logits_to_keep=1)
+    loss = chunked_loss.loss_sum(tap.take(), tap.head, labels, chunk=7)
+    assert type(loss.grad_fn).__name__ != "_FrozenHeadLossFnBackward"
     tap.remove()
 
 
