@@ -7,8 +7,10 @@
 Each shape holds 2048 tokens (batch x length) packed two documents a row (the block-diagonal
 causal bool mask transformers passes for packed rows), with SmolLM2-135M's 9 query and 3
 key/value heads of 64; q, k and v in transformers' layout (batch, heads, tokens, 64 as a
-transposed view). The two run alternately; the median of the repeats. Kept: the bytes each
-keeps for backward (saved-tensor hooks), q, k and v included. The matmul path runs in
+transposed view). Matmul whole: the matmul path computing every query against every key,
+as it did before causal masks were split in two halves of queries (from
+matmul_attention.SPLIT_FROM keys). They run alternately; the median of the repeats. Kept:
+the bytes each keeps for backward (saved-tensor hooks), q, k and v included. The matmul path runs in
 training only up to 512 keys (matmul_attention.MAX_KEYS); the longer shapes show what it
 would cost. bf16 only where bf16 matmuls are native (a CPU with AVX512-BF16/AMX); elsewhere
 the full run says so and stops (the quick run goes on, to check the code runs).
@@ -58,7 +60,12 @@ def measure(batch: int, length: int, heads: int, kv_heads: int, dim: int, repeat
     def matmul():
         return matmul_attention.attend(q, k, v, mask, None)
 
-    paths = {"flash": flash, "matmul": matmul}
+    def matmul_whole():  # every query against every key, as before causal masks were split
+        additive = matmul_attention._additive(mask, torch.bfloat16)[0]
+        return matmul_attention._MatmulAttentionFn.apply(q, k, v, additive, dim ** -0.5,
+                                                         ((0, length, length),)).transpose(1, 2)
+
+    paths = {"flash": flash, "matmul": matmul, "matmul_whole": matmul_whole}
     times = {name: [] for name in paths}
     kept = {}
     for name, fn in paths.items():  # warm-up, and what each keeps
@@ -80,7 +87,8 @@ def measure(batch: int, length: int, heads: int, kv_heads: int, dim: int, repeat
     ms = {name: 1e3 * statistics.median(t) for name, t in times.items()}
     return {"batch": batch, "length": length, "flash_ms": ms["flash"], "matmul_ms": ms["matmul"],
             "speedup": ms["flash"] / ms["matmul"], "flash_kept_mb": kept["flash"] / 2**20,
-            "matmul_kept_mb": kept["matmul"] / 2**20, "matmul_in_training": length <= matmul_attention.MAX_KEYS}
+            "matmul_kept_mb": kept["matmul"] / 2**20, "matmul_in_training": length <= matmul_attention.MAX_KEYS,
+            "matmul_whole_ms": ms["matmul_whole"], "matmul_whole_kept_mb": kept["matmul_whole"] / 2**20}
 
 
 def main() -> int:

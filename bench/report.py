@@ -95,13 +95,18 @@ def _attention(data: dict) -> list[str]:
              "Forward and backward of one layer's attention (heads, key/value heads, head width: "
              f"{', '.join(map(str, data['heads']))}), packed rows of two documents; median ms. Kept: "
              "what each keeps for backward, q, k and v included. distft trains with the matmul path up "
-             "to 512 keys (`trainer.cpu_attention=matmul`, the default), with the flash kernel beyond.", "",
-             "| batch x length | flash ms | matmul ms | speed-up | flash kept MiB | matmul kept MiB | matmul in training |",
-             "|---|---|---|---|---|---|---|"]
+             "to 512 keys (`trainer.cpu_attention=matmul`, the default), with the flash kernel beyond. "
+             "Matmul whole: every query against every key, where the matmul path splits a causal mask's "
+             "queries in two halves (the first half needs the first half of the keys only).", "",
+             "| batch x length | flash ms | matmul ms | speed-up | flash kept MiB | matmul kept MiB | matmul in training "
+             "| matmul whole ms | matmul whole kept MiB |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for r in data["rows"]:
+        whole = (f"{r['matmul_whole_ms']:.2f} | {r['matmul_whole_kept_mb']:.1f}" if "matmul_whole_ms" in r
+                 else "- | -")  # results from before the split
         lines.append(f"| {r['batch']} x {r['length']} | {r['flash_ms']:.2f} | {r['matmul_ms']:.2f} | "
                      f"{r['speedup']:.2f}x | {r['flash_kept_mb']:.1f} | {r['matmul_kept_mb']:.1f} | "
-                     f"{'yes' if r['matmul_in_training'] else 'no'} |")
+                     f"{'yes' if r['matmul_in_training'] else 'no'} | {whole} |")
     return lines
 
 

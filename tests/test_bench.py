@@ -265,6 +265,7 @@ def test_attention_quick(tmp_path):
         # the matmul path keeps the bf16 probabilities besides q, k and v: batch x heads x length^2 x 2 bytes
         probs = r["batch"] * 4 * r["length"] ** 2 * 2 / 2**20
         assert r["matmul_kept_mb"] == pytest.approx(probs + r["batch"] * r["length"] * (4 + 2 + 2) * 16 * 2 / 2**20)
+        assert r["matmul_whole_ms"] > 0 and r["matmul_whole_kept_mb"] == pytest.approx(r["matmul_kept_mb"])
     md = (tmp_path / "BENCHMARKS.md").read_text()
     assert "CPU attention in bf16 training" in md and "python bench/attention.py --quick" in md
     from bench.profile_step import kind_of

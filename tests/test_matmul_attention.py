@@ -117,3 +117,38 @@ def test_training_in_bf16_with_matmul_and_flash_attention(tmp_path, caplog):
     assert "attention: bf16 training on CPU by matmuls" not in caplog.text
     with pytest.raises(ConfigError, match="trainer.cpu_attention='fast': choose matmul or flash"):
         check_config(compose_cfg(tmp_path / "bad", [*TINY, "trainer.cpu_attention=fast"]))
+
+
+def test_causal_masks_skip_the_scores_no_query_sees():
+    """From SPLIT_FROM queries on, under a causal mask (here packed documents), the first half
+    of the queries is computed against the first half of the keys only: the output and
+    gradients of the whole computation (the same values, summed in another order) at every
+    query that sees a key (a left-padded one averages v over its block's keys instead of all
+    of them, and gets no gradient), keeping 3/4 of the probabilities; a mask that lets an
+    early query see a late key keeps it whole."""
+    t = matmul_attention.SPLIT_FROM
+    q, k, v, mask = inputs(heads=4, kv_heads=2, length=t, dim=8)
+    q, k, v = (x.detach().bfloat16().requires_grad_() for x in (q, k, v))
+    additive, tiles = matmul_attention._additive(mask, torch.bfloat16)
+    assert tiles == ((0, t // 2, t // 2), (t // 2, t, t))
+    live = mask.any(-1).squeeze(1)  # (batch, query)
+    torch.manual_seed(3)
+    upstream = (torch.randn(2, 4, t, 8) * live[:, None, :, None]).bfloat16()
+
+    def run(tiles):
+        out = matmul_attention._MatmulAttentionFn.apply(q, k, v, additive, 0.3, tiles)
+        return (out, *torch.autograd.grad(out, (q, k, v), upstream))
+
+    split, whole = run(tiles), run(((0, t, t),))
+    split, whole = (split[0].transpose(1, 2)[live], *split[1:]), (whole[0].transpose(1, 2)[live], *whole[1:])
+    for got, expected in zip(split, whole):
+        torch.testing.assert_close(got.float(), expected.float(), rtol=2e-2, atol=2e-2 * float(expected.abs().max()))
+    assert float((split[0].float() - whole[0].float()).norm() / whole[0].float().norm()) < 5e-3
+    kept, _ = saved_bytes(matmul_attention.attend, q, k, v, mask, None)
+    probs = 2 * 4 * t * t * 2 * 3 // 4
+    assert kept == q.nbytes + k.nbytes + v.nbytes + probs
+
+    seeing = mask.clone()
+    seeing[1, 0, 0, t - 1] = True
+    assert matmul_attention._tiles(seeing) == ((0, t, t),)
+    assert matmul_attention._tiles(mask[..., : t - 2, : t - 2]) == ((0, t - 2, t - 2),)  # below SPLIT_FROM
