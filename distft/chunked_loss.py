@@ -165,7 +165,8 @@ class _FrozenHeadLossFn(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_total):
         (grad_rows,) = ctx.saved_tensors
-        return grad_rows * grad_total.to(grad_rows.dtype), None, None, None
+        # The factor in fp32: rounded to bf16 it would scale every gradient by up to 0.4% off.
+        return (grad_rows.float() * grad_total).to(grad_rows.dtype), None, None, None
 
 
 def _frozen_head_weight(head, rows: torch.Tensor, sharded: bool) -> Optional[torch.Tensor]:
