@@ -119,5 +119,6 @@ def main() -> int:
               f"({r['speedup']:.2f}x); kept {r['flash_kept_mb']:.1f} / {r['matmul_kept_mb']:.1f} MiB")
     return 0
 
+
 if __name__ == "__main__":
     sys.exit(main())

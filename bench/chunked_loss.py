@@ -97,5 +97,6 @@ def main() -> int:
               f"({r['speedup']:.2f}x); gradient error {r['recomputed_grad_error']:.2e} / {r['in_forward_grad_error']:.2e}")
     return 0
 
+
 if __name__ == "__main__":
     sys.exit(main())
