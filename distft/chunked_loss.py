@@ -175,15 +175,10 @@ def _frozen_head_weight(head, rows: torch.Tensor, sharded: bool) -> Optional[tor
     layer, one with a bias, no gradient wanted."""
     weight = head.weight
     if (sharded or weight.requires_grad or type(weight) is not torch.nn.Parameter or head.bias is not None
-            or not torch.is_grad_enabled() or not rows.requires_grad):
+            or not weight.is_floating_point() or not torch.is_grad_enabled() or not rows.requires_grad):
         return None
     cast = _cast_once(head, rows, sharded)
-    if cast is not None:
-        return cast
-    device = rows.device.type
-    if torch.is_autocast_enabled(device) and weight.dtype != torch.get_autocast_dtype(device):
-        return None  # not a float weight: as autocast would have it
-    return weight
+    return weight if cast is None else cast
 
 
 def loss_sum(hidden: torch.Tensor, head: torch.nn.Linear, labels: torch.Tensor, chunk: int,
